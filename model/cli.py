@@ -1,0 +1,281 @@
+"""The ``voxgen`` command line.  One sub-command per verb; heavy imports happen inside each verb
+so ``voxgen --help`` and the API-only verbs start fast."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
+
+
+def _progress_printer(prefix: str) -> Callable[[int, int, str], None]:
+    """A terminal progress line: done/total, stage, elapsed (stderr, so stdout stays clean)."""
+    t0 = time.perf_counter()
+
+    def report(done: int, total: int, stage: str) -> None:
+        pct = 100.0 * done / max(total, 1)
+        end = "\n" if done >= total else ""
+        sys.stderr.write(f"\r{prefix}: {stage} {done}/{total} ({pct:5.1f}%) {time.perf_counter() - t0:6.1f}s{end}")
+        sys.stderr.flush()
+
+    return report
+
+
+def _parse_shape(s: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in s.lower().split("x"))
+
+
+# ------------------------------------------------------------------------------------- init / info
+def cmd_init(a: argparse.Namespace) -> int:
+    import torch  # noqa: F401
+
+    if a.family != "hagan":
+        raise SystemExit(f"voxgen init: family {a.family!r} is not available yet; available: hagan")
+    from model.hagan.config import HAGANConfig, Intensity
+    from model.hagan.infer import HAGANModel
+
+    cfg = HAGANConfig(
+        resolution=a.resolution,
+        latent_dim=a.latent_dim,
+        width=a.width,
+        class_names=[c for c in (a.classes or "").split(",") if c],
+        modality=a.modality,
+        spacing=tuple(a.spacing) if a.spacing else (1.0, 1.0, 1.0),
+        intensity=Intensity.for_modality(a.modality),
+        description="freshly initialised (untrained) HA-GAN",
+    )
+    m = HAGANModel.init(cfg, seed=a.seed)
+    m.save_pretrained(a.output)
+    print(f"wrote an untrained HA-GAN ({cfg.resolution}^3, latent {cfg.latent_dim}, width {cfg.width}) to {a.output}")
+    return 0
+
+
+def cmd_info(a: argparse.Namespace) -> int:
+    from model.registry import from_pretrained
+
+    m = from_pretrained(a.model)
+    info = m.info()
+    if a.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    cfg = info["config"]
+    print(f"{a.model}: family {cfg['family']}")
+    for k, v in cfg.items():
+        if k != "family":
+            print(f"  {k}: {v}")
+    print("parameters:")
+    for k, v in info["parameters"].items():
+        print(f"  {k:>16}: {v:,}")
+    return 0
+
+
+# --------------------------------------------------------------------------------- generate & co
+def _load(a: argparse.Namespace):
+    from model.registry import from_pretrained, resolve_device
+
+    return from_pretrained(a.model, device=resolve_device(a.device))
+
+
+def _label_index(model, label: str | None) -> int | None:
+    if label is None:
+        return None
+    names = model.class_names
+    if not names:
+        raise SystemExit("voxgen: this model is not class-conditional; --label is not accepted")
+    if label in names:
+        return names.index(label)
+    try:
+        i = int(label)
+    except ValueError:
+        raise SystemExit(f"voxgen: unknown label {label!r}; this model's classes: {', '.join(names)}") from None
+    if not 0 <= i < len(names):
+        raise SystemExit(f"voxgen: label index {i} out of range 0..{len(names) - 1}")
+    return i
+
+
+def _numbered(path: Path, i: int, n: int) -> Path:
+    if n == 1:
+        return path
+    name = path.name
+    for ext in (".nii.gz", ".nii", ".npy"):
+        if name.endswith(ext):
+            return path.with_name(f"{name[: -len(ext)]}_{i:03d}{ext}")
+    return path.with_name(f"{name}_{i:03d}")
+
+
+def cmd_generate(a: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    from model.data.volumes import write_volume
+
+    m = _load(a)
+    if a.latent:
+        z = np.load(a.latent, allow_pickle=False)
+        z = torch.from_numpy(np.asarray(z, dtype=np.float32)).reshape(-1, m.latent_dim)
+        how = f"latent from {a.latent}"
+    else:
+        if a.seed is None:
+            raise SystemExit("voxgen generate: give --seed S or --latent z.npy")
+        z = m.sample_latents(a.n, a.seed)
+        how = f"seed {a.seed}"
+    label = _label_index(m, a.label)
+    print(f"model {a.model} ({m.family}, {'x'.join(map(str, m.output_shape))}, {m.modality}), {how}, device {m.device}",
+          file=sys.stderr)
+    vols = m.generate(z, label, mode=a.mode, budget_mb=a.budget_mb, progress=_progress_printer("generate"))
+    out = Path(a.output)
+    for i in range(vols.shape[0]):
+        p = _numbered(out, i, vols.shape[0])
+        write_volume(p, vols[i, 0].numpy(), m.config)
+        print(p)
+    return 0
+
+
+def _read_scan(m, path: str):
+    import torch
+
+    from model.data.volumes import load_for_model
+
+    v = load_for_model(path, m.config)
+    return torch.from_numpy(v)[None, None]
+
+
+def cmd_encode(a: argparse.Namespace) -> int:
+    import numpy as np
+
+    m = _load(a)
+    x = _read_scan(m, a.scan)
+    z = m.encode(x, progress=_progress_printer("encode")).numpy()
+    out = Path(a.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.save(out, z.astype(np.float32))
+    print(out)
+    return 0
+
+
+def cmd_reconstruct(a: argparse.Namespace) -> int:
+    from model.data.volumes import write_volume
+
+    m = _load(a)
+    x = _read_scan(m, a.scan)
+    z = m.encode(x, progress=_progress_printer("encode"))
+    v = m.generate(z, _label_index(m, a.label), progress=_progress_printer("generate"))
+    write_volume(Path(a.output), v[0, 0].numpy(), m.config)
+    print(a.output)
+    return 0
+
+
+def cmd_import_hagan(a: argparse.Namespace) -> int:
+    from model.hagan.convert import import_authors_checkpoints
+
+    out = import_authors_checkpoints(
+        g=a.G, e=a.E, sub_e=a.sub_e, d=a.D, modality=a.modality, resolution=a.resolution,
+        latent_dim=a.latent_dim, class_names=[c for c in (a.classes or "").split(",") if c], output=a.output,
+    )
+    print(f"converted the authors' checkpoints into {out}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="voxgen", description="High-resolution 3D medical image generation")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("init", help="write a freshly initialised model directory")
+    s.add_argument("--family", default="hagan", choices=["hagan", "splitshuffle", "stylegan3d", "alphawgan"])
+    s.add_argument("--resolution", type=int, default=256, choices=[128, 256, 512])
+    s.add_argument("--latent-dim", type=int, default=1024)
+    s.add_argument("--width", type=float, default=1.0, help="channel-width multiplier (1 = the authors' widths)")
+    s.add_argument("--classes", help="comma-separated class names for a class-conditional model")
+    s.add_argument("--modality", choices=["ct", "mri"], default="ct")
+    s.add_argument("--spacing", type=float, nargs=3, metavar=("X", "Y", "Z"), help="voxel size in mm")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("-o", "--output", required=True)
+    COMMANDS["init"] = cmd_init
+
+    s = sub.add_parser("info", help="a model's config and parameter counts")
+    s.add_argument("model")
+    s.add_argument("--json", action="store_true")
+    COMMANDS["info"] = cmd_info
+
+    def model_args(s: argparse.ArgumentParser) -> None:
+        s.add_argument("--model", required=True, help="model directory")
+        s.add_argument("--device", default="auto", help="cpu, cuda, cuda:0 (default: cuda if available)")
+
+    s = sub.add_parser("generate", help="generate volumes (.nii.gz in physical units, or raw .npy)")
+    model_args(s)
+    s.add_argument("--seed", type=int)
+    s.add_argument("--n", type=int, default=1)
+    s.add_argument("--latent", help="a .npy of shape [n, latent_dim] or [latent_dim]")
+    s.add_argument("--label", help="class name or index (class-conditional models)")
+    s.add_argument("--mode", choices=["auto", "whole", "slab"], default="auto")
+    s.add_argument("--budget-mb", type=int, default=None, help="memory budget for G^H (default 1024)")
+    s.add_argument("-o", "--output", required=True)
+    COMMANDS["generate"] = cmd_generate
+
+    s = sub.add_parser("encode", help="encode a scan to a latent code (.npy)")
+    model_args(s)
+    s.add_argument("scan")
+    s.add_argument("-o", "--output", required=True)
+    COMMANDS["encode"] = cmd_encode
+
+    s = sub.add_parser("reconstruct", help="encode a scan and generate it back")
+    model_args(s)
+    s.add_argument("scan")
+    s.add_argument("--label")
+    s.add_argument("-o", "--output", required=True)
+    COMMANDS["reconstruct"] = cmd_reconstruct
+
+    s = sub.add_parser("import-hagan", help="convert the authors' HA-GAN .pth checkpoints into a model directory")
+    s.add_argument("--G", required=True)
+    s.add_argument("--E", required=True)
+    s.add_argument("--sub-e", required=True)
+    s.add_argument("--D")
+    s.add_argument("--modality", choices=["ct", "mri"], required=True)
+    s.add_argument("--resolution", type=int, choices=[128, 256], default=None, help="default: inferred")
+    s.add_argument("--latent-dim", type=int, default=None, help="default: inferred")
+    s.add_argument("--classes")
+    s.add_argument("-o", "--output", required=True)
+    COMMANDS["import-hagan"] = cmd_import_hagan
+
+    # verbs of the service and training live beside their code and register themselves here
+    for register in _extensions():
+        register(sub, COMMANDS)
+    return p
+
+
+def _extensions() -> list[Callable]:
+    """Sub-command modules: each has ``register(subparsers, commands)``; missing ones are skipped."""
+    import importlib
+
+    found = []
+    for name in ("model.cli_train", "model.cli_service"):
+        try:
+            mod = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name != name:
+                raise
+            continue
+        found.append(mod.register)
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args) or 0
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError) as e:
+        print(f"voxgen {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

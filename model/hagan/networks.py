@@ -1,0 +1,387 @@
+"""HA-GAN networks (Sun et al., IEEE JBHI 2022).
+
+Seven sub-networks, named as in the paper:
+
+* ``GA`` (G^A, common block): latent -> 16c@4^3 -> ... -> 2c@(R/4)^3 features (2c = 64 at full width).
+* ``GL`` (G^L): features -> 1@(R/4)^3 low-resolution volume.
+* ``GH`` (G^H): a feature slab -> a high-resolution sub-volume during training, the whole
+  feature map -> the whole R^3 volume at inference.
+* ``DH`` (D^H): discriminator on a high-resolution sub-volume, told its start position r.
+* ``DL`` (D^L): discriminator on the low-resolution whole volume.
+* ``EH`` (E^H): high-resolution sub-volume -> feature slab.
+* ``EG`` (E^G): whole feature map -> latent.
+
+At full width (``width=1``) and resolution 256 (or 128) the layers, shapes and parameter counts
+equal the authors' reference implementation; GroupNorm(8) everywhere in G and E, spectral norm
+in D, nearest-neighbour upsampling.  The 512^3 configuration keeps G^A of the 256^3 model
+(features at 64^3) and adds one more x2 stage to G^H (64 -> 32 -> 16 -> 1 channels), one more
+stride-2 stage in front of D^H and E^H; D^L sees the 64^3 low-resolution volume as at 256^3.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.hagan.config import HAGANConfig
+
+# --------------------------------------------------------------------------------------------
+# spectral normalisation with the authors' buffer layout (u0: [1, out], sv0: [1])
+# --------------------------------------------------------------------------------------------
+
+
+class _SpectralNorm:
+    """One power iteration per forward pass; ``u0`` is updated in training mode only.
+
+    The buffer names and shapes equal the authors' (BigGAN-style) layers so their discriminator
+    checkpoints load as they are.
+    """
+
+    weight: torch.Tensor
+    u0: torch.Tensor
+    sv0: torch.Tensor
+    training: bool
+
+    def _init_sn(self, num_outputs: int) -> None:
+        self.register_buffer("u0", torch.randn(1, num_outputs))  # type: ignore[attr-defined]
+        self.register_buffer("sv0", torch.ones(1))  # type: ignore[attr-defined]
+
+    def normalized_weight(self) -> torch.Tensor:
+        w = self.weight.reshape(self.weight.shape[0], -1)
+        with torch.no_grad():
+            v = F.normalize(self.u0 @ w, eps=1e-12)
+            u = F.normalize(v @ w.t(), eps=1e-12)
+            if self.training:
+                self.u0.copy_(u)
+        sigma = ((v @ w.t()) @ u.t()).squeeze()
+        if self.training:
+            with torch.no_grad():
+                self.sv0.copy_(sigma.detach().reshape(1))
+        return self.weight / sigma
+
+
+class SNConv3d(nn.Conv3d, _SpectralNorm):
+    def __init__(self, *args, **kwargs) -> None:
+        nn.Conv3d.__init__(self, *args, **kwargs)
+        self._init_sn(self.out_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv3d(x, self.normalized_weight(), self.bias, self.stride, self.padding)
+
+
+class SNLinear(nn.Linear, _SpectralNorm):
+    def __init__(self, *args, **kwargs) -> None:
+        nn.Linear.__init__(self, *args, **kwargs)
+        self._init_sn(self.out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.normalized_weight(), self.bias)
+
+
+def _conv3(cin: int, cout: int) -> nn.Conv3d:
+    return nn.Conv3d(cin, cout, kernel_size=3, stride=1, padding=1, bias=True)
+
+
+def _gn(ch: int) -> nn.GroupNorm:
+    """GroupNorm with 8 groups, as the authors; fewer where a reduced-width model has < 8 channels."""
+    return nn.GroupNorm(min(8, ch), ch)
+
+
+def _up(x: torch.Tensor) -> torch.Tensor:
+    return F.interpolate(x, scale_factor=2, mode="nearest")
+
+
+# --------------------------------------------------------------------------------------------
+# widths
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Widths:
+    """Channel widths derived from the config (c = 32 at width 1)."""
+
+    c: int
+
+    @classmethod
+    def of(cls, cfg: HAGANConfig) -> Widths:
+        c = int(round(32 * cfg.width))
+        if c < 8 or c % 8:
+            raise ValueError(f"width {cfg.width} gives {c} base channels; it must be a multiple of 8 (>= 8)")
+        return cls(c)
+
+    @property
+    def feat(self) -> int:  # channels of the G^A feature map
+        return 2 * self.c
+
+
+# --------------------------------------------------------------------------------------------
+# generator
+# --------------------------------------------------------------------------------------------
+
+
+class GA(nn.Module):
+    """Common block: latent (+ one-hot class) -> 2c @ (R/4)^3 features."""
+
+    def __init__(self, cfg: HAGANConfig) -> None:
+        super().__init__()
+        c = Widths.of(cfg).c
+        self.c0 = 16 * c
+        self.fc = nn.Linear(cfg.latent_dim + cfg.num_classes, 4 * 4 * 4 * 16 * c)
+        chans = [16 * c, 16 * c, 16 * c, 8 * c, 4 * c, 2 * c]
+        self.convs = nn.ModuleList(_conv3(chans[i], chans[i + 1]) for i in range(5))
+        self.norms = nn.ModuleList(_gn(chans[i + 1]) for i in range(5))
+        # which convs are preceded by a x2 nearest upsample (the 128^3 model stops at 32^3)
+        n_up = 3 if cfg.resolution == 128 else 4
+        self.upsample_before = [False] + [True] * n_up + [False] * (4 - n_up)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.fc(z).view(z.shape[0], self.c0, 4, 4, 4)
+        for conv, norm, up in zip(self.convs, self.norms, self.upsample_before, strict=True):
+            if up:
+                h = _up(h)
+            h = F.relu(norm(conv(h)))
+        return h
+
+
+class GL(nn.Module):
+    """Low-resolution branch: features -> 1 @ (R/4)^3 (no upsampling)."""
+
+    def __init__(self, cfg: HAGANConfig) -> None:
+        super().__init__()
+        c = Widths.of(cfg).c
+        chans = [2 * c, c, c // 2, 1]
+        self.convs = nn.ModuleList(_conv3(chans[i], chans[i + 1]) for i in range(3))
+        self.norms = nn.ModuleList(_gn(chans[i + 1]) for i in range(2))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        for i, conv in enumerate(self.convs):
+            h = conv(h)
+            h = F.relu(self.norms[i](h)) if i < len(self.norms) else torch.tanh(h)
+        return h
+
+
+class GH(nn.Module):
+    """High-resolution branch: x2 nearest upsample + 3x3x3 conv stages, then tanh."""
+
+    def __init__(self, cfg: HAGANConfig) -> None:
+        super().__init__()
+        c = Widths.of(cfg).c
+        chans = [2 * c, c, 1] if cfg.resolution in (128, 256) else [2 * c, c, c // 2, 1]
+        self.convs = nn.ModuleList(_conv3(chans[i], chans[i + 1]) for i in range(len(chans) - 1))
+        self.norms = nn.ModuleList(_gn(chans[i + 1]) for i in range(len(chans) - 2))
+
+    @property
+    def scale(self) -> int:
+        return 2 ** len(self.convs)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        for i, conv in enumerate(self.convs):
+            h = conv(_up(h))
+            h = F.relu(self.norms[i](h)) if i < len(self.norms) else torch.tanh(h)
+        return h
+
+
+# --------------------------------------------------------------------------------------------
+# discriminators
+# --------------------------------------------------------------------------------------------
+
+
+class DH(nn.Module):
+    """High-resolution discriminator: sub-volume (R/8 x R x R) and its start r -> logit(s)."""
+
+    def __init__(self, cfg: HAGANConfig) -> None:
+        super().__init__()
+        c = Widths.of(cfg).c
+        n = cfg.num_classes
+        specs: list[tuple[int, int, tuple, tuple, tuple]] = []
+        if cfg.resolution == 512:
+            specs.append((1, c // 4, (4, 4, 4), (2, 2, 2), (1, 1, 1)))
+        if cfg.resolution >= 256:
+            specs.append((specs[-1][1] if specs else 1, c // 2, (4, 4, 4), (2, 2, 2), (1, 1, 1)))
+        first_in = specs[-1][1] if specs else 1
+        specs += [
+            (first_in, c, (4, 4, 4), (2, 2, 2), (1, 1, 1)),
+            (c, 2 * c, (4, 4, 4), (2, 2, 2), (1, 1, 1)),
+            (2 * c, 4 * c, (2, 4, 4), (2, 2, 2), (0, 1, 1)),
+            (4 * c, 8 * c, (2, 4, 4), (2, 2, 2), (0, 1, 1)),
+            (8 * c, 16 * c, (1, 4, 4), (1, 2, 2), (0, 1, 1)),
+            (16 * c, 4 * c, (1, 4, 4), (1, 1, 1), (0, 0, 0)),
+        ]
+        self.convs = nn.ModuleList(SNConv3d(i, o, kernel_size=k, stride=s, padding=p) for i, o, k, s, p in specs)
+        self.fc1 = SNLinear(4 * c + 1, 2 * c)
+        self.fc2 = SNLinear(2 * c, 1)
+        self.fc_class = SNLinear(2 * c, n) if n > 0 else None
+        self.r_scale = float(cfg.resolution - cfg.resolution // 8)  # 224 at 256^3, 112 at 128^3
+
+    def forward(self, x: torch.Tensor, r: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        h = x
+        for conv in self.convs:
+            h = F.leaky_relu(conv(h), 0.2)
+        h = h.flatten(1)  # batch of one works (the authors' squeeze() does not)
+        pos = torch.as_tensor(r, dtype=h.dtype, device=h.device).reshape(-1, 1) / self.r_scale
+        h = torch.cat([h, pos.expand(h.shape[0], 1)], dim=1)
+        h = F.leaky_relu(self.fc1(h), 0.2)
+        return self.fc2(h), (self.fc_class(h) if self.fc_class is not None else None)
+
+
+class DL(nn.Module):
+    """Low-resolution discriminator on the whole (R/4)^3 (64^3 at 512^3) volume."""
+
+    def __init__(self, cfg: HAGANConfig) -> None:
+        super().__init__()
+        c = Widths.of(cfg).c
+        self.num_classes = cfg.num_classes
+        chans = [1, c, 2 * c, 4 * c, 8 * c] if cfg.resolution != 128 else [1, 2 * c, 4 * c, 8 * c]
+        self.convs = nn.ModuleList(
+            SNConv3d(chans[i], chans[i + 1], kernel_size=4, stride=2, padding=1) for i in range(len(chans) - 1)
+        )
+        self.out = SNConv3d(8 * c, 1 + cfg.num_classes, kernel_size=4, stride=1, padding=0)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        h = x
+        for conv in self.convs:
+            h = F.leaky_relu(conv(h), 0.2)
+        h = self.out(h).flatten(1)
+        return h[:, :1], (h[:, 1:] if self.num_classes > 0 else None)
+
+
+# --------------------------------------------------------------------------------------------
+# encoders
+# --------------------------------------------------------------------------------------------
+
+
+class EH(nn.Module):
+    """Sub-volume encoder: 1 @ (R/8 x R x R) -> 2c @ (R/32 x R/4 x R/4), a slab of the feature map."""
+
+    def __init__(self, cfg: HAGANConfig) -> None:
+        super().__init__()
+        c = Widths.of(cfg).c
+        specs = []
+        if cfg.resolution == 512:
+            specs.append((1, c // 2, 4, 2, 1))
+        specs += [(specs[-1][1] if specs else 1, c, 4, 2, 1), (c, c, 3, 1, 1), (c, 2 * c, 4, 2, 1)]
+        self.convs = nn.ModuleList(nn.Conv3d(i, o, kernel_size=k, stride=s, padding=p) for i, o, k, s, p in specs)
+        self.norms = nn.ModuleList(_gn(o) for _, o, *_ in specs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x
+        for conv, norm in zip(self.convs, self.norms, strict=True):
+            h = F.relu(norm(conv(h)))
+        return h
+
+
+class EG(nn.Module):
+    """Global encoder: the whole feature map 2c @ (R/4)^3 -> latent."""
+
+    def __init__(self, cfg: HAGANConfig) -> None:
+        super().__init__()
+        c = Widths.of(cfg).c
+        chans = [2 * c, c, 2 * c, 4 * c, 8 * c] if cfg.resolution != 128 else [2 * c, 2 * c, 4 * c, 8 * c]
+        self.convs = nn.ModuleList(
+            nn.Conv3d(chans[i], chans[i + 1], kernel_size=4, stride=2, padding=1) for i in range(len(chans) - 1)
+        )
+        self.norms = nn.ModuleList(_gn(chans[i + 1]) for i in range(len(chans) - 1))
+        self.out = nn.Conv3d(8 * c, cfg.latent_dim, kernel_size=4, stride=1, padding=0)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        for conv, norm in zip(self.convs, self.norms, strict=True):
+            h = F.relu(norm(conv(h)))
+        return self.out(h).flatten(1)
+
+
+# --------------------------------------------------------------------------------------------
+# the whole model
+# --------------------------------------------------------------------------------------------
+
+
+class HAGAN(nn.Module):
+    """All seven sub-networks of one HA-GAN model."""
+
+    def __init__(self, cfg: HAGANConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.ga = GA(cfg)
+        self.gl = GL(cfg)
+        self.gh = GH(cfg)
+        self.dh = DH(cfg)
+        self.dl = DL(cfg)
+        self.eh = EH(cfg)
+        self.eg = EG(cfg)
+
+    # groups of sub-networks as the paper and the authors' checkpoints group them
+    GROUPS = {"G": ("ga", "gl", "gh"), "D": ("dh", "dl"), "E^H": ("eh",), "E^G": ("eg",)}
+
+    @property
+    def sub_depth(self) -> int:
+        """Depth (slices) of a high-resolution training sub-volume: R/8."""
+        return self.config.resolution // 8
+
+    @property
+    def feat_scale(self) -> int:
+        """Ratio between the output grid and the G^A feature grid (4 at 128/256, 8 at 512)."""
+        return self.gh.scale
+
+    def one_hot(self, label: torch.Tensor | None, n: int, device: torch.device) -> torch.Tensor | None:
+        k = self.config.num_classes
+        if k == 0:
+            if label is not None:
+                raise ValueError("this model is not class-conditional; do not pass a label")
+            return None
+        if label is None:
+            raise ValueError(f"this model is class-conditional: pass a label in 0..{k - 1}")
+        label = torch.as_tensor(label, device=device).long().reshape(-1).expand(n)
+        if int(label.min()) < 0 or int(label.max()) >= k:
+            raise ValueError(f"label must be in 0..{k - 1}")
+        return F.one_hot(label, k).float()
+
+    def latent_input(self, z: torch.Tensor, label: torch.Tensor | None = None) -> torch.Tensor:
+        onehot = self.one_hot(label, z.shape[0], z.device)
+        return z if onehot is None else torch.cat([z, onehot.to(z.dtype)], dim=1)
+
+    def features(self, z: torch.Tensor, label: torch.Tensor | None = None) -> torch.Tensor:
+        return self.ga(self.latent_input(z, label))
+
+    def generate_train(
+        self, z: torch.Tensor, r: int, label: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training forward: (high-res sub-volume starting at slice r, low-res whole volume)."""
+        f = self.features(z, label)
+        s = self.feat_scale
+        if r % s:
+            raise ValueError(f"r={r} must be a multiple of {s}")
+        slab = f[:, :, r // s : r // s + self.sub_depth // s]
+        return self.gh(slab), self.gl(f)
+
+    def discriminate(
+        self, x_high: torch.Tensor, x_low: torch.Tensor, r: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """D(x) as the authors define it: the mean of D^H and D^L logits (and class logits)."""
+        h_logit, h_cls = self.dh(x_high, r)
+        l_logit, l_cls = self.dl(x_low)
+        cls = None if h_cls is None else (h_cls + l_cls) / 2.0
+        return (h_logit + l_logit) / 2.0, cls
+
+    def encode_features(self, x: torch.Tensor) -> torch.Tensor:
+        """E^H on the non-overlapping partition of depth into R/8-slice slabs, concatenated."""
+        d = self.sub_depth
+        if x.shape[2] % d:
+            raise ValueError(f"depth {x.shape[2]} is not a multiple of the sub-volume depth {d}")
+        return torch.cat([self.eh(x[:, :, i : i + d]) for i in range(0, x.shape[2], d)], dim=2)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def parameter_counts(net: HAGAN) -> dict[str, int]:
+    """Per sub-network and per group (G, D, E^H, E^G), and ``total_parameters``."""
+    out: dict[str, int] = {}
+    for name in ("ga", "gl", "gh", "dh", "dl", "eh", "eg"):
+        out[name] = count_parameters(getattr(net, name))
+    for group, names in HAGAN.GROUPS.items():
+        out[group] = sum(out[n] for n in names)
+    out["total_parameters"] = count_parameters(net)
+    return out
