@@ -125,8 +125,10 @@ def cmd_generate(a: argparse.Namespace) -> int:
         z = m.sample_latents(a.n, a.seed)
         how = f"seed {a.seed}"
     label = _label_index(m, a.label)
-    print(f"model {a.model} ({m.family}, {'x'.join(map(str, m.output_shape))}, {m.modality}), {how}, device {m.device}",
-          file=sys.stderr)
+    print(
+        f"model {a.model} ({m.family}, {'x'.join(map(str, m.output_shape))}, {m.modality}), {how}, device {m.device}",
+        file=sys.stderr,
+    )
     vols = m.generate(z, label, mode=a.mode, budget_mb=a.budget_mb, progress=_progress_printer("generate"))
     out = Path(a.output)
     for i in range(vols.shape[0]):
@@ -174,8 +176,15 @@ def cmd_import_hagan(a: argparse.Namespace) -> int:
     from model.hagan.convert import import_authors_checkpoints
 
     out = import_authors_checkpoints(
-        g=a.G, e=a.E, sub_e=a.sub_e, d=a.D, modality=a.modality, resolution=a.resolution,
-        latent_dim=a.latent_dim, class_names=[c for c in (a.classes or "").split(",") if c], output=a.output,
+        g=a.G,
+        e=a.E,
+        sub_e=a.sub_e,
+        d=a.D,
+        modality=a.modality,
+        resolution=a.resolution,
+        latent_dim=a.latent_dim,
+        class_names=[c for c in (a.classes or "").split(",") if c],
+        output=a.output,
     )
     print(f"converted the authors' checkpoints into {out}")
     return 0

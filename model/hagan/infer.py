@@ -164,7 +164,10 @@ class HAGANModel:
         if self._folded is None:
             ga, gh = self.net.ga, self.net.gh
             self._folded = {
-                "ga": [FoldedUpConv(c).to(self.device) if up else None for c, up in zip(ga.convs, ga.upsample_before, strict=True)],
+                "ga": [
+                    FoldedUpConv(c).to(self.device) if up else None
+                    for c, up in zip(ga.convs, ga.upsample_before, strict=True)
+                ],
                 "gh": [FoldedUpConv(c).to(self.device) for c in gh.convs],
             }
         return self._folded
