@@ -110,12 +110,18 @@ class HAGANModel:
             raise ModelDirError(f"{Path(path) / 'config.json'}: {e}") from e
         net = HAGAN(cfg)
         sd = read_weights(path)
-        missing, unexpected = net.load_state_dict(sd, strict=False)
-        if missing or unexpected:
+        ours = net.state_dict()
+        missing = [k for k in ours if k not in sd]
+        unexpected = [k for k in sd if k not in ours]
+        wrong = [
+            f"{k} {list(sd[k].shape)} != {list(v.shape)}" for k, v in ours.items() if k in sd and sd[k].shape != v.shape
+        ]
+        if missing or unexpected or wrong:
             raise ModelDirError(
                 f"{Path(path) / 'model.safetensors'}: does not match config.json "
-                f"(missing {len(missing)} tensors, e.g. {missing[:3]}; unexpected {unexpected[:3]})"
+                f"(missing {missing[:3]}, unexpected {unexpected[:3]}, wrong shapes {wrong[:3]})"
             )
+        net.load_state_dict(sd)
         return cls(net, device)
 
     def save_pretrained(self, path: str | os.PathLike, extra_files: dict[str, bytes] | None = None) -> Path:

@@ -1,0 +1,246 @@
+"""HA-GAN networks, inference paths, model directories and the conversion of the authors' checkpoints."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from model.checkpoint import ModelDirError
+from model.hagan.config import HAGANConfig
+from model.hagan.convert import CheckpointError, import_authors_checkpoints
+from model.hagan.infer import HAGANModel, reference_generate
+from model.hagan.networks import HAGAN, parameter_counts
+from model.hagan.reference import authors_encode, authors_generate
+from model.registry import from_pretrained
+
+AUTHORS = json.loads((Path(__file__).parent / "data" / "hagan_authors_state_dicts.json").read_text())
+
+
+def tiny(resolution: int = 128, **kw) -> HAGANModel:
+    m = HAGANModel.init(HAGANConfig(resolution=resolution, width=0.25, latent_dim=32, **kw), seed=0)
+    # non-trivial GroupNorm affines, so that a wrong normalisation cannot pass unnoticed
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for mod in m.net.modules():
+            if isinstance(mod, torch.nn.GroupNorm):
+                mod.weight.copy_(torch.rand(mod.weight.shape, generator=g) + 0.5)
+                mod.bias.copy_(torch.rand(mod.bias.shape, generator=g) * 0.6 - 0.3)
+    return m
+
+
+# ------------------------------------------------------------------------------ networks
+@pytest.mark.parametrize("res", [128, 256])
+def test_parameter_counts_equal_the_authors(res: int) -> None:
+    pc = parameter_counts(HAGAN(HAGANConfig(resolution=res)))
+    ref = AUTHORS["state_dict_shapes"][str(res)]["parameter_counts"]
+    assert pc["G"] == ref["G"] == 52_518_210
+    assert pc["D"] == ref["D"]
+    assert pc["E^H"] == ref["E"] == 161_152
+    assert pc["E^G"] == ref["Sub_E"]
+    if res == 256:
+        assert (pc["ga"], pc["gl"], pc["gh"]) == (52_392_256, 69_697, 56_257)
+        assert (pc["dh"], pc["dl"]) == (4_630_833, 2_771_425)
+        assert pc["D"] == 7_402_258 and pc["E^G"] == 19_663_264
+
+
+@pytest.mark.parametrize("res", [128, 256, 512])
+def test_training_shapes_and_batch_of_one(res: int) -> None:
+    net = HAGAN(HAGANConfig(resolution=res, width=0.25, latent_dim=16, class_names=["a", "b", "c"]))
+    r = res // 2
+    with torch.no_grad():
+        hi, lo = net.generate_train(torch.randn(1, 16), r, label=torch.tensor([2]))
+        assert hi.shape == (1, 1, res // 8, res, res)
+        assert lo.shape == (1, 1, 64 if res == 512 else res // 4, *(2 * (64 if res == 512 else res // 4,)))
+        logit, cls = net.discriminate(hi, lo, r)  # a batch of one: the authors' D fails here
+        assert logit.shape == (1, 1) and cls.shape == (1, 3)
+        feats = net.eh(hi)
+        assert feats.shape[1:] == net.features(torch.randn(1, 16), torch.tensor([0]))[:, :, : feats.shape[2]].shape[1:]
+
+
+def test_class_conditional_label_changes_output_and_is_checked() -> None:
+    m = tiny(class_names=["healthy", "copd"])
+    z = m.sample_latents(1, 0)
+    a, b = m.generate(z, 0), m.generate(z, 1)
+    assert (a - b).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="class-conditional"):
+        m.generate(z)
+    with pytest.raises(ValueError, match="label must be in"):
+        m.generate(z, 5)
+
+
+# ------------------------------------------------------------------------------ inference
+def test_folded_generation_equals_the_plain_network() -> None:
+    m = tiny(128)
+    z = m.sample_latents(2, 3)
+    ours = m.generate(z, mode="whole")
+    plain = reference_generate(m.net, z)
+    assert ours.shape == (2, 1, 128, 128, 128)
+    assert (ours - plain).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("res,rows", [(128, 13), (256, 40), (512, 72)])
+def test_slab_generation_equals_whole_volume(res: int, rows: int) -> None:
+    m = tiny(res)
+    z = m.sample_latents(1, 11)
+    whole = m.generate(z, mode="whole")
+    slabs = m.generate(z, mode="slab", slab_rows=rows)
+    assert (whole - slabs).abs().max().item() <= 1e-4
+    assert whole.std() > 0.01  # not a constant volume
+
+
+def test_auto_mode_uses_slabs_when_the_budget_is_small() -> None:
+    m = tiny(256)
+    calls = []
+    m.generate(m.sample_latents(1, 0), budget_mb=8, progress=lambda d, t, s: calls.append(s))
+    assert "statistics" in calls  # the slab path gathers GroupNorm statistics first
+
+
+def test_same_seed_same_volume_different_seed_different() -> None:
+    m = tiny(128)
+    a = m.generate(m.sample_latents(1, 5))
+    b = m.generate(m.sample_latents(1, 5))
+    c = m.generate(m.sample_latents(1, 6))
+    assert torch.equal(a, b)
+    assert (a - c).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("seed", [-1, 2**63, 1.5, "3"])
+def test_bad_seeds_are_refused(seed) -> None:
+    with pytest.raises(ValueError, match="seed"):
+        tiny(128).sample_latents(1, seed)
+
+
+def test_bad_latents_are_refused() -> None:
+    m = tiny(128)
+    with pytest.raises(ValueError, match="shape"):
+        m.generate(torch.zeros(1, 7))
+    with pytest.raises(ValueError, match="NaN"):
+        m.generate(torch.full((1, 32), float("nan")))
+
+
+def test_encode_and_reconstruct_shapes() -> None:
+    m = tiny(128)
+    x = m.generate(m.sample_latents(2, 0))
+    z = m.encode(x)
+    assert z.shape == (2, 32) and torch.isfinite(z).all()
+    rec = m.reconstruct(x[:1])
+    assert rec.shape == (1, 1, 128, 128, 128)
+    with pytest.raises(ValueError, match="shape"):
+        m.encode(torch.zeros(1, 1, 64, 64, 64))
+
+
+# ------------------------------------------------------------------------------ model directories
+def test_save_load_round_trip(tmp_path: Path) -> None:
+    m = tiny(128, class_names=["a", "b"], modality="mri", spacing=(1.5, 1.5, 2.0))
+    m.save_pretrained(tmp_path / "m")
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "model.safetensors"]
+    m2 = from_pretrained(tmp_path / "m")
+    assert m2.config.to_dict() == m.config.to_dict()
+    for k, v in m.net.state_dict().items():
+        assert torch.equal(v, m2.net.state_dict()[k]), k
+    z = m.sample_latents(1, 2)
+    assert torch.equal(m.generate(z, 1), m2.generate(z, 1))
+
+
+def test_broken_model_directories_are_reported(tmp_path: Path) -> None:
+    with pytest.raises(ModelDirError, match="not a model directory"):
+        from_pretrained(tmp_path / "nothing")
+    m = tiny(128)
+    m.save_pretrained(tmp_path / "m")
+    w = tmp_path / "m" / "model.safetensors"
+    w.write_bytes(w.read_bytes()[:1000])
+    with pytest.raises(ModelDirError, match="model.safetensors"):
+        from_pretrained(tmp_path / "m")
+    m.save_pretrained(tmp_path / "m2")
+    cfg = json.loads((tmp_path / "m2" / "config.json").read_text())
+    cfg["latent_dim"] = 64
+    (tmp_path / "m2" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelDirError, match="does not match"):
+        from_pretrained(tmp_path / "m2")
+    (tmp_path / "m2" / "config.json").write_text("{not json")
+    with pytest.raises(ModelDirError, match="config.json"):
+        from_pretrained(tmp_path / "m2")
+
+
+# ------------------------------------------------------------------------------ authors' checkpoints
+def _fake_authors_files(tmp_path: Path, res: int, scale: float = 0.02) -> dict[str, Path]:
+    """Checkpoints with exactly the authors' key names and shapes (from tests/data), random values."""
+    g = torch.Generator().manual_seed(res)
+    out = {}
+    for name, shapes in AUTHORS["state_dict_shapes"][str(res)].items():
+        if name == "parameter_counts":
+            continue
+        sd = {}
+        for k, shape in shapes.items():
+            if k.endswith(".sv0"):
+                t = torch.ones(shape)
+            elif k.startswith(("bn", "sub_G.bn")) and k.endswith(".weight"):
+                t = torch.rand(shape, generator=g) + 0.5
+            else:
+                t = torch.randn(shape, generator=g) * scale
+            sd["module." + k] = t
+        p = tmp_path / f"{name}_iter80000.pth"
+        torch.save({"model": sd, "optimizer": {"state": {}, "param_groups": []}}, p)
+        out[name] = p
+    return out
+
+
+def _authors_sd(path: Path) -> dict[str, torch.Tensor]:
+    return {k.removeprefix("module."): v for k, v in torch.load(path, weights_only=True)["model"].items()}
+
+
+def test_conversion_of_the_authors_128_checkpoints_reproduces_their_outputs(tmp_path: Path) -> None:
+    f = _fake_authors_files(tmp_path, 128)
+    out = import_authors_checkpoints(f["G"], f["E"], f["Sub_E"], f["D"], "ct", tmp_path / "converted")
+    m = from_pretrained(out)
+    assert m.config.resolution == 128 and m.latent_dim == 1024 and m.modality == "ct"
+    z = m.sample_latents(1, 0)
+    theirs = authors_generate(_authors_sd(f["G"]), z, 128)
+    ours = m.generate(z)
+    assert (ours - theirs).abs().max().item() <= 1e-4
+    x = ours.clone()
+    z_theirs = authors_encode(_authors_sd(f["E"]), _authors_sd(f["Sub_E"]), x)
+    assert (m.encode(x) - z_theirs).abs().max().item() <= 1e-4
+    # D: the spectral-norm buffers and weights land where our D^L / D^H read them
+    d = _authors_sd(f["D"])
+    assert torch.equal(m.net.state_dict()["dl.out.u0"], d["sub_D.conv5.u0"])
+    assert torch.equal(m.net.state_dict()["dh.convs.0.weight"], d["conv2.weight"])
+
+
+def test_conversion_maps_every_key_of_the_256_layout(tmp_path: Path) -> None:
+    f = _fake_authors_files(tmp_path, 256)
+    m = from_pretrained(import_authors_checkpoints(f["G"], f["E"], f["Sub_E"], f["D"], "mri", tmp_path / "c"))
+    assert m.config.resolution == 256
+    sd = m.net.state_dict()
+    g = _authors_sd(f["G"])
+    assert torch.equal(sd["gh.convs.1.weight"], g["tp_conv7.weight"])  # G^H's last conv is their tp_conv7
+    assert torch.equal(sd["gl.convs.2.weight"], g["sub_G.tp_conv3.weight"])  # G^L is their sub_G
+    assert torch.equal(sd["eg.out.weight"], _authors_sd(f["Sub_E"])["conv5.weight"])
+    assert torch.equal(sd["dh.convs.0.weight"], _authors_sd(f["D"])["conv1.weight"])
+
+
+def test_corrupt_and_mismatched_checkpoints_name_the_file(tmp_path: Path) -> None:
+    f128 = _fake_authors_files(tmp_path / "a", 128) if (tmp_path / "a").mkdir() is None else None
+    f256 = _fake_authors_files(tmp_path / "b", 256) if (tmp_path / "b").mkdir() is None else None
+    truncated = tmp_path / "G_trunc.pth"
+    truncated.write_bytes(f128["G"].read_bytes()[:5000])
+    with pytest.raises(CheckpointError, match="G_trunc.pth"):
+        import_authors_checkpoints(truncated, f128["E"], f128["Sub_E"], None, "ct", tmp_path / "o")
+    junk = tmp_path / "E_junk.pth"
+    junk.write_bytes(b"\x00garbage" * 100)
+    with pytest.raises(CheckpointError, match="E_junk.pth"):
+        import_authors_checkpoints(f128["G"], junk, f128["Sub_E"], None, "ct", tmp_path / "o")
+    # an object that is not tensors is refused by weights_only loading, never executed
+    evil = tmp_path / "Sub_E_obj.pth"
+    torch.save({"model": {"x": Path("/")}}, evil)
+    with pytest.raises(CheckpointError, match="Sub_E_obj.pth"):
+        import_authors_checkpoints(f128["G"], f128["E"], evil, None, "ct", tmp_path / "o")
+    # a 256^3 D with 128^3 encoders
+    with pytest.raises(CheckpointError, match="disagree"):
+        import_authors_checkpoints(f128["G"], f128["E"], f128["Sub_E"], f256["D"], "ct", tmp_path / "o")
+    with pytest.raises(CheckpointError, match="no such file"):
+        import_authors_checkpoints(tmp_path / "missing.pth", f128["E"], f128["Sub_E"], None, "ct", tmp_path / "o")
+    assert not (tmp_path / "o").exists()  # nothing half-written
