@@ -1,0 +1,43 @@
+# The README's two commands: `make run` and `make test`.  Both set up a fresh machine first.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# A CUDA machine can pass its own build, e.g. TORCH_SPEC='torch>=2.2'
+TORCH_SPEC ?= torch==2.13.0
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+.PHONY: setup run test lint redis-server bench clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $@
+
+setup: $(BIN)/.installed
+
+# Serve the shipped demo model on the embedded in-process queue (no Redis needed).
+run: setup
+	$(BIN)/voxgen serve --host $(HOST) --port $(PORT)
+
+# The whole test suite; integration tests start their own redis-server and Celery worker.
+test: setup redis-server
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check .
+
+# Integration tests need the redis-server binary (they start their own server on a free port).
+redis-server:
+	@command -v redis-server >/dev/null 2>&1 || { \
+	  echo "redis-server not found; installing it (Debian/Ubuntu)"; \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq redis-server; \
+	  else sudo apt-get update -qq && sudo apt-get install -y -qq redis-server; fi; }
+
+bench: setup
+	$(BIN)/python benchmarks/bench_generate.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
