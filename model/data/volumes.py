@@ -147,7 +147,6 @@ def read_volume(
     images, images smaller than 8 voxels along an axis, all-NaN images, gzip or zip bombs, unsafe
     zip member paths.  Isolated NaN/inf voxels are replaced by the minimum finite value.
     """
-    import SimpleITK as sitk
 
     p = Path(path)
     max_voxels = max_voxels or DEFAULT_MAX_VOXELS
@@ -170,39 +169,79 @@ def read_volume(
             check_gzip(p, max_bytes)
         elif ext == ".nii.gz":
             raise VolumeError(f"{p.name}: named .nii.gz but not gzip-compressed (corrupt?)")
+        if ext in (".nii.gz", ".nii"):
+            return _read_nifti(p, max_voxels)
         img = _read_sitk(p)
     else:
         raise VolumeError(f"{p.name}: unknown format {ext or '(no extension)'}; expected {ACCEPTED}")
 
+    return _from_sitk(img, p.name, max_voxels)
+
+
+def _check_shape(name: str, shape: tuple[int, ...], max_voxels: int) -> None:
+    dims = "x".join(map(str, shape))
+    if len(shape) == 4:
+        raise VolumeError(f"{name}: a 4D image ({dims}); expected one 3D volume")
+    if len(shape) != 3:
+        raise VolumeError(f"{name}: a {len(shape)}D image ({dims}); expected a 3D volume")
+    if min(shape) < MIN_SIZE:
+        raise VolumeError(f"{name}: {dims} voxels; at least {MIN_SIZE} along each axis needed")
+    if int(np.prod(shape)) > max_voxels:
+        raise VolumeError(f"{name}: {int(np.prod(shape))} voxels, over the limit of {max_voxels}")
+
+
+def _finite(name: str, arr: np.ndarray) -> np.ndarray:
+    finite = np.isfinite(arr)
+    if not finite.any():
+        raise VolumeError(f"{name}: every voxel is NaN or infinite")
+    if not finite.all():
+        arr[~finite] = arr[finite].min()
+    return arr
+
+
+def _read_nifti(p: Path, max_voxels: int) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """NIfTI through nibabel (ITK's reader turns NaN into 0, which would hide an all-NaN file)."""
+    import nibabel as nib
+
+    try:
+        img = nib.load(str(p))
+        shape = tuple(int(n) for n in img.shape)
+        while len(shape) > 3 and shape[-1] == 1:
+            img = nib.funcs.squeeze_image(img)
+            shape = tuple(int(n) for n in img.shape)
+        _check_shape(p.name, shape, max_voxels)
+        img = nib.as_closest_canonical(img)  # RAS+
+        data = np.asarray(img.dataobj, dtype=np.float32)
+    except VolumeError:
+        raise
+    except Exception as e:  # nibabel raises many kinds for truncated / corrupt files
+        raise VolumeError(f"{p.name}: unreadable, truncated or corrupt NIfTI ({e}); expected {ACCEPTED}") from e
+    sx, sy, sz = (float(z) for z in img.header.get_zooms()[:3])
+    if min(sx, sy, sz) <= 0:
+        raise VolumeError(f"{p.name}: voxel sizes must be positive, got {(sx, sy, sz)}")
+    arr = np.ascontiguousarray(data.transpose(2, 1, 0))  # (x, y, z) -> (z, y, x)
+    return _finite(p.name, arr), (sx, sy, sz)
+
+
+def _from_sitk(img: Any, name: str, max_voxels: int) -> tuple[np.ndarray, tuple[float, float, float]]:
+    import SimpleITK as sitk
+
+    p = Path(name)
     dim = img.GetDimension()
     size = list(img.GetSize())
     if dim == 4 and size[3] == 1:
         img = img[:, :, :, 0]
         dim, size = 3, size[:3]
-    if dim == 4:
-        raise VolumeError(f"{p.name}: a 4D image ({'x'.join(map(str, size))}); expected one 3D volume")
-    if dim != 3:
-        raise VolumeError(f"{p.name}: a {dim}D image ({'x'.join(map(str, size))}); expected a 3D volume")
+    _check_shape(p.name, tuple(size), max_voxels)
     if img.GetNumberOfComponentsPerPixel() != 1:
         raise VolumeError(f"{p.name}: has {img.GetNumberOfComponentsPerPixel()} components per voxel; expected scalar")
-    if min(size) < MIN_SIZE:
-        raise VolumeError(f"{p.name}: {'x'.join(map(str, size))} voxels; at least {MIN_SIZE} along each axis needed")
-    if int(np.prod(size)) > max_voxels:
-        raise VolumeError(f"{p.name}: {int(np.prod(size))} voxels, over the limit of {max_voxels}")
     # reorient: ITK's "LPS" gives an identity direction (index increasing towards Left, Posterior,
     # Superior); flipping x and y then gives RAS+ as NIfTI writers use it
     img = sitk.DICOMOrient(img, "LPS")
     arr = sitk.GetArrayFromImage(img).astype(np.float32, copy=False)  # (z, y, x), x->L, y->P
     arr = np.ascontiguousarray(arr[:, ::-1, ::-1])  # x->R, y->A: RAS+
     sx, sy, sz = (float(s) for s in img.GetSpacing())
-    finite = np.isfinite(arr)
-    if not finite.any():
-        raise VolumeError(f"{p.name}: every voxel is NaN or infinite")
-    if not finite.all():
-        arr[~finite] = arr[finite].min()
-    if arr.size == 0:
-        raise VolumeError(f"{p.name}: empty image")
-    return arr, (sx, sy, sz)
+    return _finite(p.name, arr), (sx, sy, sz)
 
 
 # ------------------------------------------------------------------------------------ to the model grid
