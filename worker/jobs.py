@@ -1,0 +1,183 @@
+"""Job functions: plain functions (params, model, output folder, progress callback) used by both
+the embedded in-process queue and the Celery workers, plus ``execute``, which runs one job record
+with its lease, progress, cancellation and atomic publication of the results."""
+
+from __future__ import annotations
+
+import os
+import platform
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from worker.store import TERMINAL, Storage
+
+Progress = Callable[[int, int, str], None]
+
+_MODELS: dict[tuple[str, str], Any] = {}
+_MODELS_LOCK = threading.Lock()
+
+
+class JobError(Exception):
+    """A job failed for a reason the user should read (bad input found while running)."""
+
+
+class Cancelled(Exception):
+    pass
+
+
+class Superseded(Exception):
+    """This delivery is an older attempt of a job that was re-queued elsewhere."""
+
+
+def get_model(models_dir: str | os.PathLike, name: str, device: str = "auto") -> Any:
+    """Models are loaded once per process and kept on their device."""
+    from model.registry import from_pretrained, resolve_device
+
+    path = Path(models_dir) / name
+    dev = resolve_device(device)
+    key = (str(path.resolve()), str(dev))
+    with _MODELS_LOCK:
+        if key not in _MODELS:
+            _MODELS[key] = from_pretrained(path, device=dev)
+        return _MODELS[key]
+
+
+def _label_index(model: Any, label: Any) -> int | None:
+    if label is None:
+        return None
+    names = model.class_names
+    if isinstance(label, str) and label in names:
+        return names.index(label)
+    return int(label)
+
+
+def job_generate(params: dict[str, Any], model: Any, out: Path, progress: Progress) -> dict[str, Any]:
+    import numpy as np
+    import torch
+
+    from model.data.volumes import write_volume
+
+    if params.get("latent") is not None:
+        z = torch.tensor(params["latent"], dtype=torch.float32).reshape(-1, model.latent_dim)
+    else:
+        z = model.sample_latents(int(params.get("n", 1)), int(params["seed"]))
+    vols = model.generate(z, _label_index(model, params.get("label")), progress=progress)
+    ext = ".npy" if params.get("format") == "npy" else ".nii.gz"
+    for i in range(vols.shape[0]):
+        write_volume(out / f"volume_{i:03d}{ext}", vols[i, 0].numpy(), model.config)
+    np.save(out / "latent.npy", z.numpy())
+    return {"seed": params.get("seed"), "latent": z.tolist()}
+
+
+def job_encode(params: dict[str, Any], model: Any, out: Path, progress: Progress) -> dict[str, Any]:
+    import numpy as np
+    import torch
+
+    from model.data.volumes import VolumeError, load_for_model, write_volume
+
+    try:
+        x = load_for_model(params["upload"], model.config)
+    except VolumeError as e:
+        raise JobError(str(e)) from e
+    z = model.encode(torch.from_numpy(x)[None, None], progress=progress)
+    np.save(out / "latent.npy", z.numpy())
+    if params.get("reconstruct"):
+        v = model.generate(z, _label_index(model, params.get("label")), progress=progress)
+        write_volume(out / "reconstruction.nii.gz", v[0, 0].numpy(), model.config)
+    return {"latent": z[0].tolist()}
+
+
+JOBS: dict[str, Callable[[dict[str, Any], Any, Path, Progress], dict[str, Any]]] = {
+    "generate": job_generate,
+    "encode": job_encode,
+}
+
+
+def worker_name() -> str:
+    return f"{platform.node()}:{os.getpid()}"
+
+
+def execute(
+    job_id: str,
+    attempt: int,
+    records: Any,
+    storage: Storage,
+    models_dir: str | os.PathLike,
+    device: str = "auto",
+    lease_seconds: float = 30.0,
+) -> None:
+    """Run one job: lease + heartbeat, progress into the record, results published atomically."""
+    rec = records.get(job_id)
+    if rec is None or rec["state"] in TERMINAL or rec.get("attempt", 1) != attempt:
+        return  # unknown, finished, cancelled, or a stale delivery of an older attempt
+    from model.registry import resolve_device
+
+    dev = str(resolve_device(device))
+    records.update(
+        job_id,
+        state="running",
+        lease_until=time.time() + lease_seconds,
+        worker=worker_name(),
+        device=dev,
+        started=time.time(),
+        progress={"done": 0, "total": 1, "stage": "loading model"},
+    )
+    stop = threading.Event()
+
+    def heartbeat() -> None:
+        while not stop.wait(max(0.5, lease_seconds / 3)):
+            try:
+                cur = records.get(job_id)
+                if cur is None or cur.get("attempt") != attempt or cur["state"] != "running":
+                    return
+                records.update(job_id, lease_until=time.time() + lease_seconds)
+            except Exception:  # a transient Redis error: try again at the next beat
+                pass
+
+    beat = threading.Thread(target=heartbeat, name=f"lease-{job_id[:8]}", daemon=True)
+    beat.start()
+    scratch = storage.scratch(job_id)
+
+    def progress(done: int, total: int, stage: str) -> None:
+        cur = records.get(job_id)
+        if cur is None or cur["state"] == "cancelled":
+            raise Cancelled()
+        if cur.get("attempt") != attempt:
+            raise Superseded()
+        records.update(job_id, progress={"done": int(done), "total": int(total), "stage": stage})
+
+    try:
+        fn = JOBS[rec["kind"]]
+        model = get_model(models_dir, rec["params"]["model"], device)
+        extra = fn(rec["params"], model, scratch, progress)
+        cur = records.get(job_id)
+        if cur is None or cur["state"] == "cancelled" or cur.get("attempt") != attempt:
+            return
+        files = storage.publish(job_id, scratch)
+        for f in files:
+            f["url"] = f"/jobs/{job_id}/files/{f['name']}"
+        result = {"files": files} | {k: v for k, v in extra.items() if v is not None}
+        records.update(
+            job_id,
+            state="succeeded",
+            result=result,
+            finished=time.time(),
+            lease_until=None,
+            progress={"done": 1, "total": 1, "stage": "done"},
+        )
+    except (Cancelled, Superseded):
+        pass
+    except JobError as e:
+        records.update(job_id, state="failed", error=str(e), lease_until=None, finished=time.time())
+    except Exception as e:
+        detail = "".join(traceback.format_exception_only(type(e), e)).strip()
+        records.update(job_id, state="failed", error=f"internal error: {detail}", lease_until=None)
+    finally:
+        stop.set()
+        import shutil
+
+        shutil.rmtree(scratch, ignore_errors=True)
