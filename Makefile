@@ -18,8 +18,13 @@ $(BIN)/.installed: pyproject.toml
 
 setup: $(BIN)/.installed
 
-# Serve the shipped demo model on the embedded in-process queue (no Redis needed).
+# Serve the models in models/ on the embedded in-process queue (no Redis needed).  No trained demo
+# model ships yet: when models/ holds none, an untrained 256^3 HA-GAN (width 0.25, latent 128) is
+# initialised there first, and the service says so in GET /models (its description).
+DEFAULT_MODEL := models/hagan-256-untrained
 run: setup
+	@ls models/*/config.json >/dev/null 2>&1 || $(BIN)/voxgen init --family hagan --resolution 256 --width 0.25 \
+	  --latent-dim 128 --modality ct --seed 0 -o $(DEFAULT_MODEL)
 	$(BIN)/voxgen serve --host $(HOST) --port $(PORT)
 
 # The whole test suite; integration tests start their own redis-server and Celery worker.

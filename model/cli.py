@@ -47,7 +47,7 @@ def cmd_init(a: argparse.Namespace) -> int:
         modality=a.modality,
         spacing=tuple(a.spacing) if a.spacing else (1.0, 1.0, 1.0),
         intensity=Intensity.for_modality(a.modality),
-        description="freshly initialised (untrained) HA-GAN",
+        description="UNTRAINED: a freshly initialised HA-GAN with random weights; its volumes are not anatomy",
     )
     m = HAGANModel.init(cfg, seed=a.seed)
     m.save_pretrained(a.output)
