@@ -263,7 +263,7 @@ def _extensions() -> list[Callable]:
     import importlib
 
     found = []
-    for name in ("model.cli_train", "model.cli_service"):
+    for name in ("model.cli_train", "model.cli_service", "model.cli_latent"):
         try:
             mod = importlib.import_module(name)
         except ModuleNotFoundError as e:

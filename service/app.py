@@ -38,6 +38,26 @@ class GenerateRequest(BaseModel):
         return v
 
 
+class TraverseRequest(BaseModel):
+    model: str
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    latent: list[float] | None = None
+    job_id: str | None = Field(None, description="an encode job whose latent to start from")
+    direction: str | list[float]
+    steps: list[float] | None = Field(None, min_length=1, max_length=32, description="alphas along the unit direction")
+    target: float | None = Field(None, description="attribute value to reach (named directions)")
+    n_steps: int = Field(5, ge=1, le=32)
+    label: str | int | None = None
+    format: Literal["nifti", "npy"] = "nifti"
+
+    @field_validator("latent", "steps", "direction")
+    @classmethod
+    def finite(cls, v: Any) -> Any:
+        if isinstance(v, list) and any(x != x or x in (float("inf"), float("-inf")) for x in v):
+            raise ValueError("contains NaN or infinite values")
+        return v
+
+
 class JobAccepted(BaseModel):
     job_id: str
     status_url: str
@@ -81,6 +101,27 @@ def _direction_names(d: Path) -> list[str]:
             return sorted(sf.keys())
     except Exception:
         return []
+
+
+def _read_direction(model_dir: Path, name: str) -> dict[str, Any] | None:
+    f = model_dir / "directions.safetensors"
+    if not f.is_file():
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(f), framework="numpy") as sf:
+            if name not in sf.keys():
+                return None
+            meta = json.loads((sf.metadata() or {})[name])
+            return {
+                "name": name,
+                "attribute": meta["attribute"],
+                "intercept": meta["intercept"],
+                "vector": sf.get_tensor(name).astype(float).tolist(),
+            }
+    except Exception:
+        return None
 
 
 def describe(name: str, entry: dict[str, Any]) -> dict[str, Any]:
@@ -219,6 +260,46 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             raise HTTPException(422, str(e).replace(dst.name, name or "upload")) from None
         params = {"model": model, "upload": str(dst), "reconstruct": reconstruct, "label": label, "filename": name}
         return submit("encode", params, job_id)
+
+    @app.post("/traverse", status_code=202)
+    def traverse(req: TraverseRequest) -> JobAccepted:
+        entry = model_or_404(req.model)
+        cfg = entry["config"]
+        check_label(cfg, req.label)
+        latent_dim = int(cfg.get("latent_dim", 0))
+        starts = [x is not None for x in (req.seed, req.latent, req.job_id)]
+        if sum(starts) > 1:
+            raise HTTPException(422, "give at most one of seed, latent, job_id")
+        if (req.steps is None) == (req.target is None):
+            raise HTTPException(422, "give either steps (a list of alphas) or target")
+        params = req.model_dump()
+        if isinstance(req.direction, str):
+            d = _read_direction(settings.models_dir / req.model, req.direction)
+            if d is None:
+                raise HTTPException(
+                    404,
+                    f"model {req.model!r} has no direction {req.direction!r}; stored: {entry['directions'] or 'none'}",
+                )
+        else:
+            if len(req.direction) != latent_dim or not any(req.direction):
+                raise HTTPException(422, f"a direction vector needs {latent_dim} values, not all zero")
+            if req.target is not None:
+                raise HTTPException(422, "target needs a named (fitted) direction; a raw vector takes steps")
+            d = {"name": "vector", "attribute": None, "vector": req.direction, "intercept": 0.0}
+        params["direction"] = d
+        if req.job_id is not None:
+            src = jobs.records.get(req.job_id) if _is_id(req.job_id) else None
+            if src is None or src["kind"] != "encode" or src["state"] != "succeeded":
+                raise HTTPException(422, f"job_id {req.job_id!r} is not a succeeded encode job")
+            if src["model"] != req.model:
+                raise HTTPException(422, f"job {req.job_id} encoded with model {src['model']!r}, not {req.model!r}")
+            params["latent"] = src["result"]["latent"]
+        elif req.latent is not None:
+            if len(req.latent) != latent_dim:
+                raise HTTPException(422, f"latent must have {latent_dim} values")
+        elif req.seed is None:
+            params["seed"] = secrets.randbelow(2**63)
+        return submit("traverse", params)
 
     @app.post("/admin/train", status_code=202)
     def admin_train(req: TrainRequest, authorization: Annotated[str | None, Header()] = None) -> JobAccepted:

@@ -16,6 +16,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 from fastapi.testclient import TestClient
 
 from model.hagan.config import HAGANConfig
@@ -33,6 +34,9 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     HAGANModel.init(
         HAGANConfig(resolution=128, width=0.25, latent_dim=LATENT, class_names=["healthy", "copd"]), seed=1
     ).save_pretrained(d / "cond")
+    from model.latent.directions import Direction, save_direction
+
+    save_direction(d / "tiny", Direction("soft", "soft_tissue_ml", torch.linspace(-1, 1, LATENT), 5.0, 0.9, None, 64))
     # a slower model for the worker-kill test: 256^3 output
     HAGANModel.init(HAGANConfig(resolution=256, width=0.25, latent_dim=LATENT), seed=2).save_pretrained(d / "big")
     return d
@@ -190,6 +194,50 @@ def test_job_files_are_safe_and_cancel_works(embedded: TestClient) -> None:
     assert embedded.get(f"/jobs/{jid}").json()["state"] == "cancelled"
 
 
+def test_traverse_named_direction_to_a_target(embedded: TestClient) -> None:
+    assert embedded.get("/models/tiny").json()["directions"] == ["soft"]
+    r = embedded.post("/traverse", json={"model": "tiny", "seed": 2, "direction": "soft", "target": 12.0, "n_steps": 3})
+    assert r.status_code == 202, r.text
+    s = wait(embedded, r.json()["job_id"])
+    assert s["state"] == "succeeded", s
+    steps = s["result"]["steps"]
+    assert [x["file"] for x in steps] == ["step_00.nii.gz", "step_01.nii.gz", "step_02.nii.gz"]
+    assert steps[0]["alpha"] == 0 and abs(steps[-1]["predicted"] - 12.0) < 1e-3
+    assert all(isinstance(x["measured"], float) for x in steps)
+    names = {f["name"] for f in s["result"]["files"]}
+    assert {"step_00.nii.gz", "step_02.nii.gz", "latents.npy"} <= names
+
+
+def test_traverse_from_an_encode_job_with_a_vector(embedded: TestClient, tmp_path: Path) -> None:
+    r = embedded.post("/encode", data={"model": "tiny"}, files={"file": ("scan.nii.gz", nifti_upload(tmp_path))})
+    enc = wait(embedded, r.json()["job_id"])
+    body = {"model": "tiny", "job_id": enc["job_id"], "direction": [1.0] + [0.0] * (LATENT - 1), "steps": [0, 2]}
+    s = wait(embedded, embedded.post("/traverse", json=body).json()["job_id"])
+    assert s["state"] == "succeeded", s
+    first, second = s["result"]["steps"]
+    assert np.allclose(first["latent"], enc["result"]["latent"], atol=1e-6)
+    assert np.isclose(second["latent"][0] - first["latent"][0], 2.0, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "body,status,msg",
+    [
+        ({"model": "tiny", "direction": "nope", "steps": [1]}, 404, "no direction"),
+        ({"model": "tiny", "direction": "soft"}, 422, "either steps"),
+        ({"model": "tiny", "direction": "soft", "steps": [1], "target": 3}, 422, "either steps"),
+        ({"model": "tiny", "direction": [1.0, 2.0], "steps": [1]}, 422, "direction vector"),
+        ({"model": "tiny", "direction": [1.0] * LATENT, "target": 3}, 422, "named"),
+        ({"model": "tiny", "direction": "soft", "steps": [1], "job_id": "0" * 32}, 422, "encode job"),
+        ({"model": "tiny", "direction": "soft", "steps": [1], "seed": 1, "latent": [0.0] * LATENT}, 422, "at most one"),
+        ({"model": "nope", "direction": "soft", "steps": [1]}, 404, "unknown model"),
+    ],
+)
+def test_bad_traverse_requests_get_4xx(embedded: TestClient, body: dict, status: int, msg: str) -> None:
+    r = embedded.post("/traverse", json=body)
+    assert r.status_code == status, r.text
+    assert msg in r.text
+
+
 def test_admin_train_auth(embedded: TestClient) -> None:
     body = {"data": "/data/x", "name": "run1"}
     assert embedded.post("/admin/train", json=body).status_code == 401
@@ -315,6 +363,14 @@ def test_celery_encode_upload(celery: TestClient, tmp_path: Path) -> None:
     r = celery.post("/encode", data={"model": "tiny"}, files={"file": ("scan.nii.gz", nifti_upload(tmp_path))})
     s = wait(celery, r.json()["job_id"])
     assert s["state"] == "succeeded" and len(s["result"]["latent"]) == LATENT
+
+
+def test_celery_traverse(celery: TestClient) -> None:
+    r = celery.post(
+        "/traverse", json={"model": "tiny", "seed": 1, "direction": "soft", "steps": [0, 1], "format": "npy"}
+    )
+    s = wait(celery, r.json()["job_id"])
+    assert s["state"] == "succeeded" and len(s["result"]["steps"]) == 2
 
 
 def test_killed_worker_does_not_lose_the_job(celery: TestClient) -> None:

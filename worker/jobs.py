@@ -91,9 +91,57 @@ def job_encode(params: dict[str, Any], model: Any, out: Path, progress: Progress
     return {"latent": z[0].tolist()}
 
 
+def job_traverse(params: dict[str, Any], model: Any, out: Path, progress: Progress) -> dict[str, Any]:
+    import numpy as np
+    import torch
+
+    from model.data.volumes import write_volume
+    from model.latent.directions import Direction, measure_attribute, traverse
+
+    d = params["direction"]
+    direction = Direction(
+        d.get("name") or "vector",
+        d.get("attribute") or "",
+        torch.tensor(d["vector"]),
+        float(d.get("intercept") or 0.0),
+        0.0,
+        None,
+        0,
+    )
+    if params.get("latent") is not None:
+        z0 = torch.tensor(params["latent"], dtype=torch.float32).reshape(1, -1)
+    else:
+        z0 = model.sample_latents(1, int(params["seed"]))
+    rows = traverse(
+        model,
+        z0,
+        direction,
+        steps=params.get("steps"),
+        target=params.get("target"),
+        n_steps=int(params.get("n_steps", 5)),
+    )
+    label = _label_index(model, params.get("label"))
+    ext = ".npy" if params.get("format") == "npy" else ".nii.gz"
+    steps = []
+    for i, row in enumerate(rows):
+        v = model.generate(row["latent"], label)[0, 0].numpy()
+        write_volume(out / f"step_{i:02d}{ext}", v, model.config)
+        entry = {"alpha": row["alpha"], "latent": row["latent"][0].tolist(), "file": f"step_{i:02d}{ext}"}
+        if direction.attribute:
+            entry["predicted"] = row["predicted"]
+            entry["measured"] = measure_attribute(
+                model.config.intensity.to_physical(v), model.config.spacing, direction.attribute
+            )
+        steps.append(entry)
+        progress(i + 1, len(rows), "generate")
+    np.save(out / "latents.npy", np.stack([np.asarray(s["latent"], np.float32) for s in steps]))
+    return {"direction": direction.name, "attribute": direction.attribute or None, "steps": steps}
+
+
 JOBS: dict[str, Callable[[dict[str, Any], Any, Path, Progress], dict[str, Any]]] = {
     "generate": job_generate,
     "encode": job_encode,
+    "traverse": job_traverse,
 }
 
 
