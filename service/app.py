@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import threading
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -16,7 +17,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from pydantic import BaseModel, Field, field_validator
 
 from service.settings import Settings, get_settings
-from worker.store import TERMINAL, Storage, new_job_id, new_record
+from worker.store import TERMINAL, MemoryRecords, Storage, new_job_id, new_record
 
 # ---------------------------------------------------------------------------------------- schemas
 
@@ -156,9 +157,28 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
         jobs = EmbeddedQueue(settings, storage)
 
+    stop_cleaner = threading.Event()
+
+    def cleaner() -> None:
+        """Results older than VOXGEN_RESULT_TTL_HOURS are deleted (records expire with them)."""
+        ttl = settings.result_ttl_hours * 3600
+        while True:
+            try:
+                if isinstance(jobs.records, MemoryRecords):
+                    jobs.records.expire(ttl)
+                running = {i for i in jobs.records.all_ids() if (r := jobs.records.get(i)) and r["state"] == "running"}
+                storage.cleanup(ttl, keep=running)
+            except Exception:  # storage or Redis briefly unavailable: next round
+                pass
+            if stop_cleaner.wait(min(600.0, max(5.0, ttl / 10))):
+                return
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):  # noqa: ANN202
+        t = threading.Thread(target=cleaner, name="voxgen-cleaner", daemon=True)
+        t.start()
         yield
+        stop_cleaner.set()
         jobs.close()
 
     app = FastAPI(

@@ -102,7 +102,8 @@ def test_generate_poll_download_read_back(embedded: TestClient, tmp_path: Path) 
     v = m.generate(m.sample_latents(2, 5))[0, 0].numpy()
     expect = np.rint(-1024 + (v + 1) / 2 * 1624).transpose(2, 1, 0)
     assert np.abs(np.asarray(img.dataobj) - expect).max() <= 1
-    assert len(s["result"]["latent"]) == 2 and len(s["result"]["latent"][0]) == LATENT
+    z = np.load(io.BytesIO(embedded.get(f"/jobs/{s['job_id']}/files/latent.npy").content))
+    assert z.shape == (2, LATENT) and np.allclose(z, m.sample_latents(2, 5).numpy())
 
 
 def test_generate_from_latent_and_label(embedded: TestClient) -> None:
@@ -244,6 +245,19 @@ def test_admin_train_auth(embedded: TestClient) -> None:
     assert embedded.post("/admin/train", json=body, headers={"Authorization": "Bearer nope"}).status_code == 403
     r = embedded.post("/admin/train", json=body, headers={"Authorization": "Bearer s3cret"})
     assert r.status_code == 501 and "trainer" in r.json()["detail"]
+
+
+def test_expired_results_are_cleaned_up(tmp_path: Path) -> None:
+    from worker.store import Storage
+
+    st = Storage(tmp_path)
+    old, new = st.job_dir("a" * 32), st.job_dir("b" * 32)
+    for d in (old, new):
+        d.mkdir(parents=True)
+        (d / "volume_000.nii.gz").write_bytes(b"x")
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    assert st.cleanup(3600) == 1
+    assert not old.exists() and new.exists()
 
 
 def test_health(embedded: TestClient) -> None:

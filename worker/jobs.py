@@ -69,8 +69,8 @@ def job_generate(params: dict[str, Any], model: Any, out: Path, progress: Progre
     ext = ".npy" if params.get("format") == "npy" else ".nii.gz"
     for i in range(vols.shape[0]):
         write_volume(out / f"volume_{i:03d}{ext}", vols[i, 0].numpy(), model.config)
-    np.save(out / "latent.npy", z.numpy())
-    return {"seed": params.get("seed"), "latent": z.tolist()}
+    np.save(out / "latent.npy", z.numpy())  # the latents stay in storage: only small metadata in Redis
+    return {"seed": params.get("seed")}
 
 
 def job_encode(params: dict[str, Any], model: Any, out: Path, progress: Progress) -> dict[str, Any]:

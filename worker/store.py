@@ -77,6 +77,22 @@ class Storage:
         shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
         shutil.rmtree(self.root / "uploads" / job_id, ignore_errors=True)
 
+    def cleanup(self, ttl_seconds: float, keep: set[str] | None = None) -> int:
+        """Delete job folders and uploads older than the TTL (VOXGEN_RESULT_TTL_HOURS)."""
+        cutoff = time.time() - ttl_seconds
+        removed = 0
+        for sub in ("jobs", "uploads"):
+            for d in (self.root / sub).iterdir():
+                if d.name in (keep or set()):
+                    continue
+                try:
+                    if d.stat().st_mtime < cutoff:
+                        shutil.rmtree(d, ignore_errors=True)
+                        removed += 1
+                except FileNotFoundError:
+                    pass
+        return removed
+
     def ping(self) -> bool:
         probe = self.root / f".ready.{os.getpid()}"
         probe.write_text("ok")
@@ -111,6 +127,12 @@ class MemoryRecords:
     def all_ids(self) -> list[str]:
         with self._lock:
             return list(self._d)
+
+    def expire(self, ttl_seconds: float) -> None:
+        cutoff = time.time() - ttl_seconds
+        with self._lock:
+            for k in [k for k, r in self._d.items() if r["state"] in TERMINAL and r["created"] < cutoff]:
+                del self._d[k]
 
     def delete(self, job_id: str) -> None:
         with self._lock:
