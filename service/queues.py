@@ -7,7 +7,7 @@ import threading
 import time
 from typing import Any
 
-from service.settings import Settings
+from worker.settings import Settings
 from worker.store import MemoryRecords, RedisRecords, Storage
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from celery import Celery
 
-from service.settings import get_settings
+from worker.settings import get_settings
 
 settings = get_settings()
 app = Celery("voxgen", broker=settings.redis_url or "redis://127.0.0.1:6379/0")
