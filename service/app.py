@@ -239,9 +239,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         params = req.model_dump()
         latent_dim = int(cfg.get("latent_dim", 0))
         if req.latent is not None:
-            rows = req.latent if isinstance(req.latent[0], list) else [req.latent]
+            rows = req.latent if req.latent and isinstance(req.latent[0], list) else [req.latent]
             if any(len(r) != latent_dim for r in rows):
                 raise HTTPException(422, f"latent must have {latent_dim} values per volume")
+            if len(rows) > settings.max_n:
+                raise HTTPException(422, f"at most {settings.max_n} latents per request")
             params["latent"], params["n"] = rows, len(rows)
         elif req.seed is None:
             params["seed"] = secrets.randbelow(2**63)
