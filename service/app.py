@@ -66,11 +66,14 @@ class JobAccepted(BaseModel):
 
 class TrainRequest(BaseModel):
     family: Literal["hagan"] = "hagan"
-    data: str
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-    resolution: int = 128
-    iterations: int = Field(1000, ge=1)
-    batch: int = Field(2, ge=1)
+    data: str = Field(description="a dataset folder made by `voxgen prepare`, as the worker sees it")
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", description="served model name")
+    resolution: Literal[128, 256, 512] | None = None
+    iterations: int = Field(1000, ge=1, le=10_000_000)
+    batch: int = Field(2, ge=1, le=64)
+    width: float = Field(1.0, gt=0, le=4)
+    latent_dim: int = Field(1024, ge=1, le=8192)
+    seed: int = Field(0, ge=0, lt=2**63)
 
 
 # ---------------------------------------------------------------------------------------- models
@@ -330,9 +333,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         token = authorization.split(" ", 1)[1].strip()
         if not settings.admin_token or not secrets.compare_digest(token, settings.admin_token):
             raise HTTPException(403, "wrong admin token")
-        raise HTTPException(
-            501, "training jobs are not available yet: the HA-GAN trainer (model.hagan.train) is not part of this build"
-        )
+        if req.name in models():
+            raise HTTPException(409, f"a model named {req.name!r} is already served; choose another name")
+        return submit("train", req.model_dump() | {"model": None})
 
     @app.get("/jobs/{job_id}")
     def job_status(job_id: str) -> dict[str, Any]:

@@ -244,12 +244,37 @@ def test_bad_traverse_requests_get_4xx(embedded: TestClient, body: dict, status:
     assert msg in r.text
 
 
-def test_admin_train_auth(embedded: TestClient) -> None:
-    body = {"data": "/data/x", "name": "run1"}
+def test_admin_train_auth_and_a_train_job_registers_the_model(embedded: TestClient, tmp_path: Path) -> None:
+    from model.data.datasets import prepare_dataset
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "scan.nii.gz").write_bytes(nifti_upload(tmp_path))
+    prepare_dataset(src, tmp_path / "ds", HAGANConfig(resolution=128))
+    body = {
+        "data": str(tmp_path / "ds"),
+        "name": "trained1",
+        "iterations": 2,
+        "batch": 1,
+        "width": 0.25,
+        "latent_dim": 8,
+    }
     assert embedded.post("/admin/train", json=body).status_code == 401
     assert embedded.post("/admin/train", json=body, headers={"Authorization": "Bearer nope"}).status_code == 403
-    r = embedded.post("/admin/train", json=body, headers={"Authorization": "Bearer s3cret"})
-    assert r.status_code == 501 and "trainer" in r.json()["detail"]
+    auth = {"Authorization": "Bearer s3cret"}
+    assert embedded.post("/admin/train", json=body | {"name": "tiny"}, headers=auth).status_code == 409
+    assert embedded.post("/admin/train", json=body | {"name": "../x"}, headers=auth).status_code == 422
+    r = embedded.post("/admin/train", json=body, headers=auth)
+    assert r.status_code == 202, r.text
+    s = wait(embedded, r.json()["job_id"])
+    assert s["state"] == "succeeded", s
+    assert {"metrics.jsonl", "preview.png"} <= {f["name"] for f in s["result"]["files"]}
+    assert "trained1" in {m["name"] for m in embedded.get("/models").json()}
+    g = wait(embedded, embedded.post("/generate", json={"model": "trained1", "seed": 1}).json()["job_id"])
+    assert g["state"] == "succeeded"
+    bad = embedded.post("/admin/train", json=body | {"name": "t2", "data": str(tmp_path / "none")}, headers=auth)
+    failed = wait(embedded, bad.json()["job_id"])
+    assert failed["state"] == "failed" and "manifest" in failed["error"]
 
 
 def test_expired_results_are_cleaned_up(tmp_path: Path) -> None:

@@ -138,10 +138,35 @@ def job_traverse(params: dict[str, Any], model: Any, out: Path, progress: Progre
     return {"direction": direction.name, "attribute": direction.attribute or None, "steps": steps}
 
 
+def job_train(params: dict[str, Any], model: Any, out: Path, progress: Progress) -> dict[str, Any]:
+    """Train an HA-GAN on a prepared dataset, then register it so GET /models lists it.  A re-run of
+    the same job (after its worker died) resumes from the run's last checkpoint."""
+    import shutil
+
+    from model.hagan.train import register_model, train
+
+    run = Path(params["_storage_root"]) / "runs" / params["_job_id"]
+    opts = {k: params.get(k) for k in ("data", "resolution", "iterations", "batch", "width", "latent_dim", "seed")}
+    opts |= {"output": str(run), "resume": (run / "latest.json").is_file(), "device": params.get("_device")}
+    opts["checkpoint_every"] = max(1, min(100, int(params.get("iterations") or 1000) // 10))
+    opts["preview_every"] = opts["checkpoint_every"]
+    try:
+        model_dir = train(opts, progress)
+    except (ValueError, FileNotFoundError) as e:
+        raise JobError(str(e)) from e
+    register_model(model_dir, Path(params["_models_dir"]), params["name"])
+    shutil.copy2(run / "metrics.jsonl", out / "metrics.jsonl")
+    previews = sorted((run / "previews").glob("*.png"))
+    if previews:
+        shutil.copy2(previews[-1], out / "preview.png")
+    return {"model": params["name"]}
+
+
 JOBS: dict[str, Callable[[dict[str, Any], Any, Path, Progress], dict[str, Any]]] = {
     "generate": job_generate,
     "encode": job_encode,
     "traverse": job_traverse,
+    "train": job_train,
 }
 
 
@@ -200,8 +225,18 @@ def execute(
 
     try:
         fn = JOBS[rec["kind"]]
-        model = get_model(models_dir, rec["params"]["model"], device)
-        extra = fn(rec["params"], model, scratch, progress)
+        params = dict(rec["params"])
+        if rec["kind"] == "train":
+            model = None
+            params |= {
+                "_models_dir": str(models_dir),
+                "_storage_root": str(storage.root),
+                "_job_id": job_id,
+                "_device": device,
+            }
+        else:
+            model = get_model(models_dir, params["model"], device)
+        extra = fn(params, model, scratch, progress)
         cur = records.get(job_id)
         if cur is None or cur["state"] == "cancelled" or cur.get("attempt") != attempt:
             return

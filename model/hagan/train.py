@@ -1,0 +1,300 @@
+"""HA-GAN training (paper section III-B..E), one amortised iteration at a time.
+
+Each iteration draws one sub-volume start r (a multiple of the feature scale, so the real
+high-resolution crop and the generated one cover the same slices) and runs, as the authors do:
+
+1. D step: D^H on real/generated sub-volumes with r, D^L on real/generated low-resolution whole
+   volumes, BCE with logits (+ the auxiliary classifier's cross-entropy for a conditional model).
+2. G step: non-saturating BCE against D (+ lambda_class * cross-entropy).
+3. E^H step: L1 between the real sub-volume and G^H(E^H(sub-volume)), G frozen.
+4. E^G step: L1 on the sub-volume and on the low-resolution volume, reconstructed by the frozen G
+   from E^G(E^H features of all slabs); E^H frozen.
+
+Adam (0, 0.999), lr 1e-4 for G and the encoders, 4e-4 for D.  Checkpoints are model directories
+plus optimizer and RNG state in safetensors/JSON (no pickles); ``resume`` continues bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from model.checkpoint import read_weights, save_model_dir, save_tensors_atomic, write_json_atomic
+from model.data.datasets import VolumeDataset
+from model.hagan.config import HAGANConfig, Intensity
+from model.hagan.networks import HAGAN
+
+DEFAULTS: dict[str, Any] = {
+    "iterations": 1000,
+    "batch": 2,
+    "device": "auto",
+    "resume": False,
+    "seed": 0,
+    "checkpoint_every": 100,
+    "preview_every": 100,
+    "log_every": 10,
+    "width": 1.0,
+    "latent_dim": 1024,
+    "resolution": None,  # default: the dataset's
+    "lr_g": 1e-4,
+    "lr_d": 4e-4,
+    "lr_e": 1e-4,
+    "lambda_class": 0.1,
+}
+
+OPTIMIZERS = {"g": ("ga", "gl", "gh"), "d": ("dh", "dl"), "eh": ("eh",), "eg": ("eg",)}
+
+
+def _params(net: HAGAN, names: tuple[str, ...]) -> list[torch.nn.Parameter]:
+    return [p for n in names for p in getattr(net, n).parameters()]
+
+
+def _requires_grad(net: HAGAN, names: tuple[str, ...], flag: bool) -> None:
+    for p in _params(net, names):
+        p.requires_grad_(flag)
+
+
+def _opt_tensors(opts: dict[str, torch.optim.Adam]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors, meta = {}, {}
+    for name, opt in opts.items():
+        sd = opt.state_dict()
+        for idx, st in sd["state"].items():
+            for k, v in st.items():
+                tensors[f"{name}.{idx}.{k}"] = torch.as_tensor(v).detach().cpu().clone()
+        meta[name] = sd["param_groups"]
+    return tensors, meta
+
+
+def _load_opts(opts: dict[str, torch.optim.Adam], tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    for name, opt in opts.items():
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        for key, v in tensors.items():
+            n, idx, k = key.split(".", 2)
+            if n == name:
+                state.setdefault(int(idx), {})[k] = v
+        opt.load_state_dict({"state": state, "param_groups": meta[name]})
+
+
+class Trainer:
+    def __init__(self, options: dict[str, Any], progress: Callable[[int, int, str], None] | None = None) -> None:
+        from model.registry import resolve_device
+
+        self.o = DEFAULTS | {k: v for k, v in options.items() if v is not None}
+        self.run = Path(self.o["output"])
+        self.data = VolumeDataset(self.o["data"])
+        if len(self.data) == 0:
+            raise ValueError(f"{self.o['data']}: the dataset is empty")
+        self.device = resolve_device(self.o["device"])
+        self.progress = progress
+        res = int(self.o["resolution"] or self.data.resolution)
+        if res != self.data.resolution:
+            raise ValueError(f"the dataset was prepared at {self.data.resolution}^3, not {res}^3")
+        mf = self.data.manifest
+        self.cfg = HAGANConfig(
+            resolution=res,
+            latent_dim=int(self.o["latent_dim"]),
+            width=float(self.o["width"]),
+            class_names=list(self.data.class_names),
+            modality=mf["modality"],
+            intensity=Intensity(**mf["intensity"]),
+            description=f"HA-GAN trained by voxgen train on {mf.get('source', '?')}",
+        )
+        torch.manual_seed(int(self.o["seed"]))
+        self.net = HAGAN(self.cfg).to(self.device).train()
+        self.opts = {
+            k: torch.optim.Adam(
+                _params(self.net, v),
+                lr=self.o["lr_d" if k == "d" else ("lr_g" if k == "g" else "lr_e")],
+                betas=(0.0, 0.999),
+                eps=1e-8,
+            )
+            for k, v in OPTIMIZERS.items()
+        }
+        self.gen = torch.Generator().manual_seed(int(self.o["seed"]) + 1)  # latents (CPU: same on any device)
+        self.rng = np.random.default_rng(int(self.o["seed"]) + 2)  # batches and r
+        self.iteration = 0
+        self.fixed_z = torch.randn(4, self.cfg.latent_dim, generator=torch.Generator().manual_seed(1234))
+        if self.o["resume"]:
+            self._load_latest()
+
+    # ------------------------------------------------------------------ one iteration
+    def _batch(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        idx = self.rng.integers(0, len(self.data), size=int(self.o["batch"]))
+        x = torch.from_numpy(np.stack([np.asarray(self.data.volume(int(i)), np.float32) for i in idx]))[:, None]
+        labels = None
+        if self.cfg.num_classes:
+            labels = torch.tensor([self.data.label(int(i)) or 0 for i in idx], device=self.device)
+        return x.to(self.device), labels
+
+    def step(self) -> dict[str, float]:
+        net, bce = self.net, F.binary_cross_entropy_with_logits
+        x, labels = self._batch()
+        b = x.shape[0]
+        s, depth = net.feat_scale, net.sub_depth
+        r = int(self.rng.integers(0, (self.cfg.resolution - depth) // s + 1)) * s
+        x_crop = x[:, :, r : r + depth]
+        x_low = F.interpolate(x, scale_factor=1 / s)  # nearest, as the authors' code
+        ones, zeros = torch.ones(b, 1, device=self.device), torch.zeros(b, 1, device=self.device)
+        losses: dict[str, float] = {}
+
+        def z() -> torch.Tensor:
+            return torch.randn(b, self.cfg.latent_dim, generator=self.gen).to(self.device)
+
+        # 1. D
+        _requires_grad(net, OPTIMIZERS["d"], True)
+        self.opts["d"].zero_grad(set_to_none=True)
+        logit, cls = net.discriminate(x_crop, x_low, r)
+        d_real = bce(logit, ones) + (F.cross_entropy(cls, labels) if cls is not None else 0.0)
+        with torch.no_grad():
+            fake_hi, fake_lo = net.generate_train(z(), r, labels)
+        logit, _ = net.discriminate(fake_hi, fake_lo, r)
+        d_fake = bce(logit, zeros)
+        (d_real + d_fake).backward()
+        self.opts["d"].step()
+        losses["d_real"], losses["d_fake"] = float(d_real.detach()), float(d_fake.detach())
+
+        # 2. G
+        _requires_grad(net, OPTIMIZERS["d"], False)
+        self.opts["g"].zero_grad(set_to_none=True)
+        fake_hi, fake_lo = net.generate_train(z(), r, labels)
+        logit, cls = net.discriminate(fake_hi, fake_lo, r)
+        g_loss = bce(logit, ones)
+        if cls is not None:
+            g_loss = g_loss + self.o["lambda_class"] * F.cross_entropy(cls, labels)
+        g_loss.backward()
+        self.opts["g"].step()
+        losses["g"] = float(g_loss.detach())
+        del fake_hi, fake_lo
+
+        # 3. E^H: reconstruct the real sub-volume through the frozen G^H
+        _requires_grad(net, OPTIMIZERS["g"], False)
+        self.opts["eh"].zero_grad(set_to_none=True)
+        e_loss = F.l1_loss(net.gh(net.eh(x_crop)), x_crop)
+        e_loss.backward()
+        self.opts["eh"].step()
+        losses["e_h"] = float(e_loss.detach())
+
+        # 4. E^G: through the frozen G, from the E^H features of every slab
+        with torch.no_grad():
+            feats = net.encode_features(x)
+        self.opts["eg"].zero_grad(set_to_none=True)
+        rec_hi, rec_lo = net.generate_train(net.eg(feats), r, labels)
+        eg_loss = (F.l1_loss(rec_hi, x_crop) + F.l1_loss(rec_lo, x_low)) / 2
+        eg_loss.backward()
+        self.opts["eg"].step()
+        _requires_grad(net, OPTIMIZERS["g"], True)
+        losses["e_g"] = float(eg_loss.detach())
+        self.iteration += 1
+        return losses
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self) -> Path:
+        ck = self.run / "checkpoints" / f"iter_{self.iteration:07d}"
+        tensors, meta = _opt_tensors(self.opts)
+        state = {
+            "iteration": self.iteration,
+            "options": {k: v for k, v in self.o.items() if k != "resume"},
+            "optimizers": meta,
+            "numpy_rng": self.rng.bit_generator.state,
+        }
+        save_model_dir(ck, self.cfg.to_dict(), self.net.state_dict())
+        tensors["rng.torch_latents"] = self.gen.get_state()
+        tensors["rng.torch_global"] = torch.get_rng_state()
+        save_tensors_atomic(ck / "optim.safetensors", tensors)
+        write_json_atomic(ck / "state.json", state)
+        write_json_atomic(self.run / "latest.json", {"checkpoint": ck.name, "iteration": self.iteration})
+        save_model_dir(self.run / "model", self.cfg.to_dict(), self.net.state_dict())
+        return ck
+
+    def _load_latest(self) -> None:
+        ptr = self.run / "latest.json"
+        if not ptr.is_file():
+            raise ValueError(f"{self.run}: nothing to resume (no latest.json)")
+        ck = self.run / "checkpoints" / json.loads(ptr.read_text())["checkpoint"]
+        state = json.loads((ck / "state.json").read_text())
+        self.net.load_state_dict(read_weights(ck))
+        tensors = read_weights(ck, "optim.safetensors")
+        self.gen.set_state(tensors.pop("rng.torch_latents"))
+        torch.set_rng_state(tensors.pop("rng.torch_global"))
+        _load_opts(
+            self.opts,
+            {k: v.to(self.device) if not k.endswith(".step") else v for k, v in tensors.items()},
+            state["optimizers"],
+        )
+        self.rng.bit_generator.state = state["numpy_rng"]
+        self.iteration = int(state["iteration"])
+
+    # ------------------------------------------------------------------ previews and the loop
+    @torch.no_grad()
+    def preview(self) -> Path:
+        from PIL import Image
+
+        self.net.eval()
+        z = self.fixed_z.to(self.device)
+        labels = torch.zeros(len(z), dtype=torch.long, device=self.device) if self.cfg.num_classes else None
+        vols = self.net.gh(self.net.features(z, labels)).float().cpu().numpy()[:, 0]
+        self.net.train()
+        rows = []
+        for v in vols:
+            c = [s // 2 for s in v.shape]
+            tiles = [v[c[0]], v[:, c[1]][::-1], v[:, :, c[2]][::-1]]  # axial, coronal, sagittal
+            rows.append(np.concatenate(tiles, axis=1))
+        img = ((np.concatenate(rows, axis=0) + 1) * 127.5).clip(0, 255).astype(np.uint8)
+        out = self.run / "previews" / f"iter_{self.iteration:07d}.png"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(out)
+        return out
+
+    def fit(self) -> Path:
+        self.run.mkdir(parents=True, exist_ok=True)
+        total = int(self.o["iterations"])
+        metrics = open(self.run / "metrics.jsonl", "a")
+        t0, start = time.perf_counter(), self.iteration
+        try:
+            while self.iteration < total:
+                losses = self.step()
+                it = self.iteration
+                rate = (it - start) / max(time.perf_counter() - t0, 1e-9)
+                metrics.write(json.dumps({"iteration": it, **losses, "time": time.time()}) + "\n")
+                if it % int(self.o["log_every"]) == 0 or it == total:
+                    metrics.flush()
+                    eta = (total - it) / rate if rate > 0 else math.inf
+                    msg = " ".join(f"{k} {v:.4f}" for k, v in losses.items())
+                    sys.stderr.write(f"[{it}/{total}] {msg} | {rate:.2f} it/s, ETA {eta:.0f} s\n")
+                if self.progress:
+                    self.progress(it, total, "train")
+                if it % int(self.o["checkpoint_every"]) == 0 or it == total:
+                    self.save_checkpoint()
+                if it % int(self.o["preview_every"]) == 0 or it == total:
+                    self.preview()
+        finally:
+            metrics.close()
+        return self.run / "model"
+
+
+def train(options: dict[str, Any], progress: Callable[[int, int, str], None] | None = None) -> Path:
+    """Train (or resume) a run; returns the finished model directory (RUN/model)."""
+    return Trainer(options, progress).fit()
+
+
+def register_model(run_model: Path, models_dir: Path, name: str) -> Path:
+    """Copy a finished model directory into the served models folder (atomic rename)."""
+    dst = models_dir / name
+    tmp = models_dir / f".{name}.{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(run_model, tmp)
+    if dst.exists():
+        shutil.rmtree(dst)
+    os.replace(tmp, dst)
+    return dst

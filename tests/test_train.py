@@ -1,0 +1,157 @@
+"""HA-GAN training: data preparation, the amortised iteration, checkpoints and exact resume."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model.data.datasets import VolumeDataset, prepare_dataset
+from model.hagan.config import HAGANConfig
+from model.hagan.train import Trainer
+from model.registry import from_pretrained
+
+OPTS = {
+    "iterations": 2,
+    "batch": 1,
+    "width": 0.25,
+    "latent_dim": 16,
+    "checkpoint_every": 2,
+    "preview_every": 100,
+    "device": "cpu",
+    "seed": 3,
+}
+
+
+def _scan(i: int) -> np.ndarray:
+    z, y, x = np.meshgrid(*[np.linspace(-1, 1, 36)] * 3, indexing="ij")
+    body = x**2 + (y * 1.2) ** 2 + (z * 0.9 + 0.05 * i) ** 2 < 0.6
+    v = np.where(body, 40.0, -1000.0)
+    v[body & (x**2 + (y * 1.2) ** 2 > 0.45)] = 700.0  # a bone ring
+    return v.astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    src = tmp_path_factory.mktemp("src")
+    for i in range(3):
+        nib.save(nib.Nifti1Image(_scan(i), np.eye(4)), src / f"scan{i}.nii.gz")
+    out = tmp_path_factory.mktemp("ds") / "ds"
+    prepare_dataset(src, out, HAGANConfig(resolution=128))
+    return out
+
+
+def test_prepare_skips_bad_inputs_reads_dicom_and_leaves_src_alone(tmp_path: Path) -> None:
+    from tests.test_volume_io import save_dicom_series
+
+    src = tmp_path / "src"
+    src.mkdir()
+    nib.save(nib.Nifti1Image(_scan(0), np.eye(4)), src / "good.nii.gz")
+    (src / "corrupt.nii.gz").write_bytes(b"\x1f\x8b" + b"nonsense" * 20)
+    save_dicom_series(src / "patient1", np.rint(_scan(1).transpose(2, 1, 0)))
+    (src / "labels.csv").write_text("file,label,age\ngood.nii.gz,healthy,50\npatient1,copd,61\n")
+    before = {p: p.stat().st_mtime_ns for p in src.rglob("*")}
+    report = prepare_dataset(src, tmp_path / "ds", HAGANConfig(resolution=128), labels_csv=src / "labels.csv")
+    assert report["prepared"] == 2
+    assert [s["source"] for s in report["skipped"]] == ["corrupt.nii.gz"]
+    assert {p: p.stat().st_mtime_ns for p in src.rglob("*")} == before
+    ds = VolumeDataset(tmp_path / "ds")
+    assert len(ds) == 2 and ds.class_names == ["copd", "healthy"]
+    v = ds.volume(0)
+    assert v.shape == (128, 128, 128) and v.dtype == np.float16 and -1 <= v.min() < v.max() <= 1
+    assert json.loads((tmp_path / "ds" / "report.json").read_text())["skipped"][0]["reason"]
+
+
+def test_iterations_change_the_weights_and_write_checkpoints(dataset: Path, tmp_path: Path) -> None:
+    t = Trainer(OPTS | {"data": str(dataset), "output": str(tmp_path / "run")})
+    before = {k: v.clone() for k, v in t.net.state_dict().items()}
+    t.fit()
+    after = t.net.state_dict()
+    for prefix in ("ga.", "gh.", "gl.", "dh.", "dl.", "eh.", "eg."):
+        assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith(prefix)), prefix
+    m = from_pretrained(tmp_path / "run" / "model")
+    assert m.config.resolution == 128 and m.latent_dim == 16
+    assert (tmp_path / "run" / "checkpoints" / "iter_0000002" / "optim.safetensors").is_file()
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["iteration"] for x in lines] == [1, 2]
+    assert list((tmp_path / "run" / "previews").glob("*.png"))
+
+
+def test_resume_equals_uninterrupted(dataset: Path, tmp_path: Path) -> None:
+    a = Trainer(OPTS | {"data": str(dataset), "output": str(tmp_path / "a"), "iterations": 4})
+    a.fit()
+    b = Trainer(OPTS | {"data": str(dataset), "output": str(tmp_path / "b"), "iterations": 2})
+    b.fit()
+    del b
+    b = Trainer(OPTS | {"data": str(dataset), "output": str(tmp_path / "b"), "iterations": 4, "resume": True})
+    assert b.iteration == 2
+    b.fit()
+    sa, sb = a.net.state_dict(), b.net.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_encoder_training_lowers_the_reconstruction_loss(dataset: Path, tmp_path: Path) -> None:
+    t = Trainer(OPTS | {"data": str(dataset), "output": str(tmp_path / "r"), "lr_e": 2e-3})
+    x = torch.from_numpy(np.asarray(VolumeDataset(dataset).volume(0), np.float32))[None, None]
+    crop = x[:, :, 32:48]
+
+    def rec_loss() -> float:
+        with torch.no_grad():
+            return float(F.l1_loss(t.net.gh(t.net.eh(crop)), crop))
+
+    first = rec_loss()
+    for _ in range(6):
+        t.step()
+    assert rec_loss() < first
+
+
+def test_a_kill_mid_checkpoint_leaves_the_last_good_one(dataset: Path, tmp_path: Path) -> None:
+    t = Trainer(OPTS | {"data": str(dataset), "output": str(tmp_path / "k")})
+    t.fit()
+    # a checkpoint being written when the process died: a temporary folder, no pointer update
+    (tmp_path / "k" / "checkpoints" / ".iter_0000004.partial").mkdir()
+    (tmp_path / "k" / "checkpoints" / ".iter_0000004.partial" / "model.safetensors").write_bytes(b"half")
+    r = Trainer(OPTS | {"data": str(dataset), "output": str(tmp_path / "k"), "iterations": 3, "resume": True})
+    assert r.iteration == 2
+    r.fit()
+    assert json.loads((tmp_path / "k" / "latest.json").read_text())["iteration"] == 3
+
+
+def test_cli_prepare_and_train(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(2):
+        nib.save(nib.Nifti1Image(_scan(i), np.eye(4)), src / f"s{i}.nii.gz")
+
+    def run(*a: str) -> str:
+        p = subprocess.run([sys.executable, "-m", "model.cli", *a], capture_output=True, text=True)
+        assert p.returncode == 0, p.stderr
+        return p.stdout + p.stderr
+
+    run("prepare", str(src), "-o", str(tmp_path / "ds"), "--modality", "ct", "--resolution", "128")
+    out = run(
+        "train",
+        "--data",
+        str(tmp_path / "ds"),
+        "-o",
+        str(tmp_path / "run"),
+        "--iterations",
+        "1",
+        "--batch",
+        "1",
+        "--width",
+        "0.25",
+        "--latent-dim",
+        "16",
+        "--device",
+        "cpu",
+    )
+    assert "[1/1]" in out and "it/s" in out
+    assert from_pretrained(tmp_path / "run" / "model").config.latent_dim == 16
