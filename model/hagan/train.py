@@ -248,7 +248,8 @@ class Trainer:
         rows = []
         for v in vols:
             c = [s // 2 for s in v.shape]
-            tiles = [v[c[0]], v[:, c[1]][::-1], v[:, :, c[2]][::-1]]  # axial, coronal, sagittal
+            # axial (anterior up), coronal and sagittal (superior up); neurological: right on the right
+            tiles = [v[c[0]][::-1], v[:, c[1]][::-1], v[:, :, c[2]][::-1]]
             rows.append(np.concatenate(tiles, axis=1))
         img = ((np.concatenate(rows, axis=0) + 1) * 127.5).clip(0, 255).astype(np.uint8)
         out = self.run / "previews" / f"iter_{self.iteration:07d}.png"
