@@ -18,8 +18,8 @@ $(BIN)/.installed: pyproject.toml
 
 setup: $(BIN)/.installed
 
-# Serve the models in models/ on the embedded in-process queue (no Redis needed).  No trained demo
-# model ships yet: when models/ holds none, an untrained 256^3 HA-GAN (width 0.25, latent 128) is
+# Serve the models in models/ (the shipped demo-brain-mri) on the embedded in-process queue (no
+# Redis needed).  When models/ holds none, an untrained 256^3 HA-GAN (width 0.25, latent 128) is
 # initialised there first, and the service says so in GET /models (its description).
 DEFAULT_MODEL := models/hagan-256-untrained
 run: setup
