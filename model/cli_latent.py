@@ -4,8 +4,67 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
+
+
+class _Scans:
+    """Model-space volumes for ``fit-direction --source encode``, read one at a time (never all in
+    memory): a prepared dataset (``manifest.json``, from ``voxgen prepare``) or a folder of scans
+    (NIfTI, NRRD, MHA, DICOM series folders; searched recursively).  Unreadable scans are skipped
+    with a note on stderr."""
+
+    def __init__(self, folder: str, config: Any) -> None:
+        from model.data.datasets import VolumeDataset, find_scans
+
+        self.config = config
+        root = Path(folder)
+        if not root.is_dir():
+            raise SystemExit(f"voxgen fit-direction: {folder} is not a folder")
+        self.dataset = None
+        self.files: list[Path] = []
+        if (root / "manifest.json").is_file():
+            try:
+                ds = VolumeDataset(root)
+            except (ValueError, KeyError, OSError) as e:
+                raise SystemExit(f"voxgen fit-direction: {folder}: unreadable dataset ({e})") from e
+            m = ds.manifest
+            if ds.resolution != config.resolution or m.get("modality", config.modality) != config.modality:
+                raise SystemExit(
+                    f"voxgen fit-direction: {folder} was prepared for {m.get('modality')} at {ds.resolution}^3; "
+                    f"this model is {config.modality} at {config.resolution}^3 (prepare the scans again for it)"
+                )
+            want = config.to_dict()["intensity"]
+            if "intensity" in m and (m["intensity"]["lo"], m["intensity"]["hi"]) != (want["lo"], want["hi"]):
+                raise SystemExit(
+                    f"voxgen fit-direction: {folder} was normalised with intensity {m['intensity']}, "
+                    f"this model uses {want} (prepare the scans again for it)"
+                )
+            self.dataset = ds
+        else:
+            self.files = find_scans(root)
+        if len(self) < 4:
+            raise SystemExit(f"voxgen fit-direction: {folder} holds {len(self)} scans; at least 4 are needed")
+
+    def __len__(self) -> int:
+        return len(self.dataset) if self.dataset is not None else len(self.files)
+
+    def __iter__(self) -> Iterator[Any]:
+        import numpy as np
+
+        from model.data.volumes import VolumeError, load_for_model
+
+        if self.dataset is not None:
+            for i in range(len(self.dataset)):
+                yield np.asarray(self.dataset.volume(i), np.float32)
+            return
+        for p in self.files:
+            try:
+                yield load_for_model(p, self.config)
+            except VolumeError as e:
+                sys.stderr.write(f"\nvoxgen fit-direction: skipping {p}: {e}\n")
 
 
 def cmd_fit_direction(a: argparse.Namespace) -> int:
@@ -16,19 +75,35 @@ def cmd_fit_direction(a: argparse.Namespace) -> int:
     volumes = None
     if a.source == "encode":
         if not a.data:
-            raise SystemExit("voxgen fit-direction: --source encode needs --data FOLDER of scans")
-        from model.data.volumes import load_for_model
-
-        files = sorted(p for p in Path(a.data).iterdir() if p.name.endswith((".nii.gz", ".nii", ".nrrd", ".mha")))
-        if len(files) < 4:
-            raise SystemExit(f"voxgen fit-direction: {a.data} holds {len(files)} scans; at least 4 are needed")
-        volumes = [load_for_model(p, m.config) for p in files]
-    d = fit_direction(
-        m, a.attribute, name=a.name, n=a.n, seed=a.seed, volumes=volumes, progress=_progress_printer("fit-direction")
-    )
+            raise SystemExit("voxgen fit-direction: --source encode needs --data FOLDER (scans or a prepared dataset)")
+        volumes = _Scans(a.data, m.config)
+    elif a.data:
+        raise SystemExit("voxgen fit-direction: --data is for --source encode")
+    if a.n < 2:
+        raise SystemExit("voxgen fit-direction: --n must be at least 2")
+    try:
+        d = fit_direction(
+            m,
+            a.attribute,
+            name=a.name,
+            n=a.n,
+            seed=a.seed,
+            volumes=volumes,
+            ridge=a.ridge,
+            progress=_progress_printer("fit-direction"),
+        )
+    except ValueError as e:
+        raise SystemExit(f"voxgen fit-direction: {e}") from e
     save_direction(a.model, d)
     print(json.dumps({"name": d.name, **d.meta()}, indent=2))
     return 0
+
+
+def _parse_steps(s: str) -> list[float]:
+    try:
+        return [float(x) for x in s.split(",") if x.strip()]
+    except ValueError as e:
+        raise SystemExit(f"voxgen traverse: --steps takes comma-separated numbers, e.g. -2,0,2 ({e})") from e
 
 
 def cmd_traverse(a: argparse.Namespace) -> int:
@@ -37,50 +112,67 @@ def cmd_traverse(a: argparse.Namespace) -> int:
 
     from model.cli import _load, _progress_printer
     from model.data.volumes import write_volume
-    from model.latent.directions import load_directions, measure_attribute, traverse
+    from model.latent.directions import load_directions, measure_model_volume, traverse
 
+    if (a.steps is None) == (a.target is None):
+        raise SystemExit("voxgen traverse: give either --steps a,b,c or --target V")
+    if (a.seed is None) == (a.latent is None):
+        raise SystemExit("voxgen traverse: give either --seed S or --latent z.npy")
     m = _load(a)
     dirs = load_directions(a.model)
     if a.direction not in dirs:
         raise SystemExit(f"voxgen traverse: no direction {a.direction!r}; stored: {', '.join(dirs) or 'none'}")
     d = dirs[a.direction]
     if a.latent:
-        z0 = torch.from_numpy(np.load(a.latent, allow_pickle=False).astype(np.float32)).reshape(1, -1)
-    elif a.seed is not None:
-        z0 = m.sample_latents(1, a.seed)
+        z = np.load(a.latent, allow_pickle=False).astype(np.float32)
+        if z.size != m.latent_dim:
+            raise SystemExit(
+                f"voxgen traverse: {a.latent} holds {z.size} values; this model's latent has {m.latent_dim}"
+            )
+        z0 = torch.from_numpy(z).reshape(1, -1)
     else:
-        raise SystemExit("voxgen traverse: give --seed S or --latent z.npy")
-    steps = [float(s) for s in a.steps.split(",")] if a.steps else None
+        z0 = m.sample_latents(1, a.seed)
+    try:
+        rows = traverse(m, z0, d, steps=_parse_steps(a.steps) if a.steps else None, target=a.target, n_steps=a.n_steps)
+    except ValueError as e:
+        raise SystemExit(f"voxgen traverse: {e}") from e
     out = Path(a.output)
     out.mkdir(parents=True, exist_ok=True)
-    rows = traverse(m, z0, d, steps=steps, target=a.target, n_steps=a.n_steps)
     report = _progress_printer("traverse")
     for i, row in enumerate(rows):
-        v = m.generate(row["latent"])[0, 0].numpy()
-        write_volume(out / f"step_{i:02d}.nii.gz", v, m.config)
-        row["measured"] = measure_attribute(m.config.intensity.to_physical(v), m.config.spacing, d.attribute)
+        with torch.no_grad():
+            v = m.generate(row["latent"])[0, 0].cpu().numpy()
+        row["file"] = f"step_{i:02d}.nii.gz"
+        write_volume(out / row["file"], v, m.config)
+        row["measured"] = measure_model_volume(v, m.config, d.attribute)
         row["latent"] = row["latent"][0].tolist()
         report(i + 1, len(rows), "generate")
-    (out / "steps.json").write_text(
-        json.dumps({"direction": d.name, "attribute": d.attribute, "steps": rows}, indent=1)
-    )
+    doc = {"direction": d.name, "attribute": d.attribute, "r2": d.r2, "r2_cv": d.r2_cv, "steps": rows}
+    tmp = out / ".steps.json.tmp"
+    tmp.write_text(json.dumps(doc, indent=1))
+    tmp.replace(out / "steps.json")
     for i, r in enumerate(rows):
-        print(f"step {i}: alpha {r['alpha']:+.3f}  predicted {r['predicted']:.2f}  measured {r['measured']:.2f}")
+        print(f"step {i}: alpha {r['alpha']:+.3f}  predicted {r['predicted']:.3f}  measured {r['measured']:.3f}")
     return 0
 
 
-def register(sub: argparse._SubParsersAction, commands: dict[str, Callable]) -> None:
+def register(sub: argparse._SubParsersAction, commands: dict[str, Callable[[argparse.Namespace], int]]) -> None:
     from model.latent.directions import ATTRIBUTES
 
-    s = sub.add_parser("fit-direction", help="learn a latent direction for an attribute; stored in the model")
+    s = sub.add_parser(
+        "fit-direction",
+        help="learn a latent direction for an attribute; stored in the model's directions.safetensors",
+        epilog="attributes: " + "; ".join(f"{k}: {v.description}" for k, v in ATTRIBUTES.items()),
+    )
     s.add_argument("--model", required=True)
     s.add_argument("--device", default="auto")
     s.add_argument("--attribute", required=True, choices=sorted(ATTRIBUTES))
     s.add_argument("--name", help="name to store it under (default: the attribute)")
     s.add_argument("--n", type=int, default=64, help="sampled volumes (--source sample)")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0, help="seed of the sampled latents (--source sample)")
     s.add_argument("--source", choices=["sample", "encode"], default="sample")
-    s.add_argument("--data", help="folder of scans (--source encode)")
+    s.add_argument("--data", help="--source encode: a folder of scans, or a dataset prepared by voxgen prepare")
+    s.add_argument("--ridge", type=float, default=1.0, help="ridge penalty of the linear fit")
     commands["fit-direction"] = cmd_fit_direction
 
     s = sub.add_parser("traverse", help="volumes along a stored latent direction")
@@ -88,9 +180,12 @@ def register(sub: argparse._SubParsersAction, commands: dict[str, Callable]) -> 
     s.add_argument("--device", default="auto")
     s.add_argument("--direction", required=True)
     s.add_argument("--seed", type=int)
-    s.add_argument("--latent")
-    s.add_argument("--steps", help="comma-separated alphas")
+    s.add_argument("--latent", help="a .npy latent (e.g. latent.npy from encode)")
+    s.add_argument(
+        "--steps",
+        help="comma-separated alphas (distances along the unit direction); --steps=-2,0,2 when one leads with -",
+    )
     s.add_argument("--target", type=float, help="attribute value to reach")
-    s.add_argument("--n-steps", type=int, default=5)
+    s.add_argument("--n-steps", type=int, default=5, help="steps from the start to the target (--target)")
     s.add_argument("-o", "--output", required=True, help="output folder")
     commands["traverse"] = cmd_traverse

@@ -12,14 +12,18 @@ import pytest
 import torch
 
 from model.checkpoint import ModelDirError
-from model.hagan.config import HAGANConfig
+from model.hagan.config import HAGANConfig, Intensity
 from model.hagan.infer import HAGANModel
 from model.latent.directions import (
+    ATTRIBUTES,
     Direction,
+    cross_validated_r2,
     fit_direction,
     fit_linear,
+    fit_values,
     load_directions,
     measure_attribute,
+    measure_model_volume,
     save_direction,
     traverse,
 )
@@ -31,8 +35,30 @@ def test_measure_attribute_counts_voxels_in_the_window() -> None:
     v[5:, :, :] = -700.0  # 500 lung voxels
     assert measure_attribute(v, (1.0, 2.0, 0.5), "bone_volume_ml") == pytest.approx(50 * 1.0 / 1000)
     assert measure_attribute(v, (2.0, 2.0, 2.0), "lung_volume_ml") == pytest.approx(500 * 8 / 1000)
+    assert measure_attribute(v, (1.0, 1.0, 1.0), "soft_tissue_ml") == 0.0
+    assert measure_attribute(v, (1, 1, 1), "mean_intensity") == pytest.approx(
+        (50 * 700 - 450 * 1000 - 500 * 700) / 1000
+    )
     with pytest.raises(ValueError, match="unknown attribute"):
         measure_attribute(v, (1, 1, 1), "height")
+
+
+def test_mri_tissue_classes_and_model_space_measurement() -> None:
+    v = np.zeros((4, 5, 6))
+    v[0] = 0.8  # 30 bright
+    v[1] = 0.45  # 30 mid
+    v[2, :2] = 0.1  # 12 dark
+    sp = (1.0, 1.0, 2.0)
+    got = {k: measure_attribute(v, sp, k) for k in ("bright_tissue_ml", "mid_tissue_ml", "dark_tissue_ml")}
+    assert got == pytest.approx({"bright_tissue_ml": 0.06, "mid_tissue_ml": 0.06, "dark_tissue_ml": 0.024})
+    assert measure_attribute(v, sp, "brain_tissue_ml") == pytest.approx(0.12)
+    assert all(a.modality in ("ct", "mri", "any") for a in ATTRIBUTES.values())
+    # model space -> HU as written to the file (clipped, whole HU): 299.6 HU rounds to 300 and counts as bone
+    cfg = HAGANConfig(resolution=128, width=0.25, latent_dim=8, spacing=(1.0, 1.0, 1.0))
+    x = np.full((2, 2, 2), -1.0, np.float32)
+    x[0, 0, 0] = cfg.intensity.to_model(299.6)
+    x[1, 1, 1] = 5.0  # clipped to 600 HU
+    assert measure_model_volume(x, cfg, "bone_volume_ml") == pytest.approx(2 / 1000)
 
 
 def test_fit_recovers_a_planted_linear_relation() -> None:
@@ -42,6 +68,15 @@ def test_fit_recovers_a_planted_linear_relation() -> None:
     y = z @ w_true + 3.0 + rng.normal(scale=0.01, size=200)
     w, b, r2 = fit_linear(z, y, ridge=1e-6)
     assert np.allclose(w, w_true, atol=0.01) and b == pytest.approx(3.0, abs=0.01) and r2 > 0.999
+    d = fit_values(torch.from_numpy(z), y, "bone_volume_ml", name="planted", ridge=1e-6)
+    assert d.name == "planted" and d.n == 200 and d.r2_cv is not None and d.r2_cv > 0.999
+    assert torch.allclose(d.vector, torch.from_numpy(w_true).float(), atol=0.01)
+    assert torch.allclose(d.predict(torch.from_numpy(z[:5])), torch.from_numpy(y[:5]).float(), atol=0.05)
+    # noise only: the in-sample R^2 of a wide fit is optimistic, the held-out one is not
+    noise = rng.normal(size=40)
+    assert fit_linear(z[:40], noise, 1e-6)[2] > 0.2 and cross_validated_r2(z[:40], noise, 1e-6) < 0.1
+    with pytest.raises(ValueError, match="nothing to fit"):
+        fit_values(z[:10], np.ones(10), "bone_volume_ml")
 
 
 def test_traverse_reaches_the_target_and_steps_are_along_the_direction() -> None:
@@ -53,8 +88,14 @@ def test_traverse_reaches_the_target_and_steps_are_along_the_direction() -> None
     assert [r["predicted"] for r in rows] == sorted(r["predicted"] for r in rows)
     rows = traverse(None, z0, d, steps=[-1.0, 2.0])
     assert torch.allclose(rows[1]["latent"] - z0, torch.tensor([[1.2, 1.6, 0.0]]))  # 2 * unit vector
+    rows = traverse(None, z0, d, target=-7.5, n_steps=1)
+    assert len(rows) == 1 and rows[0]["predicted"] == pytest.approx(-7.5, abs=1e-4)
     with pytest.raises(ValueError, match="either"):
         traverse(None, z0, d)
+    with pytest.raises(ValueError, match="finite"):
+        traverse(None, z0, d, steps=[0.0, float("nan")])
+    with pytest.raises(ValueError, match="3"):
+        traverse(None, torch.zeros(1, 4), d, steps=[1.0])
 
 
 def test_fit_on_a_model_store_and_load(tmp_path: Path) -> None:
@@ -72,9 +113,63 @@ def test_fit_on_a_model_store_and_load(tmp_path: Path) -> None:
     assert set(load_directions(tmp_path / "m")) == {"soft_tissue_ml", "other"}
     with pytest.raises(ValueError, match="MRI"):
         fit_direction(m, "bright_tissue_ml", n=4)
+    assert got["soft_tissue_ml"].source == "sample seed=1" and got["soft_tissue_ml"].ridge == 1.0
     (tmp_path / "m" / "directions.safetensors").write_bytes(b"garbage")
     with pytest.raises(ModelDirError, match="directions"):
         load_directions(tmp_path / "m")
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.ones(8)}, str(tmp_path / "m" / "directions.safetensors"))  # valid file, no metadata
+    with pytest.raises(ModelDirError, match="no metadata"):
+        load_directions(tmp_path / "m")
+    with pytest.raises(ModelDirError, match="directions"):
+        save_direction(tmp_path / "m", d)  # never silently drops what it cannot read
+    assert load_directions(tmp_path / "nothing-here") == {}
+
+
+def test_fit_on_encoded_volumes(tmp_path: Path) -> None:
+    """The paper's route: real volumes are measured and encoded (here 3 volumes of a tiny model)."""
+    mri = Intensity.for_modality("mri")  # HAGANConfig(modality="mri") alone keeps the CT window
+    m = HAGANModel.init(HAGANConfig(resolution=128, width=0.25, latent_dim=8, modality="mri", intensity=mri), seed=0)
+    vols = []
+    for i in range(3):
+        v = np.full((128, 128, 128), -1.0, np.float32)
+        v[: 20 * (i + 1)] = 0.0  # 0.5 on the MRI scale: mid tissue grows with i
+        vols.append(v)
+    d = fit_direction(m, "mid_tissue_ml", volumes=iter(vols))
+    assert d.n == 3 and d.source == "volumes n=3 (encoded)" and d.vector.shape == (8,)
+    # given latents: nothing is encoded, and the fit is on exactly those pairs
+    z = torch.tensor([[0.0] * 8, [1.0] + [0.0] * 7, [2.0] + [0.0] * 7])
+    d = fit_direction(m, "mid_tissue_ml", volumes=vols, latents=z, ridge=1e-9)
+    ml = [measure_attribute((v + 1) / 2, m.config.spacing, "mid_tissue_ml") for v in vols]
+    assert d.predict(z).tolist() == pytest.approx(ml, rel=1e-4) and d.r2 == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="model space"):
+        fit_direction(m, "mid_tissue_ml", volumes=[np.zeros((4, 4, 4))])
+    with pytest.raises(ValueError, match="CT"):
+        fit_direction(m, "bone_volume_ml", n=4)
+
+
+def test_encode_source_reads_a_prepared_dataset_lazily(tmp_path: Path) -> None:
+    from model.cli_latent import _Scans
+
+    cfg = HAGANConfig(resolution=128, width=0.25, latent_dim=8)
+    ds = tmp_path / "ds"
+    (ds / "volumes").mkdir(parents=True)
+    items = []
+    for i in range(4):
+        np.save(ds / "volumes" / f"{i:05d}.npy", np.full((128, 128, 128), i / 4, np.float16))
+        items.append({"file": f"volumes/{i:05d}.npy"})
+    manifest = {"resolution": 128, "modality": "ct", "intensity": cfg.to_dict()["intensity"], "items": items}
+    (ds / "manifest.json").write_text(json.dumps(manifest))
+    scans = _Scans(str(ds), cfg)
+    got = list(scans)
+    assert len(scans) == 4 and [float(v[0, 0, 0]) for v in got] == [0.0, 0.25, 0.5, 0.75]
+    assert got[0].dtype == np.float32
+    with pytest.raises(SystemExit, match="mri at 128"):
+        _Scans(str(ds), HAGANConfig(resolution=128, width=0.25, latent_dim=8, modality="mri"))
+    (tmp_path / "few").mkdir()
+    with pytest.raises(SystemExit, match="at least 4"):
+        _Scans(str(tmp_path / "few"), cfg)
 
 
 def test_cli_fit_direction_and_traverse(tmp_path: Path) -> None:

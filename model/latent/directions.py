@@ -2,16 +2,19 @@
 
 Measure an attribute on volumes (generated from sampled latents, or real scans with their encoded
 latents), fit a linear model latent -> attribute (ridge regression), and move a latent along the
-model's coefficient vector: the prediction changes by ``alpha * |w|`` per unit step, so a target
-value is reached in closed form.  Directions live in the model directory as
-``directions.safetensors``: one vector per name, its fit described in the file's metadata.
+model's coefficient vector: the prediction changes by ``alpha * |w|`` per unit step along
+``u = w / |w|``, so a target value is reached in closed form.  Directions live in the model
+directory as ``directions.safetensors``: one vector per name, its fit described in the file's
+metadata (one JSON string per name).
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,39 +24,74 @@ import torch
 
 from model.checkpoint import DIRECTIONS_NAME, ModelDirError, save_tensors_atomic
 
+Progress = Callable[[int, int, str], None]
+
 
 @dataclass(frozen=True)
 class AttributeSpec:
+    """``kind="volume_ml"``: volume in mL of the voxels with ``lo <= v < hi`` (physical units);
+    ``kind="mean"``: mean physical value over the whole volume.  ``modality`` is "ct", "mri" or
+    "any"."""
+
     name: str
     modality: str
     lo: float
     hi: float
     description: str
+    kind: str = "volume_ml"
 
 
-# Windows are in the model's physical units (CT: HU; MRI: the model's [0, 1] a.u. scale, where 1
-# is the training data's 99.9th percentile).
+# Windows are in the model's physical units.  CT: Hounsfield units (the model's window is
+# -1024..600 HU, so "> 300 HU" is 300..600 after clipping).  MRI: the model's [0, 1] arbitrary-unit
+# scale, where 1 is the training data's 99.9th percentile; the T1 classes below are intensity
+# classes, not a segmentation (scalp fat is as bright as white matter on T1; background noise under
+# 0.05 is not counted).
 ATTRIBUTES: dict[str, AttributeSpec] = {
     a.name: a
     for a in [
-        AttributeSpec("bone_volume_ml", "ct", 300.0, float("inf"), "volume of voxels above 300 HU, mL"),
-        AttributeSpec("lung_volume_ml", "ct", -950.0, -500.0, "volume of voxels in -950..-500 HU, mL"),
-        AttributeSpec("soft_tissue_ml", "ct", -100.0, 100.0, "volume of voxels in -100..100 HU, mL"),
-        AttributeSpec("bright_tissue_ml", "mri", 0.6, float("inf"), "MRI volume above 0.6 (white-matter-like), mL"),
-        AttributeSpec("mid_tissue_ml", "mri", 0.3, 0.6, "MRI volume in 0.3..0.6 (grey-matter-like), mL"),
-        AttributeSpec("dark_tissue_ml", "mri", 0.05, 0.3, "MRI volume in 0.05..0.3 (CSF-like), mL"),
+        AttributeSpec("bone_volume_ml", "ct", 300.0, math.inf, "CT volume of voxels above 300 HU (bone), mL"),
+        AttributeSpec("lung_volume_ml", "ct", -950.0, -500.0, "CT volume of voxels in -950..-500 HU (lung), mL"),
+        AttributeSpec("soft_tissue_ml", "ct", -100.0, 100.0, "CT volume of voxels in -100..100 HU (soft tissue), mL"),
+        AttributeSpec("bright_tissue_ml", "mri", 0.6, math.inf, "MRI volume above 0.6 (T1 white-matter-like), mL"),
+        AttributeSpec("mid_tissue_ml", "mri", 0.3, 0.6, "MRI volume in 0.3..0.6 (T1 grey-matter-like), mL"),
+        AttributeSpec("dark_tissue_ml", "mri", 0.05, 0.3, "MRI volume in 0.05..0.3 (T1 CSF-like), mL"),
+        AttributeSpec("brain_tissue_ml", "mri", 0.3, math.inf, "MRI volume above 0.3 (T1 grey + white-like), mL"),
+        AttributeSpec(
+            "mean_intensity", "any", -math.inf, math.inf, "mean over the volume, physical units", kind="mean"
+        ),
     ]
 }
 
 
-def measure_attribute(volume: np.ndarray, spacing: tuple[float, float, float], name: str) -> float:
-    """Volume in mL of the voxels inside the attribute's window (lo <= v < hi), physical units."""
+def _spec(name: str) -> AttributeSpec:
     spec = ATTRIBUTES.get(name)
     if spec is None:
         raise ValueError(f"unknown attribute {name!r}; known: {', '.join(ATTRIBUTES)}")
+    return spec
+
+
+def measure_attribute(volume: np.ndarray, spacing: tuple[float, float, float], name: str) -> float:
+    """The attribute of a volume in physical units (D, H, W): for window attributes the volume in
+    mL of the voxels with ``lo <= v < hi`` (voxel count * product of the spacing in mm / 1000)."""
+    spec = _spec(name)
     v = np.asarray(volume)
+    if spec.kind == "mean":
+        return float(v.mean(dtype=np.float64))
     count = int(np.count_nonzero((v >= spec.lo) & (v < spec.hi)))
     return count * float(np.prod(spacing)) / 1000.0
+
+
+def physical_volume(v_model: np.ndarray, config: Any) -> np.ndarray:
+    """A model-space volume in physical units exactly as ``write_volume`` writes it (clipped to
+    [-1, 1]; CT rounded to whole HU), so a measured value matches the delivered file."""
+    it = config.intensity
+    phys = it.to_physical(np.clip(np.asarray(v_model, np.float32), -1.0, 1.0))
+    return np.rint(phys) if it.dtype == "int16" else phys
+
+
+def measure_model_volume(v_model: np.ndarray, config: Any, name: str) -> float:
+    """``measure_attribute`` of a model-space (D, H, W) volume, in the model's physical units."""
+    return measure_attribute(physical_volume(v_model, config), tuple(config.spacing), name)
 
 
 @dataclass
@@ -62,15 +100,18 @@ class Direction:
     attribute: str
     vector: torch.Tensor  # the fitted coefficient vector w, [latent]
     intercept: float
-    r2: float
-    r2_cv: float | None
+    r2: float  # in-sample R^2
+    r2_cv: float | None  # 5-fold held-out R^2 (None when too few samples)
     n: int
+    ridge: float | None = None
+    source: str | None = None  # how the training pairs were made, e.g. "sample seed=0"
 
     def predict(self, z: torch.Tensor) -> torch.Tensor:
+        """Predicted attribute for latents [n, latent] -> [n]."""
         return z.float() @ self.vector.float() + self.intercept
 
     def meta(self) -> dict[str, Any]:
-        return {
+        m: dict[str, Any] = {
             "attribute": self.attribute,
             "intercept": self.intercept,
             "r2": self.r2,
@@ -78,10 +119,15 @@ class Direction:
             "n": self.n,
             "norm": float(self.vector.norm()),
         }
+        if self.ridge is not None:
+            m["ridge"] = self.ridge
+        if self.source:
+            m["source"] = self.source
+        return m
 
 
 def fit_linear(latents: np.ndarray, values: np.ndarray, ridge: float = 1.0) -> tuple[np.ndarray, float, float]:
-    """Ridge regression values ~ latents @ w + b -> (w, b, in-sample R^2)."""
+    """Ridge regression values ~ latents @ w + b (intercept not penalised) -> (w, b, in-sample R^2)."""
     z = np.asarray(latents, np.float64)
     y = np.asarray(values, np.float64)
     zm, ym = z.mean(0), y.mean()
@@ -94,17 +140,54 @@ def fit_linear(latents: np.ndarray, values: np.ndarray, ridge: float = 1.0) -> t
 
 
 def cross_validated_r2(latents: np.ndarray, values: np.ndarray, ridge: float = 1.0, folds: int = 5) -> float | None:
-    n = len(values)
+    """Held-out R^2 from ``folds``-fold cross-validation (interleaved folds); None under 2 per fold."""
+    z = np.asarray(latents, np.float64)
+    y = np.asarray(values, np.float64)
+    n = len(y)
     if n < 2 * folds:
         return None
     idx = np.arange(n)
     pred = np.empty(n)
     for k in range(folds):
         test = idx % folds == k
-        w, b, _ = fit_linear(latents[~test], values[~test], ridge)
-        pred[test] = latents[test] @ w + b
-    ss = ((values - values.mean()) ** 2).sum()
-    return float(1.0 - ((values - pred) ** 2).sum() / ss) if ss > 0 else None
+        w, b, _ = fit_linear(z[~test], y[~test], ridge)
+        pred[test] = z[test] @ w + b
+    ss = ((y - y.mean()) ** 2).sum()
+    return float(1.0 - ((y - pred) ** 2).sum() / ss) if ss > 0 else None
+
+
+def fit_values(
+    latents: np.ndarray | torch.Tensor,
+    values: np.ndarray | list[float],
+    attribute: str,
+    *,
+    name: str | None = None,
+    ridge: float = 1.0,
+    source: str | None = None,
+) -> Direction:
+    """The fitting core: a Direction from latent/attribute pairs (no model needed)."""
+    z = latents.double().numpy() if isinstance(latents, torch.Tensor) else np.asarray(latents, np.float64)
+    y = np.asarray(values, np.float64)
+    if z.ndim != 2 or y.shape != (z.shape[0],):
+        raise ValueError(f"need latents [n, latent] and n values; got {z.shape} and {y.shape}")
+    if len(y) < 2:
+        raise ValueError(f"need at least 2 volumes to fit a direction, got {len(y)}")
+    if not (np.isfinite(z).all() and np.isfinite(y).all()):
+        raise ValueError("latents or attribute values are not finite")
+    if np.ptp(y) == 0:
+        raise ValueError(f"{attribute} is the same ({y[0]:.3f}) on every volume: nothing to fit")
+    w, b, r2 = fit_linear(z, y, ridge)
+    return Direction(
+        name or attribute,
+        attribute,
+        torch.from_numpy(w).float(),
+        b,
+        r2,
+        cross_validated_r2(z, y, ridge),
+        len(y),
+        ridge=float(ridge),
+        source=source,
+    )
 
 
 def fit_direction(
@@ -115,48 +198,66 @@ def fit_direction(
     n: int = 64,
     seed: int = 0,
     latents: torch.Tensor | None = None,
-    volumes: list[np.ndarray] | None = None,
+    volumes: Iterable[np.ndarray] | None = None,
     ridge: float = 1.0,
-    progress: Callable[[int, int, str], None] | None = None,
+    progress: Progress | None = None,
 ) -> Direction:
-    """Sample (or take) latents, generate (or take) volumes, measure, fit.  With ``volumes`` (model
-    space, (R, R, R)) the latents are their encodings, as for real scans."""
-    spec = ATTRIBUTES.get(attribute)
-    if spec is None:
-        raise ValueError(f"unknown attribute {attribute!r}; known: {', '.join(ATTRIBUTES)}")
-    if spec.modality != model.modality:
+    """Learn the direction of ``attribute`` for ``model``.
+
+    - default: sample ``n`` latents from ``seed``, generate each volume, measure it;
+    - ``latents``: generate from these latents instead;
+    - ``volumes`` (model space (R, R, R), e.g. real scans; any iterable, read one at a time): measure
+      each and encode it, as in the paper; with ``latents`` as well, those are the volumes' latents
+      and nothing is encoded.
+    Then fit a ridge regression latent -> attribute (``fit_values``)."""
+    spec = _spec(attribute)
+    if spec.modality not in ("any", model.modality):
         raise ValueError(
             f"attribute {attribute!r} is for {spec.modality.upper()} models; this model is {model.modality}"
         )
     cfg = model.config
-    zs, ys = [], []
+    zs: list[torch.Tensor] = []
+    ys: list[float] = []
     if volumes is not None:
-        items = len(volumes)
+        total = len(volumes) if hasattr(volumes, "__len__") else 0
+        r = cfg.resolution
         for i, v in enumerate(volumes):
-            zs.append(model.encode(torch.from_numpy(np.asarray(v, np.float32))[None, None])[0])
-            ys.append(measure_attribute(cfg.intensity.to_physical(np.asarray(v)), cfg.spacing, attribute))
+            a = np.asarray(v, np.float32)
+            if a.shape != (r, r, r):
+                raise ValueError(f"volume {i} has shape {a.shape}; this model takes ({r}, {r}, {r}) in model space")
+            if latents is not None:
+                if i >= len(latents):
+                    raise ValueError(f"more volumes than latents ({len(latents)})")
+                zs.append(latents[i].float().reshape(-1))
+            else:
+                with torch.no_grad():
+                    zs.append(model.encode(torch.from_numpy(a)[None, None])[0].float())
+            ys.append(measure_model_volume(a, cfg, attribute))
             if progress:
-                progress(i + 1, items, "encode and measure")
+                progress(i + 1, max(total, i + 1), "measure" if latents is not None else "encode and measure")
+        if progress and total and len(ys) != total:  # the source skipped some (unreadable scans)
+            progress(len(ys), len(ys), "measure" if latents is not None else "encode and measure")
+        if latents is not None and len(zs) != len(latents):
+            raise ValueError(f"{len(zs)} volumes for {len(latents)} latents")
+        source = f"volumes n={len(ys)}" + ("" if latents is not None else " (encoded)")
     else:
         z_all = latents if latents is not None else model.sample_latents(n, seed)
         items = z_all.shape[0]
         for i in range(items):
-            vol = model.generate(z_all[i : i + 1])[0, 0].numpy()
-            zs.append(z_all[i])
-            ys.append(measure_attribute(cfg.intensity.to_physical(vol), cfg.spacing, attribute))
+            with torch.no_grad():
+                vol = model.generate(z_all[i : i + 1])[0, 0].cpu().numpy()
+            zs.append(z_all[i].float().reshape(-1))
+            ys.append(measure_model_volume(vol, cfg, attribute))
             if progress:
                 progress(i + 1, items, "generate and measure")
-    z = torch.stack(zs).double().numpy()
-    y = np.asarray(ys, np.float64)
-    if np.ptp(y) == 0:
-        raise ValueError(f"{attribute} is the same ({y[0]:.3f}) on every volume: nothing to fit")
-    w, b, r2 = fit_linear(z, y, ridge)
-    return Direction(
-        name or attribute, attribute, torch.from_numpy(w).float(), b, r2, cross_validated_r2(z, y, ridge), len(y)
-    )
+        source = "given latents" if latents is not None else f"sample seed={seed}"
+    if not zs:
+        raise ValueError("no volumes to fit a direction on")
+    return fit_values(torch.stack(zs).cpu(), ys, attribute, name=name, ridge=ridge, source=source)
 
 
 def load_directions(model_dir: str | os.PathLike) -> dict[str, Direction]:
+    """The stored directions by name; {} when the model has none.  ModelDirError if unreadable."""
     f = Path(model_dir) / DIRECTIONS_NAME
     if not f.is_file():
         return {}
@@ -167,15 +268,22 @@ def load_directions(model_dir: str | os.PathLike) -> dict[str, Direction]:
             meta = sf.metadata() or {}
             out = {}
             for k in sf.keys():
+                if k not in meta:
+                    raise ValueError(f"no metadata for direction {k!r}")
                 m = json.loads(meta[k])
+                vec = sf.get_tensor(k).float()
+                if vec.ndim != 1:
+                    raise ValueError(f"direction {k!r} has shape {tuple(vec.shape)}, expected [latent]")
                 out[k] = Direction(
                     k,
-                    m["attribute"],
-                    sf.get_tensor(k),
+                    str(m["attribute"]),
+                    vec,
                     float(m["intercept"]),
                     float(m["r2"]),
-                    m.get("r2_cv"),
+                    None if m.get("r2_cv") is None else float(m["r2_cv"]),
                     int(m["n"]),
+                    ridge=m.get("ridge"),
+                    source=m.get("source"),
                 )
             return out
     except Exception as e:
@@ -183,12 +291,23 @@ def load_directions(model_dir: str | os.PathLike) -> dict[str, Direction]:
 
 
 def save_direction(model_dir: str | os.PathLike, direction: Direction) -> None:
-    """Add or replace one direction in the model directory (atomic file replacement)."""
-    existing = load_directions(model_dir)
-    existing[direction.name] = direction
-    tensors = {k: d.vector.float().contiguous() for k, d in existing.items()}
-    meta = {k: json.dumps(d.meta()) for k, d in existing.items()}
-    save_tensors_atomic(Path(model_dir) / DIRECTIONS_NAME, tensors, meta)
+    """Add or replace one direction in the model directory.  The file is replaced atomically, and
+    concurrent savers are serialised (a lock on the directory), so none loses another's entry."""
+    d = Path(model_dir)
+    if not d.is_dir():
+        raise ModelDirError(f"{d}: not a model directory")
+    if direction.vector.ndim != 1 or not torch.isfinite(direction.vector).all():
+        raise ValueError(f"direction {direction.name!r}: the vector must be 1-D and finite")
+    fd = os.open(d, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        existing = load_directions(d)
+        existing[direction.name] = direction
+        tensors = {k: v.vector.float().contiguous() for k, v in existing.items()}
+        meta = {k: json.dumps(v.meta()) for k, v in existing.items()}
+        save_tensors_atomic(d / DIRECTIONS_NAME, tensors, meta)
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def traverse(
@@ -199,21 +318,32 @@ def traverse(
     target: float | None = None,
     n_steps: int = 5,
 ) -> list[dict[str, Any]]:
-    """Latents along the unit direction u = w/|w|: z0 + alpha*u.  With ``target``, the alphas run
-    evenly from 0 to the alpha whose prediction equals the target."""
+    """Latents along the unit direction u = w/|w|: ``z0 + alpha*u``, one row
+    ``{alpha, latent [1, latent], predicted}`` per step.  With ``target``, the alphas run evenly
+    from 0 to ``alpha* = (target - predict(z0)) / |w|``, whose prediction equals the target.
+    ``model`` is not used (the caller generates); it is accepted for a uniform call."""
     w = direction.vector.float()
     norm = float(w.norm())
-    if norm == 0:
-        raise ValueError(f"direction {direction.name!r} is zero")
+    if norm == 0 or not math.isfinite(norm):
+        raise ValueError(f"direction {direction.name!r} is zero or not finite")
     u = w / norm
     z0 = z0.float().reshape(1, -1)
+    if z0.shape[1] != w.shape[0]:
+        raise ValueError(f"latent has {z0.shape[1]} values; the direction has {w.shape[0]}")
     if (steps is None) == (target is None):
         raise ValueError("give either steps (a list of alphas) or a target value")
     if target is not None:
+        if not math.isfinite(float(target)):
+            raise ValueError(f"target must be a finite number, got {target}")
+        if n_steps < 1:
+            raise ValueError(f"n_steps must be at least 1, got {n_steps}")
         alpha_star = (float(target) - float(direction.predict(z0)[0])) / norm
         steps = [alpha_star * i / (n_steps - 1) for i in range(n_steps)] if n_steps > 1 else [alpha_star]
+    assert steps is not None
+    if not steps or not all(math.isfinite(float(a)) for a in steps):
+        raise ValueError("steps must be a non-empty list of finite numbers")
     out = []
-    for a in steps or []:
+    for a in steps:
         z = z0 + float(a) * u
         out.append({"alpha": float(a), "latent": z, "predicted": float(direction.predict(z)[0])})
     return out
