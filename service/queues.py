@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import queue
 import threading
-import time
-from typing import Any
 
-from worker.settings import Settings
-from worker.store import MemoryRecords, RedisRecords, Storage
+from worker.settings import Settings, celery_conf
+from worker.store import MemoryRecords, RedisRecords, Storage, queue_for
 
 
 class EmbeddedQueue:
@@ -31,18 +29,27 @@ class EmbeddedQueue:
         from worker.jobs import execute
 
         while (item := self._q.get()) is not None:
-            execute(
-                item[0],
-                item[1],
-                self.records,
-                self.storage,
-                self.settings.models_dir,
-                device=self.settings.device,
-                lease_seconds=self.settings.job_lease_seconds,
-            )
+            try:
+                execute(
+                    item[0],
+                    item[1],
+                    self.records,
+                    self.storage,
+                    self.settings.models_dir,
+                    device=self.settings.device,
+                    lease_seconds=self.settings.job_lease_seconds,
+                )
+            except Exception:  # execute records job failures itself; this thread must outlive anything
+                pass
+            finally:
+                self._q.task_done()
 
-    def reap(self) -> None:  # a thread in this process cannot die without the process
-        return None
+    def reap(self) -> list[str]:  # a thread in this process cannot die without the process
+        return []
+
+    def pending(self) -> int:
+        """Jobs submitted and not yet finished by the worker thread."""
+        return self._q.unfinished_tasks
 
     def ping(self) -> bool:
         return self._thread.is_alive()
@@ -64,33 +71,19 @@ class CeleryQueue:
         self.records = RedisRecords(settings.redis_url or "", settings.result_ttl_hours * 3600)
         # a bare client app: sending by task name keeps torch and the model code out of the API
         self.app = Celery("voxgen-api", broker=settings.redis_url)
-        self.app.conf.broker_connection_retry_on_startup = True
+        self.app.conf.update(celery_conf(settings))
         self._stop = threading.Event()
         self._reaper = threading.Thread(target=self._reap_loop, name="voxgen-reaper", daemon=True)
         self._reaper.start()
 
     def submit(self, job_id: str, attempt: int, kind: str) -> None:
-        queue_name = "train" if kind == "train" else "gpu"
-        self.app.send_task("voxgen.run_job", args=[job_id, attempt], queue=queue_name)
+        self.app.send_task("voxgen.run_job", args=[job_id, attempt], queue=queue_for(kind))
 
-    def reap(self) -> None:
-        """Re-queue running jobs whose lease lapsed (their worker died)."""
-        now = time.time()
-        for job_id in self.records.all_ids():
-            rec = self.records.get(job_id)
-            if rec and rec["state"] == "running" and rec.get("lease_until") and rec["lease_until"] < now:
-                self.requeue(rec)
+    def reap(self) -> list[str]:
+        """Re-queue running jobs whose lease lapsed (their worker died); see worker/store.py."""
+        from worker.jobs import reap  # plain Python: no torch
 
-    def requeue(self, rec: dict[str, Any]) -> None:
-        attempt = int(rec.get("attempt", 1)) + 1
-        self.records.update(
-            rec["id"],
-            state="queued",
-            attempt=attempt,
-            lease_until=None,
-            progress={"done": 0, "total": 1, "stage": f"re-queued after worker {rec.get('worker')} was lost"},
-        )
-        self.submit(rec["id"], attempt, rec["kind"])
+        return reap(self.records, self.submit)
 
     def _reap_loop(self) -> None:
         period = max(1.0, self.settings.job_lease_seconds / 3)

@@ -60,6 +60,7 @@ def job_generate(params: dict[str, Any], model: Any, out: Path, progress: Progre
     import torch
 
     from model.data.volumes import write_volume
+    from worker.previews import write_preview
 
     if params.get("latent") is not None:
         z = torch.tensor(params["latent"], dtype=torch.float32).reshape(-1, model.latent_dim)
@@ -68,7 +69,9 @@ def job_generate(params: dict[str, Any], model: Any, out: Path, progress: Progre
     vols = model.generate(z, _label_index(model, params.get("label")), progress=progress)
     ext = ".npy" if params.get("format") == "npy" else ".nii.gz"
     for i in range(vols.shape[0]):
-        write_volume(out / f"volume_{i:03d}{ext}", vols[i, 0].numpy(), model.config)
+        v = vols[i, 0].numpy()
+        write_volume(out / f"volume_{i:03d}{ext}", v, model.config)
+        write_preview(out / f"volume_{i:03d}.png", v, model.config)
     np.save(out / "latent.npy", z.numpy())  # the latents stay in storage: only small metadata in Redis
     return {"seed": params.get("seed")}
 
@@ -78,16 +81,20 @@ def job_encode(params: dict[str, Any], model: Any, out: Path, progress: Progress
     import torch
 
     from model.data.volumes import VolumeError, load_for_model, write_volume
+    from worker.previews import write_preview
 
+    name = params.get("filename") or "upload"
     try:
         x = load_for_model(params["upload"], model.config)
     except VolumeError as e:
-        raise JobError(str(e)) from e
+        raise JobError(str(e).replace(Path(params["upload"]).name, name)) from e
+    write_preview(out / "input.png", x, model.config)  # the upload on the model grid, for comparison
     z = model.encode(torch.from_numpy(x)[None, None], progress=progress)
     np.save(out / "latent.npy", z.numpy())
     if params.get("reconstruct"):
         v = model.generate(z, _label_index(model, params.get("label")), progress=progress)
         write_volume(out / "reconstruction.nii.gz", v[0, 0].numpy(), model.config)
+        write_preview(out / "reconstruction.png", v[0, 0].numpy(), model.config)
     return {"latent": z[0].tolist()}
 
 
@@ -97,6 +104,7 @@ def job_traverse(params: dict[str, Any], model: Any, out: Path, progress: Progre
 
     from model.data.volumes import write_volume
     from model.latent.directions import Direction, measure_attribute, traverse
+    from worker.previews import write_preview
 
     d = params["direction"]
     direction = Direction(
@@ -126,6 +134,7 @@ def job_traverse(params: dict[str, Any], model: Any, out: Path, progress: Progre
     for i, row in enumerate(rows):
         v = model.generate(row["latent"], label)[0, 0].numpy()
         write_volume(out / f"step_{i:02d}{ext}", v, model.config)
+        write_preview(out / f"step_{i:02d}.png", v, model.config)
         entry = {"alpha": row["alpha"], "latent": row["latent"][0].tolist(), "file": f"step_{i:02d}{ext}"}
         if direction.attribute:
             entry["predicted"] = row["predicted"]
@@ -183,31 +192,33 @@ def execute(
     device: str = "auto",
     lease_seconds: float = 30.0,
 ) -> None:
-    """Run one job: lease + heartbeat, progress into the record, results published atomically."""
-    rec = records.get(job_id)
-    if rec is None or rec["state"] in TERMINAL or rec.get("attempt", 1) != attempt:
-        return  # unknown, finished, cancelled, or a stale delivery of an older attempt
+    """Run one delivery of a job: claim the record, hold a lease with a heartbeat, report progress
+    into the record, publish the results atomically.  The lease protocol is described in
+    worker/store.py: a delivery runs only if it claims a ``queued`` record of the same attempt."""
     from model.registry import resolve_device
 
     dev = str(resolve_device(device))
-    records.update(
+    now = time.time()
+    rec = records.update_if(
         job_id,
+        lambda r: r["state"] == "queued" and r.get("attempt", 1) == attempt,
         state="running",
-        lease_until=time.time() + lease_seconds,
+        lease_until=now + lease_seconds,
         worker=worker_name(),
         device=dev,
-        started=time.time(),
+        started=now,
         progress={"done": 0, "total": 1, "stage": "loading model"},
     )
+    if rec is None:
+        return  # unknown, expired, cancelled, finished, running elsewhere, or an older attempt
+    mine = lambda r: r.get("attempt") == attempt and r["state"] == "running"  # noqa: E731
     stop = threading.Event()
 
     def heartbeat() -> None:
-        while not stop.wait(max(0.5, lease_seconds / 3)):
+        while not stop.wait(max(0.2, lease_seconds / 3)):
             try:
-                cur = records.get(job_id)
-                if cur is None or cur.get("attempt") != attempt or cur["state"] != "running":
-                    return
-                records.update(job_id, lease_until=time.time() + lease_seconds)
+                if records.update_if(job_id, mine, lease_until=time.time() + lease_seconds) is None:
+                    return  # cancelled or superseded: the job thread stops at its next progress report
             except Exception:  # a transient Redis error: try again at the next beat
                 pass
 
@@ -216,12 +227,13 @@ def execute(
     scratch = storage.scratch(job_id)
 
     def progress(done: int, total: int, stage: str) -> None:
-        cur = records.get(job_id)
-        if cur is None or cur["state"] == "cancelled":
-            raise Cancelled()
-        if cur.get("attempt") != attempt:
-            raise Superseded()
-        records.update(job_id, progress={"done": int(done), "total": int(total), "stage": stage})
+        cur = records.update_if(job_id, mine, progress={"done": int(done), "total": int(total), "stage": stage})
+        if cur is None:
+            cur = records.get(job_id)
+            raise Cancelled() if cur is None or cur["state"] == "cancelled" else Superseded()
+
+    def finish(**fields: Any) -> None:
+        records.update_if(job_id, mine, lease_until=None, finished=time.time(), **fields)
 
     try:
         fn = JOBS[rec["kind"]]
@@ -238,29 +250,56 @@ def execute(
             model = get_model(models_dir, params["model"], device)
         extra = fn(params, model, scratch, progress)
         cur = records.get(job_id)
-        if cur is None or cur["state"] == "cancelled" or cur.get("attempt") != attempt:
-            return
-        files = storage.publish(job_id, scratch)
-        for f in files:
-            f["url"] = f"/jobs/{job_id}/files/{f['name']}"
-        result = {"files": files} | {k: v for k, v in extra.items() if v is not None}
-        records.update(
-            job_id,
-            state="succeeded",
-            result=result,
-            finished=time.time(),
-            lease_until=None,
-            progress={"done": 1, "total": 1, "stage": "done"},
-        )
-    except (Cancelled, Superseded):
+        if cur is not None and mine(cur):  # not cancelled or superseded meanwhile
+            files = storage.publish(job_id, scratch)
+            for f in files:
+                f["url"] = f"/jobs/{job_id}/files/{f['name']}"
+            result = {"files": files} | {k: v for k, v in extra.items() if v is not None}
+            finish(state="succeeded", result=result, progress={"done": 1, "total": 1, "stage": "done"})
+    except Superseded:
+        return  # the newer attempt owns the job (and its upload)
+    except Cancelled:
         pass
     except JobError as e:
-        records.update(job_id, state="failed", error=str(e), lease_until=None, finished=time.time())
+        finish(state="failed", error=str(e))
     except Exception as e:
         detail = "".join(traceback.format_exception_only(type(e), e)).strip()
-        records.update(job_id, state="failed", error=f"internal error: {detail}", lease_until=None)
+        finish(state="failed", error=f"internal error: {detail}")
     finally:
         stop.set()
         import shutil
 
         shutil.rmtree(scratch, ignore_errors=True)
+    cur = records.get(job_id)
+    if cur is not None and cur["state"] in TERMINAL and cur.get("attempt") == attempt:
+        storage.delete_upload(job_id)  # an encode job's input is no longer needed
+
+
+def reap(records: Any, resubmit: Callable[[str, int, str], None], now: float | None = None) -> list[str]:
+    """Re-queue running jobs whose lease lapsed (their worker died, even by ``kill -9``).
+
+    Called periodically by the API's reaper thread (Celery mode) and by a thread in every worker
+    process.  The state change is a compare-and-set on (running, same attempt, lease lapsed), so of
+    several concurrent reapers exactly one re-queues a job, with ``attempt + 1``; the new attempt's
+    message is then sent with ``resubmit(job_id, attempt, kind)``.  Returns the re-queued ids."""
+    now = time.time() if now is None else now
+    out = []
+    for job_id in records.all_ids():
+        rec = records.get(job_id)
+        if not rec or rec["state"] != "running" or not rec.get("lease_until") or rec["lease_until"] >= now:
+            continue
+        old = int(rec.get("attempt", 1))
+        new = records.update_if(
+            job_id,
+            lambda r, old=old: (
+                r["state"] == "running" and r.get("attempt", 1) == old and (r.get("lease_until") or now) < now
+            ),
+            state="queued",
+            attempt=old + 1,
+            lease_until=None,
+            progress={"done": 0, "total": 1, "stage": f"re-queued: lease of worker {rec.get('worker')} lapsed"},
+        )
+        if new is not None:
+            resubmit(job_id, old + 1, new["kind"])
+            out.append(job_id)
+    return out

@@ -20,6 +20,9 @@ class Settings(BaseSettings):
     max_upload_mb: int = 512
     result_ttl_hours: float = 24.0
     job_lease_seconds: float = 30.0
+    # Redis redelivers an unacknowledged message after this; it must exceed the longest job (a
+    # training run).  Lost jobs come back much sooner through the lease (worker/store.py).
+    visibility_timeout_hours: float = 72.0
     device: str = "auto"
     max_n: int = 16
 
@@ -27,3 +30,17 @@ class Settings(BaseSettings):
 @lru_cache
 def get_settings() -> Settings:
     return Settings()
+
+
+def celery_conf(s: Settings) -> dict:
+    """Celery configuration shared by the workers and the API's sending client."""
+    return {
+        "task_acks_late": True,  # a message is acknowledged only after its job ran
+        "task_reject_on_worker_lost": True,  # a worker killed mid-job does not ack its message
+        "worker_prefetch_multiplier": 1,  # a process reserves one job at a time: none waits behind a long one
+        "task_ignore_result": True,  # results are files in storage and small records in Redis
+        "broker_transport_options": {"visibility_timeout": int(s.visibility_timeout_hours * 3600)},
+        "task_default_queue": "gpu",
+        "broker_connection_retry_on_startup": True,
+        "worker_hijack_root_logger": False,
+    }

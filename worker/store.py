@@ -4,9 +4,19 @@
 * Result files live in storage (a local directory): ``{root}/jobs/{id}/{name}``.  A file appears
   under its name only after it is complete (written under a temporary name, then renamed), and a
   job's ``result`` lists its files only after all of them are in place.
-* Leases: a running job carries ``lease_until``; its worker renews it every lease/3 seconds.  A
-  job whose lease lapsed (its worker died, even by ``kill -9``) is re-queued by the API's reaper,
-  and a stale delivery of an older attempt is ignored by the worker (``attempt`` must match).
+* Leases (how a job survives ``kill -9`` of its worker): a running job's record carries
+  ``lease_until`` and its ``attempt`` number.  The worker's heartbeat thread renews the lease
+  every lease/3 seconds (VOXGEN_JOB_LEASE_SECONDS, default 30).  Reapers -- a thread in every API
+  process (Celery mode) and one in every worker process -- scan the running records every lease/3
+  seconds; a record whose lease lapsed is moved back to ``queued`` with ``attempt + 1`` by a
+  compare-and-set (``update_if``: of several reapers exactly one wins) and a new message for the new
+  attempt is sent.  So a lost job runs again about one lease after its worker died.
+* Stale deliveries are harmless: a worker runs a delivery only if it can *claim* the record
+  (``queued`` with the same attempt -> ``running``, again by compare-and-set).  An old attempt's
+  message (Celery/Redis redelivers unacknowledged messages after ``visibility_timeout``), or a
+  second delivery of a job another worker runs under a live lease, is acknowledged and dropped.
+  An old attempt that is still running somewhere notices at its next progress report that the
+  record's attempt moved on and stops without publishing.
 """
 
 from __future__ import annotations
@@ -18,11 +28,17 @@ import shutil
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+def queue_for(kind: str) -> str:
+    """Celery queue of a job kind: training on ``train``, everything else (GPU work) on ``gpu``."""
+    return "train" if kind == "train" else "gpu"
 
 
 def new_job_id() -> str:
@@ -73,6 +89,10 @@ class Storage:
         d.mkdir(parents=True, exist_ok=True)
         return d / f"upload{suffix}"
 
+    def delete_upload(self, job_id: str) -> None:
+        """An encode job's input, removed once the job is finished (it is no result)."""
+        shutil.rmtree(self.root / "uploads" / job_id, ignore_errors=True)
+
     def delete_job(self, job_id: str) -> None:
         shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
         shutil.rmtree(self.root / "uploads" / job_id, ignore_errors=True)
@@ -117,9 +137,13 @@ class MemoryRecords:
             return json.loads(json.dumps(r)) if r else None
 
     def update(self, job_id: str, **fields: Any) -> dict[str, Any] | None:
+        return self.update_if(job_id, lambda r: True, **fields)
+
+    def update_if(self, job_id: str, pred: Callable[[dict[str, Any]], bool], **fields: Any) -> dict[str, Any] | None:
+        """Apply ``fields`` only if ``pred(record)`` holds, atomically; the new record, or None."""
         with self._lock:
             r = self._d.get(job_id)
-            if r is None:
+            if r is None or not pred(json.loads(json.dumps(r))):
                 return None
             r.update(json.loads(json.dumps(fields)))
             return json.loads(json.dumps(r))
@@ -161,6 +185,11 @@ class RedisRecords:
         return json.loads(raw) if raw else None
 
     def update(self, job_id: str, **fields: Any) -> dict[str, Any] | None:
+        return self.update_if(job_id, lambda r: True, **fields)
+
+    def update_if(self, job_id: str, pred: Callable[[dict[str, Any]], bool], **fields: Any) -> dict[str, Any] | None:
+        """Apply ``fields`` only if ``pred(record)`` holds, atomically (optimistic WATCH/MULTI: a
+        concurrent writer makes us re-read and re-check); the new record, or None."""
         import redis
 
         key = self.PREFIX + job_id
@@ -172,6 +201,9 @@ class RedisRecords:
                     if raw is None:
                         return None
                     rec = json.loads(raw)
+                    if not pred(rec):
+                        pipe.unwatch()
+                        return None
                     rec.update(fields)
                     pipe.multi()
                     pipe.set(key, json.dumps(rec), keepttl=True)

@@ -1,0 +1,130 @@
+"""Helpers shared by the routes: the served models, job submission, label checks."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from fastapi import HTTPException, Request
+
+from service.schemas import JobAccepted
+from worker.store import new_job_id, new_record
+
+JOB_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+def list_models(models_dir: Path) -> dict[str, dict[str, Any]]:
+    """Each sub-directory of the models directory with a config.json and weights is a model,
+    served under its directory name.  A missing models directory serves none."""
+    out: dict[str, dict[str, Any]] = {}
+    if not models_dir.is_dir():
+        return out
+    for d in sorted(models_dir.iterdir()):
+        cfg = d / "config.json"
+        if d.is_dir() and not d.name.startswith(".") and cfg.is_file() and (d / "model.safetensors").is_file():
+            try:
+                c = json.loads(cfg.read_text())
+            except (json.JSONDecodeError, OSError, UnicodeDecodeError):
+                continue
+            if isinstance(c, dict):
+                out[d.name] = {"name": d.name, "config": c, "directions": direction_names(d)}
+    return out
+
+
+def direction_names(d: Path) -> list[str]:
+    f = d / "directions.safetensors"
+    if not f.is_file():
+        return []
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(f), framework="numpy") as sf:
+            return sorted(sf.keys())
+    except Exception:  # an unreadable directions file lists none rather than breaking /models
+        return []
+
+
+def read_direction(model_dir: Path, name: str) -> dict[str, Any] | None:
+    """A stored direction as plain JSON (name, attribute, intercept, vector), or None."""
+    f = model_dir / "directions.safetensors"
+    if not f.is_file():
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(f), framework="numpy") as sf:
+            if name not in sf.keys():
+                return None
+            meta = json.loads((sf.metadata() or {})[name])
+            return {
+                "name": name,
+                "attribute": meta["attribute"],
+                "intercept": meta["intercept"],
+                "vector": sf.get_tensor(name).astype(float).tolist(),
+            }
+    except Exception:
+        return None
+
+
+def describe(name: str, entry: dict[str, Any]) -> dict[str, Any]:
+    c = entry["config"]
+    res = c.get("resolution")
+    return {
+        "name": name,
+        "family": c.get("family"),
+        "resolution": res,
+        "output_shape": [res] * 3 if res else c.get("shape"),
+        "modality": c.get("modality"),
+        "spacing": c.get("spacing"),
+        "latent_dim": c.get("latent_dim"),
+        "classes": c.get("class_names") or [],
+        "intensity": c.get("intensity"),
+        "directions": entry["directions"],
+        "description": c.get("description", ""),
+    }
+
+
+def models(request: Request) -> dict[str, dict[str, Any]]:
+    return list_models(request.app.state.settings.models_dir)
+
+
+def model_or_404(request: Request, name: str) -> dict[str, Any]:
+    m = models(request)
+    if name not in m:
+        raise HTTPException(404, f"unknown model {name!r}; served models: {', '.join(m) or '(none)'}")
+    return m[name]
+
+
+def check_label(cfg: dict[str, Any], label: str | int | None) -> str | int | None:
+    """The label as the job gets it: a class name, or None.  422 when it does not fit the model."""
+    names = cfg.get("class_names") or []
+    if label is None or label == "":
+        if names:
+            raise HTTPException(422, f"this model is class-conditional: give label, one of {names}")
+        return None
+    if not names:
+        raise HTTPException(422, "this model is not class-conditional; do not give a label")
+    if isinstance(label, str) and label in names:
+        return label
+    if isinstance(label, str) and label.isdigit():
+        label = int(label)
+    if isinstance(label, int) and 0 <= label < len(names):
+        return names[label]
+    raise HTTPException(422, f"unknown label {label!r}; this model's classes: {names} (or their index)")
+
+
+def submit(request: Request, kind: str, params: dict[str, Any], job_id: str | None = None) -> JobAccepted:
+    jobs = request.app.state.jobs
+    job_id = job_id or new_job_id()
+    jobs.records.put(new_record(job_id, kind, params))
+    jobs.submit(job_id, 1, kind)
+    return JobAccepted(job_id=job_id, status_url=f"/jobs/{job_id}")
+
+
+def job_record(request: Request, job_id: str) -> dict[str, Any]:
+    rec = request.app.state.jobs.records.get(job_id) if JOB_ID.fullmatch(job_id) else None
+    if rec is None:
+        raise HTTPException(404, f"no job {job_id!r} (unknown, or expired after VOXGEN_RESULT_TTL_HOURS)")
+    return rec

@@ -1,0 +1,142 @@
+"""The API's contract: pydantic v2 request and response models (they make the OpenAPI at /docs)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, field_validator
+
+# Latent codes are drawn from N(0, 1); a value far outside that is a mistake, and an enormous one
+# would overflow inside the network (NaN volumes) instead of being refused here with a 4xx.
+LATENT_LIMIT = 1000.0
+ALPHA_LIMIT = 1e4
+MODEL_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+
+
+def _check_values(values: list[float], what: str, limit: float) -> None:
+    for x in values:
+        if not math.isfinite(x):
+            raise ValueError(f"{what} contains NaN or infinite values")
+        if abs(x) > limit:
+            raise ValueError(f"{what} values must lie within +-{limit:g}")
+
+
+class GenerateRequest(BaseModel):
+    model: str = Field(description="a served model's name (GET /models)")
+    n: int = Field(1, ge=1, description="number of volumes (ignored when latent gives several rows)")
+    seed: int | None = Field(None, ge=0, lt=2**63, description="random seed; drawn and returned when absent")
+    latent: list[float] | list[list[float]] | None = Field(
+        None, description="one latent code, or one per volume, instead of a seed"
+    )
+    label: str | int | None = Field(None, description="class name or index, for class-conditional models")
+    format: Literal["nifti", "npy"] = Field("nifti", description="nifti: .nii.gz in physical units; npy: model space")
+
+    @field_validator("latent")
+    @classmethod
+    def _finite(cls, v: Any) -> Any:
+        if v:
+            flat = [x for row in v for x in row] if isinstance(v[0], list) else v
+            _check_values(flat, "latent", LATENT_LIMIT)
+        return v
+
+
+class TraverseRequest(BaseModel):
+    model: str
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    latent: list[float] | None = None
+    job_id: str | None = Field(None, description="a succeeded encode job whose latent to start from")
+    direction: str | list[float] = Field(description="a stored direction's name (GET /models/{name}) or a vector")
+    steps: list[float] | None = Field(None, min_length=1, max_length=32, description="alphas along the unit direction")
+    target: float | None = Field(None, description="attribute value to reach (named directions only)")
+    n_steps: int = Field(5, ge=1, le=32, description="volumes between the start and the target")
+    label: str | int | None = None
+    format: Literal["nifti", "npy"] = "nifti"
+
+    @field_validator("latent", "direction")
+    @classmethod
+    def _finite_latent(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            _check_values(v, "latent/direction", LATENT_LIMIT)
+        return v
+
+    @field_validator("steps")
+    @classmethod
+    def _finite_steps(cls, v: Any) -> Any:
+        if v is not None:
+            _check_values(v, "steps", ALPHA_LIMIT)
+        return v
+
+    @field_validator("target")
+    @classmethod
+    def _finite_target(cls, v: Any) -> Any:
+        if v is not None and not math.isfinite(v):
+            raise ValueError("target must be a finite number")
+        return v
+
+
+class TrainRequest(BaseModel):
+    family: Literal["hagan"] = "hagan"
+    data: str = Field(description="a dataset folder made by `voxgen prepare`, as the worker sees it")
+    name: str = Field(pattern=MODEL_NAME, description="the new model's served name")
+    resolution: Literal[128, 256, 512] | None = None
+    iterations: int = Field(1000, ge=1, le=10_000_000)
+    batch: int = Field(2, ge=1, le=64)
+    width: float = Field(1.0, gt=0, le=4)
+    latent_dim: int = Field(1024, ge=1, le=8192)
+    seed: int = Field(0, ge=0, lt=2**63)
+
+
+class JobAccepted(BaseModel):
+    job_id: str
+    status_url: str
+
+
+class Progress(BaseModel):
+    done: int
+    total: int
+    stage: str
+
+
+class ResultFile(BaseModel):
+    name: str
+    url: str
+    bytes: int
+
+
+class JobResult(BaseModel, extra="allow"):
+    """Files (each complete once listed) plus small inline values: ``latent`` for encode jobs,
+    ``steps`` for traverse jobs, ``seed`` for generate jobs, ``model`` for training jobs."""
+
+    files: list[ResultFile]
+    latent: list[float] | None = None
+
+
+class JobStatus(BaseModel):
+    job_id: str
+    kind: str
+    model: str | None = None
+    state: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    progress: Progress
+    result: JobResult | None = None
+    error: str | None = None
+    attempt: int = 1
+    worker: str | None = None
+    device: str | None = None
+    created: float | None = None
+    started: float | None = None
+    finished: float | None = None
+
+
+class ModelInfo(BaseModel):
+    name: str
+    family: str | None = None
+    resolution: int | None = None
+    output_shape: list[int] | None = None
+    modality: str | None = None
+    spacing: list[float] | None = None
+    latent_dim: int | None = None
+    classes: list[str] = []
+    intensity: dict[str, Any] | None = None
+    directions: list[str] = []
+    description: str = ""

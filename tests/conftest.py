@@ -1,0 +1,121 @@
+"""Shared fixtures.  Each block belongs to one part of the suite; append, do not rewrite."""
+
+from __future__ import annotations
+
+# ------------------------------------------------------------------------------------ service
+# Fixtures and helpers for tests/test_api.py and tests/test_worker_integration.py: tiny models, an
+# app on the embedded queue, a real redis-server on a free port.
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SERVICE_LATENT = 16
+
+
+def service_wait(client, job_id: str, timeout: float = 300) -> dict:  # noqa: ANN001
+    """Poll GET /jobs/{id} until the job is finished; the final status."""
+    t, s = time.time(), None
+    while time.time() - t < timeout:
+        s = client.get(f"/jobs/{job_id}").json()
+        if s["state"] in ("succeeded", "failed", "cancelled"):
+            return s
+        time.sleep(0.1)
+    raise AssertionError(f"job {job_id} did not finish: {s}")
+
+
+def service_nifti_upload(tmp: Path, shape: tuple[int, int, int] = (32, 32, 32)) -> bytes:
+    """The bytes of a small CT-like .nii.gz: a soft-tissue ball in air, 2 mm voxels."""
+    import nibabel as nib
+
+    z, y, x = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
+    v = np.where(x**2 + y**2 + z**2 < 0.6, 40.0, -1000.0).astype(np.float32)
+    p = tmp / "scan.nii.gz"
+    nib.save(nib.Nifti1Image(v.transpose(2, 1, 0).copy(), np.diag([2.0, 2.0, 2.0, 1.0])), p)
+    return p.read_bytes()
+
+
+@pytest.fixture(scope="session")
+def service_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tiny (128^3 CT, with a direction), cond (class-conditional), big (256^3, slow enough to kill)."""
+    import torch
+
+    from model.hagan.config import HAGANConfig
+    from model.hagan.infer import HAGANModel
+    from model.latent.directions import Direction, save_direction
+
+    d = tmp_path_factory.mktemp("service-models")
+    cfg = HAGANConfig(resolution=128, width=0.25, latent_dim=SERVICE_LATENT)
+    HAGANModel.init(cfg, seed=0).save_pretrained(d / "tiny")
+    HAGANModel.init(
+        HAGANConfig(resolution=128, width=0.25, latent_dim=SERVICE_LATENT, class_names=["healthy", "copd"]), seed=1
+    ).save_pretrained(d / "cond")
+    direction = Direction("soft", "soft_tissue_ml", torch.linspace(-1, 1, SERVICE_LATENT), 5.0, 0.9, None, 64)
+    save_direction(d / "tiny", direction)
+    HAGANModel.init(HAGANConfig(resolution=256, width=0.25, latent_dim=SERVICE_LATENT), seed=2).save_pretrained(
+        d / "big"
+    )
+    return d
+
+
+@pytest.fixture(scope="session")
+def embedded(service_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator:
+    """A TestClient on the app with the embedded in-process queue (no Redis)."""
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.settings import Settings
+
+    s = Settings(
+        models_dir=service_models_dir,
+        storage_dir=tmp_path_factory.mktemp("embedded-storage"),
+        redis_url=None,
+        admin_token="s3cret",
+        max_upload_mb=1,
+    )
+    with TestClient(create_app(s)) as c:
+        yield c
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real redis-server on a free port (no persistence), stopped at the end of the session."""
+    exe = shutil.which("redis-server")
+    if exe is None:
+        pytest.skip("redis-server is not installed (`make redis-server` or `apt-get install redis-server`)")
+    import redis
+
+    port = _free_port()
+    d = tmp_path_factory.mktemp("redis")
+    proc = subprocess.Popen(
+        [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(d)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    r = redis.Redis(port=port)
+    for _ in range(100):
+        try:
+            r.ping()
+            break
+        except redis.ConnectionError:
+            time.sleep(0.1)
+    else:
+        proc.kill()
+        pytest.fail("redis-server did not start")
+    yield f"redis://127.0.0.1:{port}/0"
+    proc.terminate()
+    proc.wait(10)
+
+
+# ------------------------------------------------------------------------------------ (end of service)

@@ -1,0 +1,501 @@
+"""The HTTP API on the embedded in-process queue (httpx through FastAPI's TestClient)."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from service.app import create_app
+from service.settings import Settings
+from tests.conftest import SERVICE_LATENT as LATENT
+from tests.conftest import service_nifti_upload as nifti_upload
+from tests.conftest import service_wait as wait
+
+
+def test_models_listing(embedded: TestClient) -> None:
+    ms = {m["name"]: m for m in embedded.get("/models").json()}
+    assert set(ms) == {"tiny", "cond", "big"}
+    assert ms["cond"]["classes"] == ["healthy", "copd"] and ms["tiny"]["latent_dim"] == LATENT
+    assert ms["tiny"]["directions"] == ["soft"] and ms["big"]["output_shape"] == [256, 256, 256]
+    assert embedded.get("/models/tiny").json()["modality"] == "ct"
+    r = embedded.get("/models/nope")
+    assert r.status_code == 404 and "unknown model" in r.json()["detail"]
+
+
+def test_no_models_directory_serves_none(tmp_path: Path) -> None:
+    s = Settings(models_dir=tmp_path / "absent", storage_dir=tmp_path / "st")
+    with TestClient(create_app(s)) as c:
+        assert c.get("/models").json() == []
+        r = c.post("/generate", json={"model": "x"})
+        assert r.status_code == 404 and "(none)" in r.json()["detail"]
+        assert c.get("/health/ready").status_code == 200
+
+
+def test_openapi_docs(embedded: TestClient) -> None:
+    assert embedded.get("/docs").status_code == 200
+    spec = embedded.get("/openapi.json").json()
+    assert {"/generate", "/encode", "/traverse", "/jobs/{job_id}", "/admin/train", "/health/ready"} <= set(
+        spec["paths"]
+    )
+    assert "JobStatus" in spec["components"]["schemas"]
+
+
+def test_generate_poll_download_read_back(embedded: TestClient, tmp_path: Path) -> None:
+    from model.hagan.infer import HAGANModel
+
+    r = embedded.post("/generate", json={"model": "tiny", "seed": 5, "n": 2})
+    assert r.status_code == 202 and r.json()["status_url"] == f"/jobs/{r.json()['job_id']}"
+    s = wait(embedded, r.json()["job_id"])
+    assert s["state"] == "succeeded", s
+    assert s["progress"] == {"done": 1, "total": 1, "stage": "done"} and s["result"]["seed"] == 5
+    files = {f["name"]: f for f in s["result"]["files"]}
+    assert set(files) == {"latent.npy", "volume_000.nii.gz", "volume_001.nii.gz", "volume_000.png", "volume_001.png"}
+    body = embedded.get(files["volume_000.nii.gz"]["url"]).content
+    assert len(body) == files["volume_000.nii.gz"]["bytes"]
+    (tmp_path / "v.nii.gz").write_bytes(body)
+    img = nib.load(tmp_path / "v.nii.gz")
+    assert img.shape == (128, 128, 128) and img.get_data_dtype() == np.int16
+    # the same seed through the model directly gives the same volume (HU = window map of [-1, 1])
+    m = HAGANModel.from_pretrained(embedded.app.state.settings.models_dir / "tiny")
+    v = m.generate(m.sample_latents(2, 5))[0, 0].numpy()
+    expect = np.rint(-1024 + (v + 1) / 2 * 1624).transpose(2, 1, 0)
+    assert np.abs(np.asarray(img.dataobj) - expect).max() <= 1
+    z = np.load(io.BytesIO(embedded.get(f"/jobs/{s['job_id']}/files/latent.npy").content))
+    assert z.shape == (2, LATENT) and np.allclose(z, m.sample_latents(2, 5).numpy())
+    png = embedded.get(files["volume_001.png"]["url"])
+    assert png.headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(png.content)).size[0] == 3 * 128
+
+
+def test_generate_without_seed_draws_and_reports_one(embedded: TestClient) -> None:
+    s = wait(embedded, embedded.post("/generate", json={"model": "tiny", "format": "npy"}).json()["job_id"])
+    assert s["state"] == "succeeded" and isinstance(s["result"]["seed"], int)
+
+
+def test_generate_from_latent_and_label(embedded: TestClient) -> None:
+    for label in ("copd", 1):
+        body = {"model": "cond", "latent": [[0.1] * LATENT, [0.2] * LATENT], "label": label, "format": "npy"}
+        s = wait(embedded, embedded.post("/generate", json=body).json()["job_id"])
+        assert s["state"] == "succeeded", s
+        assert {"volume_000.npy", "volume_001.npy"} <= {f["name"] for f in s["result"]["files"]}
+
+
+@pytest.mark.parametrize(
+    "body,status,msg",
+    [
+        ({"model": "nope", "seed": 1}, 404, "unknown model"),
+        ({"model": "tiny", "seed": -1}, 422, "seed"),
+        ({"model": "tiny", "seed": 2**63}, 422, "seed"),
+        ({"model": "tiny", "seed": "abc"}, 422, "seed"),
+        ({"model": "tiny", "seed": 1.5}, 422, "seed"),
+        ({"model": "tiny", "n": 0}, 422, "n"),
+        ({"model": "tiny", "n": 1000}, 422, "at most"),
+        ({"model": "tiny", "latent": [0.0] * 3}, 422, "latent must have"),
+        ({"model": "tiny", "latent": []}, 422, "latent must have"),
+        ({"model": "tiny", "latent": [[0.0] * LATENT] * 40}, 422, "at most"),
+        ({"model": "tiny", "latent": [[0.0] * LATENT, [0.0] * 3]}, 422, "latent must have"),
+        ({"model": "tiny", "latent": [1e300] * LATENT}, 422, "within"),
+        ({"model": "tiny", "latent": [[[0.0]]]}, 422, "latent"),
+        ({"model": "cond", "seed": 1, "label": 7}, 422, "unknown label"),
+        ({"seed": 1}, 422, "model"),
+        ({"model": "tiny", "latent": [float("nan")] * LATENT}, 422, "latent"),
+        ({"model": "tiny", "label": "copd"}, 422, "not class-conditional"),
+        ({"model": "cond", "seed": 1}, 422, "class-conditional"),
+        ({"model": "cond", "seed": 1, "label": "flu"}, 422, "unknown label"),
+        ({"model": "cond", "seed": 1, "label": 2.5}, 422, "label"),
+        ({"model": "tiny", "format": "png"}, 422, "format"),
+    ],
+)
+def test_bad_generate_requests_get_4xx(embedded: TestClient, body: dict, status: int, msg: str) -> None:
+    r = embedded.post(
+        "/generate", content=json.dumps(body, allow_nan=True), headers={"content-type": "application/json"}
+    )
+    assert r.status_code == status, r.text
+    assert msg in r.text
+
+
+@pytest.mark.parametrize(
+    "path,content,ctype",
+    [
+        ("/generate", b"[1, 2]", "application/json"),
+        ("/generate", b'"tiny"', "application/json"),
+        ("/generate", b"{not json", "application/json"),
+        ("/generate", b"\xff\xfe\x00", "application/json"),
+        ("/generate", b"model=tiny", "application/x-www-form-urlencoded"),
+        ("/traverse", b"{}", "application/json"),
+        ("/traverse", b'{"model": "tiny", "direction": {"a": 1}, "steps": [1]}', "application/json"),
+        ("/traverse", b'{"model": "tiny", "direction": "soft", "steps": [1e300]}', "application/json"),
+        ("/traverse", b'{"model": "tiny", "direction": "soft", "target": 1e999}', "application/json"),
+        ("/encode", b"", "multipart/form-data; boundary=x"),
+        ("/encode", b"--x\r\nContent-Disposition: form-data; name=model\r\n\r\ntiny\r\n--x--", "multipart/form-data"),
+        ("/encode", b"--x\r\ngarbage", "multipart/form-data; boundary=x"),
+        ("/admin/train", b"{}", "application/json"),
+    ],
+)
+def test_malformed_bodies_never_get_a_500(embedded: TestClient, path: str, content: bytes, ctype: str) -> None:
+    r = embedded.post(path, content=content, headers={"content-type": ctype, "authorization": "Bearer s3cret"})
+    assert 400 <= r.status_code < 500, (r.status_code, r.text)
+    assert r.json()["detail"]
+
+
+def test_encode_an_upload_with_reconstruction(embedded: TestClient, tmp_path: Path) -> None:
+    data = nifti_upload(tmp_path)
+    r = embedded.post(
+        "/encode",
+        data={"model": "tiny", "reconstruct": "true"},
+        files={"file": ("scan.nii.gz", data, "application/gzip")},
+    )
+    assert r.status_code == 202, r.text
+    s = wait(embedded, r.json()["job_id"])
+    assert s["state"] == "succeeded", s
+    names = {f["name"] for f in s["result"]["files"]}
+    assert names == {"latent.npy", "reconstruction.nii.gz", "reconstruction.png", "input.png"}
+    assert len(s["result"]["latent"]) == LATENT
+    z = np.load(io.BytesIO(embedded.get(f"/jobs/{s['job_id']}/files/latent.npy").content))
+    assert np.allclose(z[0], s["result"]["latent"])
+
+
+def test_encode_a_zipped_dicom_series(embedded: TestClient, tmp_path: Path) -> None:
+    pytest.importorskip("pydicom")
+    from model.data.phantoms import write_dicom_series, write_phantom
+
+    write_phantom(tmp_path / "p.nii.gz", "ct", shape=(24, 24, 24), spacing=(2, 2, 2))
+    arr = np.asarray(nib.load(tmp_path / "p.nii.gz").dataobj).transpose(2, 1, 0)
+    write_dicom_series(tmp_path / "series", arr, (2.0, 2.0, 2.0))
+    shutil.make_archive(str(tmp_path / "series"), "zip", tmp_path / "series")
+    files = {"file": ("series.zip", (tmp_path / "series.zip").read_bytes())}
+    r = embedded.post("/encode", data={"model": "tiny"}, files=files)
+    assert r.status_code == 202, r.text
+    assert wait(embedded, r.json()["job_id"])["state"] == "succeeded"
+
+
+def test_bad_uploads_get_4xx(embedded: TestClient, tmp_path: Path) -> None:
+    def post(name: str, data: bytes, model: str = "tiny", **form: str):
+        files = {"file": (name, data, "application/octet-stream")}
+        return embedded.post("/encode", data={"model": model, **form}, files=files)
+
+    good = nifti_upload(tmp_path)
+    r = post("scan.nii.gz", good[: len(good) // 2])
+    assert r.status_code == 422 and "scan.nii.gz" in r.json()["detail"]  # truncated; named by the user's name
+    assert post("scan.nii.gz", b"not a volume at all").status_code == 422
+    assert post("scan.nii.gz", b"").status_code == 422
+    assert post("scan.txt", good).status_code == 422
+    flat = tmp_path / "2d.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((32, 32), np.float32), np.eye(4)), flat)
+    r = post("2d.nii.gz", flat.read_bytes())
+    assert r.status_code == 422 and "2D" in r.json()["detail"]
+    four = tmp_path / "4d.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((16, 16, 16, 3), np.float32), np.eye(4)), four)
+    assert post("4d.nii.gz", four.read_bytes()).status_code == 422
+    nan = tmp_path / "nan.nii.gz"
+    nib.save(nib.Nifti1Image(np.full((16, 16, 16), np.nan, np.float32), np.eye(4)), nan)
+    assert "NaN" in post("nan.nii.gz", nan.read_bytes()).json()["detail"]
+    r = post("scan.nii.gz", b"x" * (2 * 2**20))
+    assert r.status_code == 413 and "1 MB" in r.json()["detail"]  # over VOXGEN_MAX_UPLOAD_MB=1
+    bomb = gzip.compress(b"\0" * (64 * 2**20))  # 64 MiB of zeros in ~64 kB
+    r = post("bomb.nii.gz", bomb)
+    assert r.status_code == 422 and "bytes" in r.json()["detail"]
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("../../evil.dcm", b"x" * 200)
+    assert post("series.zip", buf.getvalue()).status_code == 422  # a zip member with a path outside
+    for name in ("../../etc/passwd.nii.gz", "a/b.nii.gz", "..\\x.nii.gz", ".hidden.nii.gz"):
+        r = post(name, good)
+        assert r.status_code == 422 and "plain name" in r.json()["detail"], name
+    assert post("scan.nii.gz", good, model="nope").status_code == 404
+    assert post("scan.nii.gz", good, model="cond").status_code == 422  # needs a label
+    assert post("scan.nii.gz", good, model="cond", label="9").status_code == 422
+    # nothing of the refused uploads is left behind
+    assert not any((embedded.app.state.storage.root / "uploads").iterdir())
+
+
+def _asgi_post(app, path: str, chunks: list[bytes], headers: list[tuple[bytes, bytes]]) -> tuple[int, int]:  # noqa: ANN001
+    """POST ``chunks`` as a streamed body straight through ASGI; (status, chunks the app read)."""
+    read, status = 0, []
+
+    async def receive() -> dict:
+        nonlocal read
+        if read < len(chunks):
+            read += 1
+            return {"type": "http.request", "body": chunks[read - 1], "more_body": read < len(chunks)}
+        return {"type": "http.disconnect"}
+
+    async def send(msg: dict) -> None:
+        if msg["type"] == "http.response.start":
+            status.append(msg["status"])
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": headers,
+        "client": ("127.0.0.1", 1),
+        "server": ("testserver", 80),
+    }
+    asyncio.run(app(scope, receive, send))
+    return status[0], read
+
+
+def test_upload_limit_is_enforced_while_streaming(embedded: TestClient) -> None:
+    app = embedded.app
+    head = b'--b\r\nContent-Disposition: form-data; name="model"\r\n\r\ntiny\r\n'
+    head += b'--b\r\nContent-Disposition: form-data; name="file"; filename="scan.nii.gz"\r\n\r\n'
+    chunks = [head] + [b"\0" * 2**18] * 40  # 10 MiB of file, sent in 256 KiB chunks, no Content-Length
+    ctype = (b"content-type", b"multipart/form-data; boundary=b")
+    status, read = _asgi_post(app, "/encode", chunks, [ctype])
+    assert status == 413
+    assert read <= 1 + 5  # stopped at the first chunk over 1 MiB (+ overhead), not after reading 10 MiB
+    # a declared Content-Length over the limit is refused before any of the body is read
+    status, read = _asgi_post(app, "/encode", chunks, [ctype, (b"content-length", str(10 * 2**20).encode())])
+    assert (status, read) == (413, 0)
+    # JSON bodies have their own cap
+    status, _ = _asgi_post(app, "/generate", [b"[" + b"0," * 2**23], [(b"content-type", b"application/json")])
+    assert status == 413
+
+
+def test_job_files_are_safe_and_cancel_works(embedded: TestClient) -> None:
+    assert embedded.get("/jobs/" + "0" * 32).status_code == 404
+    assert embedded.get("/jobs/../../etc").status_code == 404
+    assert embedded.delete("/jobs/nope").status_code == 404
+    jid = embedded.post("/generate", json={"model": "tiny", "seed": 1}).json()["job_id"]
+    for name in ("..%2F..%2Fsecret", "%2E%2E", ".latent.npy.tmp", "latent.npy%00"):
+        assert embedded.get(f"/jobs/{jid}/files/{name}").status_code == 404
+    done = wait(embedded, jid)
+    assert embedded.delete(f"/jobs/{jid}").json()["state"] == "succeeded"  # a finished job stays finished
+    assert embedded.get(f"/jobs/{jid}/files/nothere.nii.gz").status_code == 404
+    assert done["state"] == "succeeded"
+    jid = embedded.post("/generate", json={"model": "big", "seed": 1, "n": 3}).json()["job_id"]
+    r = embedded.delete(f"/jobs/{jid}")
+    assert r.status_code == 200 and r.json()["state"] == "cancelled"
+    wait_idle = time.time()
+    while embedded.app.state.jobs.pending() and time.time() - wait_idle < 120:
+        time.sleep(0.2)
+    s = embedded.get(f"/jobs/{jid}").json()
+    assert s["state"] == "cancelled" and "result" not in s
+
+
+def test_traverse_named_direction_to_a_target(embedded: TestClient) -> None:
+    r = embedded.post("/traverse", json={"model": "tiny", "seed": 2, "direction": "soft", "target": 12.0, "n_steps": 3})
+    assert r.status_code == 202, r.text
+    s = wait(embedded, r.json()["job_id"])
+    assert s["state"] == "succeeded", s
+    steps = s["result"]["steps"]
+    assert [x["file"] for x in steps] == ["step_00.nii.gz", "step_01.nii.gz", "step_02.nii.gz"]
+    assert steps[0]["alpha"] == 0 and abs(steps[-1]["predicted"] - 12.0) < 1e-3
+    assert all(isinstance(x["measured"], float) for x in steps)
+    names = {f["name"] for f in s["result"]["files"]}
+    assert {"step_00.nii.gz", "step_02.nii.gz", "step_02.png", "latents.npy"} <= names
+
+
+def test_traverse_from_an_encode_job_with_a_vector(embedded: TestClient, tmp_path: Path) -> None:
+    r = embedded.post("/encode", data={"model": "tiny"}, files={"file": ("scan.nii.gz", nifti_upload(tmp_path))})
+    enc = wait(embedded, r.json()["job_id"])
+    body = {"model": "tiny", "job_id": enc["job_id"], "direction": [1.0] + [0.0] * (LATENT - 1), "steps": [0, 2]}
+    s = wait(embedded, embedded.post("/traverse", json=body).json()["job_id"])
+    assert s["state"] == "succeeded", s
+    first, second = s["result"]["steps"]
+    assert np.allclose(first["latent"], enc["result"]["latent"], atol=1e-6)
+    assert np.isclose(second["latent"][0] - first["latent"][0], 2.0, atol=1e-5)
+    other = embedded.post("/traverse", json=body | {"model": "cond", "label": "copd"})
+    assert other.status_code == 422 and "encoded with model" in other.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    "body,status,msg",
+    [
+        ({"model": "tiny", "direction": "nope", "steps": [1]}, 404, "no direction"),
+        ({"model": "tiny", "direction": "soft"}, 422, "either steps"),
+        ({"model": "tiny", "direction": "soft", "steps": [1], "target": 3}, 422, "either steps"),
+        ({"model": "tiny", "direction": "soft", "steps": []}, 422, "steps"),
+        ({"model": "tiny", "direction": [1.0, 2.0], "steps": [1]}, 422, "direction vector"),
+        ({"model": "tiny", "direction": [0.0] * LATENT, "steps": [1]}, 422, "not all zero"),
+        ({"model": "tiny", "direction": [1.0] * LATENT, "target": 3}, 422, "named"),
+        ({"model": "tiny", "direction": "soft", "steps": [1], "job_id": "0" * 32}, 422, "encode job"),
+        ({"model": "tiny", "direction": "soft", "steps": [1], "job_id": "../x"}, 422, "encode job"),
+        ({"model": "tiny", "direction": "soft", "steps": [1], "seed": 1, "latent": [0.0] * LATENT}, 422, "at most one"),
+        ({"model": "tiny", "direction": "soft", "steps": [1], "latent": [0.0] * 3}, 422, "latent must have"),
+        ({"model": "nope", "direction": "soft", "steps": [1]}, 404, "unknown model"),
+    ],
+)
+def test_bad_traverse_requests_get_4xx(embedded: TestClient, body: dict, status: int, msg: str) -> None:
+    r = embedded.post("/traverse", json=body)
+    assert r.status_code == status, r.text
+    assert msg in r.text
+
+
+def test_admin_train_auth_and_a_train_job_registers_the_model(service_models_dir: Path, tmp_path: Path) -> None:
+    from model.data.datasets import prepare_dataset
+    from model.hagan.config import HAGANConfig
+
+    models = tmp_path / "models"  # its own models folder: the shared fixture keeps its three models
+    shutil.copytree(service_models_dir / "tiny", models / "tiny")
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "scan.nii.gz").write_bytes(nifti_upload(tmp_path))
+    prepare_dataset(src, tmp_path / "ds", HAGANConfig(resolution=128))
+    body = {"data": str(tmp_path / "ds"), "name": "trained1", "iterations": 2, "batch": 1, "width": 0.25}
+    body["latent_dim"] = 8
+    s = Settings(models_dir=models, storage_dir=tmp_path / "storage", admin_token="s3cret")
+    with TestClient(create_app(s)) as c:
+        r = c.post("/admin/train", json=body)
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+        assert c.post("/admin/train", json=body, headers={"Authorization": "Bearer nope"}).status_code == 403
+        assert c.post("/admin/train", json=body, headers={"Authorization": "Basic czNjcmV0"}).status_code == 401
+        auth = {"Authorization": "Bearer s3cret"}
+        assert c.post("/admin/train", json=body | {"name": "tiny"}, headers=auth).status_code == 409
+        assert c.post("/admin/train", json=body | {"name": "../x"}, headers=auth).status_code == 422
+        r = c.post("/admin/train", json=body, headers=auth)
+        assert r.status_code == 202, r.text
+        done = wait(c, r.json()["job_id"])
+        assert done["state"] == "succeeded", done
+        assert done["kind"] == "train" and done["result"]["model"] == "trained1"
+        assert {"metrics.jsonl", "preview.png"} <= {f["name"] for f in done["result"]["files"]}
+        assert "trained1" in {m["name"] for m in c.get("/models").json()}
+        g = wait(c, c.post("/generate", json={"model": "trained1", "seed": 1}).json()["job_id"])
+        assert g["state"] == "succeeded"
+        bad = c.post("/admin/train", json=body | {"name": "t2", "data": str(tmp_path / "none")}, headers=auth)
+        failed = wait(c, bad.json()["job_id"])
+        assert failed["state"] == "failed" and "manifest" in failed["error"]
+
+
+def test_admin_without_a_configured_token_is_forbidden(tmp_path: Path) -> None:
+    with TestClient(create_app(Settings(models_dir=tmp_path, storage_dir=tmp_path / "st"))) as c:
+        body = {"data": "x", "name": "m"}
+        assert c.post("/admin/train", json=body, headers={"Authorization": "Bearer x"}).status_code == 403
+
+
+def test_expired_results_are_cleaned_up(tmp_path: Path) -> None:
+    from worker.store import MemoryRecords, Storage, new_record
+
+    st = Storage(tmp_path)
+    old, new = st.job_dir("a" * 32), st.job_dir("b" * 32)
+    for d in (old, new):
+        d.mkdir(parents=True)
+        (d / "volume_000.nii.gz").write_bytes(b"x")
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    assert st.cleanup(3600) == 1
+    assert not old.exists() and new.exists()
+    recs = MemoryRecords()
+    for i, age in (("a" * 32, 7200), ("b" * 32, 0)):
+        recs.put(new_record(i, "generate", {}) | {"state": "succeeded", "created": time.time() - age})
+    recs.expire(3600)
+    assert recs.all_ids() == ["b" * 32]
+
+
+def test_health(embedded: TestClient) -> None:
+    assert embedded.get("/health/live").json() == {"status": "ok"}
+    ready = embedded.get("/health/ready")
+    assert ready.status_code == 200
+    assert ready.json() == {"ready": True, "backend": "embedded", "queue": True, "storage": True}
+
+
+def test_ready_reports_an_unreachable_redis(tmp_path: Path) -> None:
+    s = Settings(models_dir=tmp_path, storage_dir=tmp_path / "st", redis_url="redis://127.0.0.1:1/0")
+    with TestClient(create_app(s)) as c:
+        r = c.get("/health/ready")
+        assert r.status_code == 503 and r.json()["queue"] is False and c.get("/health/live").status_code == 200
+
+
+def test_api_process_does_not_import_torch_in_celery_mode(service_models_dir: Path, tmp_path: Path) -> None:
+    up = tmp_path / "scan.nii.gz"
+    up.write_bytes(nifti_upload(tmp_path))
+    code = f"""
+import sys
+from fastapi.testclient import TestClient
+from service.app import create_app
+from service.settings import Settings
+app = create_app(Settings(models_dir={str(service_models_dir)!r}, storage_dir={str(tmp_path)!r},
+                          redis_url='redis://127.0.0.1:1/0'))
+c = TestClient(app)
+assert c.get('/models').status_code == 200
+bad = c.post('/encode', data={{'model': 'tiny'}}, files={{'file': ('x.nii.gz', b'junk')}})
+assert bad.status_code == 422, bad.text
+print('torch' in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "False", out.stderr
+
+
+# ------------------------------------------------------------------------------------ job machinery
+
+
+def test_previews_are_oriented_and_windowed() -> None:
+    from model.hagan.config import HAGANConfig
+    from worker.previews import LABEL_HEIGHT, render_preview
+
+    cfg = HAGANConfig(resolution=128, width=0.25, latent_dim=8)
+    v = np.full((32, 32, 32), -1.0, np.float32)  # (z, y, x): air
+    v[20:28, 20:28, 20:28] = 1.0  # a bright block superior (z), anterior (y), right (x) of the centre
+    v[14:18, 20:28, 20:28] = 1.0  # crosses the middle axial slice too
+    v[20:28, 14:18, 20:28] = 1.0  # and the middle coronal slice
+    v[20:28, 20:28, 14:18] = 1.0  # and the middle sagittal slice
+    img = render_preview(v, cfg)[LABEL_HEIGHT:]
+    assert img.shape == (32, 96) and img.min() == 0 and img.max() == 255
+    ax, cor, sag = img[:, :32], img[:, 32:64], img[:, 64:]
+    # axial: anterior up, right on the right -> the block is in the upper right quadrant
+    assert ax[:16, 16:].max() == 255 and ax[16:, :].max() == 0 and ax[:, :16].max() == 0
+    # coronal: superior up, right on the right; sagittal: superior up, anterior on the right
+    assert cor[:16, 16:].max() == 255 and cor[16:, :].max() == 0
+    assert sag[:16, 16:].max() == 255 and sag[16:, :].max() == 0
+    mri = HAGANConfig(resolution=128, width=0.25, latent_dim=8, modality="mri")
+    assert render_preview(np.linspace(-1, 1, 16**3, dtype=np.float32).reshape(16, 16, 16), mri).max() == 255
+
+
+def test_lapsed_leases_are_requeued_exactly_once() -> None:
+    from worker.jobs import reap
+    from worker.store import MemoryRecords, new_record
+
+    recs = MemoryRecords()
+    ids = ["a" * 32, "b" * 32, "c" * 32]
+    now = time.time()
+    recs.put(new_record(ids[0], "generate", {}) | {"state": "running", "lease_until": now - 1, "worker": "w1"})
+    recs.put(new_record(ids[1], "train", {}) | {"state": "running", "lease_until": now + 60})
+    recs.put(new_record(ids[2], "generate", {}) | {"state": "queued"})
+    sent: list[tuple] = []
+    assert reap(recs, lambda *a: sent.append(a)) == [ids[0]]
+    assert reap(recs, lambda *a: sent.append(a)) == []  # a second reaper finds nothing to do
+    assert sent == [(ids[0], 2, "generate")]
+    r = recs.get(ids[0])
+    assert r["state"] == "queued" and r["attempt"] == 2 and "w1" in r["progress"]["stage"]
+    assert reap(recs, lambda *a: sent.append(a), now=now + 120) == [ids[1]]
+    assert sent[-1] == (ids[1], 2, "train")
+
+
+def test_stale_and_duplicate_deliveries_do_not_run(service_models_dir: Path, tmp_path: Path) -> None:
+    from worker.jobs import execute
+    from worker.store import MemoryRecords, Storage, new_record
+
+    recs, st = MemoryRecords(), Storage(tmp_path)
+    jid = "d" * 32
+    recs.put(new_record(jid, "generate", {"model": "tiny", "seed": 1, "n": 1, "format": "npy"}) | {"attempt": 2})
+    execute(jid, 1, recs, st, service_models_dir, device="cpu")  # an older attempt's message
+    assert recs.get(jid)["state"] == "queued"
+    recs.update(jid, state="running", lease_until=time.time() + 60, worker="elsewhere")
+    execute(jid, 2, recs, st, service_models_dir, device="cpu")  # redelivered while another worker holds it
+    assert recs.get(jid)["worker"] == "elsewhere" and not st.job_dir(jid).exists()
+    recs.update(jid, state="queued")
+    execute(jid, 2, recs, st, service_models_dir, device="cpu")
+    done = recs.get(jid)
+    assert done["state"] == "succeeded" and done["lease_until"] is None
+    assert [f["name"] for f in done["result"]["files"]] == ["latent.npy", "volume_000.npy", "volume_000.png"]

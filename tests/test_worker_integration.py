@@ -1,0 +1,120 @@
+"""The service on Celery: a real redis-server and real worker processes (started here), the same
+results as the embedded queue, and no job lost when a worker is killed mid-job."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+from service.settings import Settings
+from tests.conftest import SERVICE_LATENT, service_nifti_upload, service_wait
+
+
+class Workers:
+    def __init__(self, env: dict[str, str], log_dir: Path) -> None:
+        self.env, self.log_dir, self.procs = env, log_dir, []
+
+    def start(self) -> subprocess.Popen:
+        log = open(self.log_dir / f"worker{len(self.procs)}.log", "w")
+        p = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "model.cli",
+                "worker",
+                "--queues",
+                "gpu",
+                "--device",
+                "cpu",
+                "--log-level",
+                "warning",
+            ],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        self.procs.append(p)
+        return p
+
+    def stop_all(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(10)
+
+
+@pytest.fixture(scope="module")
+def celery(service_models_dir: Path, redis_url: str, tmp_path_factory: pytest.TempPathFactory):
+    storage = tmp_path_factory.mktemp("celery-storage")
+    lease = 4.0
+    env = os.environ | {
+        "VOXGEN_REDIS_URL": redis_url,
+        "VOXGEN_MODELS_DIR": str(service_models_dir),
+        "VOXGEN_STORAGE_DIR": str(storage),
+        "VOXGEN_JOB_LEASE_SECONDS": str(lease),
+    }
+    workers = Workers(env, tmp_path_factory.mktemp("logs"))
+    workers.start()
+    s = Settings(models_dir=service_models_dir, storage_dir=storage, redis_url=redis_url, job_lease_seconds=lease)
+    with TestClient(create_app(s)) as c:
+        c.workers = workers  # type: ignore[attr-defined]
+        yield c
+    workers.stop_all()
+
+
+def test_celery_generate_same_volume_as_embedded(celery: TestClient, embedded: TestClient) -> None:
+    a = service_wait(
+        celery, celery.post("/generate", json={"model": "tiny", "seed": 9, "format": "npy"}).json()["job_id"]
+    )
+    b = service_wait(
+        embedded, embedded.post("/generate", json={"model": "tiny", "seed": 9, "format": "npy"}).json()["job_id"]
+    )
+    assert a["state"] == b["state"] == "succeeded", (a, b)
+    assert a["worker"] != b["worker"]  # really ran in another process
+    va = np.load(io.BytesIO(celery.get(f"/jobs/{a['job_id']}/files/volume_000.npy").content))
+    vb = np.load(io.BytesIO(embedded.get(f"/jobs/{b['job_id']}/files/volume_000.npy").content))
+    assert np.array_equal(va, vb)
+    assert celery.get("/health/ready").json() == {"ready": True, "backend": "celery", "queue": True, "storage": True}
+
+
+def test_celery_encode_upload(celery: TestClient, tmp_path: Path) -> None:
+    r = celery.post("/encode", data={"model": "tiny"}, files={"file": ("scan.nii.gz", service_nifti_upload(tmp_path))})
+    s = service_wait(celery, r.json()["job_id"])
+    assert s["state"] == "succeeded" and len(s["result"]["latent"]) == SERVICE_LATENT
+
+
+def test_celery_traverse(celery: TestClient) -> None:
+    r = celery.post(
+        "/traverse", json={"model": "tiny", "seed": 1, "direction": "soft", "steps": [0, 1], "format": "npy"}
+    )
+    s = service_wait(celery, r.json()["job_id"])
+    assert s["state"] == "succeeded" and len(s["result"]["steps"]) == 2
+
+
+def test_killed_worker_does_not_lose_the_job(celery: TestClient) -> None:
+    jid = celery.post("/generate", json={"model": "big", "seed": 4, "n": 6, "format": "npy"}).json()["job_id"]
+    victim = celery.workers.procs[-1]  # type: ignore[attr-defined]
+    t = time.time()
+    while celery.get(f"/jobs/{jid}").json()["state"] != "running":
+        assert time.time() - t < 120, "the job never started"
+        time.sleep(0.1)
+    time.sleep(1.0)
+    os.kill(victim.pid, signal.SIGKILL)  # the whole worker process, mid-job
+    victim.wait(10)
+    celery.workers.start()  # type: ignore[attr-defined]
+    s = service_wait(celery, jid, timeout=300)
+    assert s["state"] == "succeeded", s
+    assert s["attempt"] >= 2  # it ran again after the lease lapsed
+    names = [f["name"] for f in s["result"]["files"]]
+    assert [n for n in names if n.endswith(".npy")][-1] == "volume_005.npy"
+    assert "volume_005.png" in names  # its preview too
