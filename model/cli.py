@@ -34,6 +34,8 @@ def _parse_shape(s: str) -> tuple[int, ...]:
 def cmd_init(a: argparse.Namespace) -> int:
     import torch  # noqa: F401
 
+    if a.family in ("splitshuffle", "stylegan3d"):
+        return _init_stylegan3d(a)
     if a.family != "hagan":
         raise SystemExit(f"voxgen init: family {a.family!r} is not available yet; available: hagan")
     from model.hagan.config import HAGANConfig, Intensity
@@ -52,6 +54,30 @@ def cmd_init(a: argparse.Namespace) -> int:
     m = HAGANModel.init(cfg, seed=a.seed)
     m.save_pretrained(a.output)
     print(f"wrote an untrained HA-GAN ({cfg.resolution}^3, latent {cfg.latent_dim}, width {cfg.width}) to {a.output}")
+    return 0
+
+
+def _init_stylegan3d(a: argparse.Namespace) -> int:
+    from model.hagan.config import Intensity
+    from model.stylegan3d.config import StyleGAN3DConfig
+    from model.stylegan3d.model import StyleGAN3DModel
+
+    shape = _parse_shape(a.shape) if a.shape else (32, 64, 64)
+    if len(shape) != 3:
+        raise ValueError(f"--shape must be DxHxW, e.g. 32x64x64, got {a.shape!r}")
+    cfg = StyleGAN3DConfig.for_variant(
+        a.family,
+        a.variant,
+        shape=shape,
+        modality=a.modality,
+        spacing=tuple(a.spacing) if a.spacing else (1.0, 1.0, 1.0),
+        intensity=Intensity.for_modality(a.modality),
+        description=f"UNTRAINED: a freshly initialised {a.family} model with random weights; not anatomy",
+    )
+    m = StyleGAN3DModel.init(cfg, seed=a.seed)
+    m.save_pretrained(a.output)
+    n = m.info()["parameters"]["total_parameters"]
+    print(f"wrote an untrained {a.family} ({cfg.variant}, {'x'.join(map(str, shape))}, {n:,} parameters) to {a.output}")
     return 0
 
 
@@ -203,6 +229,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--classes", help="comma-separated class names for a class-conditional model")
     s.add_argument("--modality", choices=["ct", "mri"], default="ct")
     s.add_argument("--spacing", type=float, nargs=3, metavar=("X", "Y", "Z"), help="voxel size in mm")
+    s.add_argument("--shape", help="splitshuffle/stylegan3d: volume grid DxHxW (default 32x64x64)")
+    s.add_argument(
+        "--variant",
+        choices=["baseline", "split-shuffle", "split", "split-shuffle-d", "group-d", "depthwise-d"],
+        help="splitshuffle/stylegan3d: the paper's architecture variant (default: the family's own)",
+    )
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("-o", "--output", required=True)
     COMMANDS["init"] = cmd_init

@@ -37,7 +37,7 @@ class GenerativeModel(Protocol):
     def save_pretrained(self, path: str | os.PathLike) -> Path: ...
 
 
-FAMILIES = ("hagan",)
+FAMILIES = ("hagan", "splitshuffle", "stylegan3d")
 
 
 def family_class(family: str) -> type:
@@ -45,6 +45,10 @@ def family_class(family: str) -> type:
         from model.hagan.infer import HAGANModel
 
         return HAGANModel
+    if family in ("splitshuffle", "stylegan3d"):
+        from model.stylegan3d.model import StyleGAN3DModel
+
+        return StyleGAN3DModel
     raise ModelDirError(f"unknown model family {family!r}; known: {', '.join(FAMILIES)}")
 
 

@@ -1,0 +1,153 @@
+"""The configuration of a style-based 3D model: 3D-StyleGAN (Hong et al. 2021) and its Channel
+Split&Shuffle variants (Liu et al. 2022).  Stored as ``config.json`` in a model directory.
+
+``shape`` is always the 3D volume grid (D, H, W), depth = axial axis.  ``dims=2`` is the same
+network in 2D, trained on the axial slices (H, W) of that grid and inflated into the 3D one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from model.hagan.config import Intensity
+
+FAMILIES = ("splitshuffle", "stylegan3d")
+D_VARIANTS = ("baseline", "split-shuffle", "split", "group", "depthwise")
+
+# The paper's ablation variants (Table III): name -> (split_g, shuffle_g, d_variant)
+VARIANTS: dict[str, tuple[bool, bool, str]] = {
+    "baseline": (False, False, "baseline"),
+    "group-d": (False, False, "group"),
+    "depthwise-d": (False, False, "depthwise"),
+    "split-shuffle-d": (False, False, "split-shuffle"),
+    "split": (True, False, "split"),
+    "split-shuffle": (True, True, "split-shuffle"),
+}
+DEFAULT_VARIANT = {"splitshuffle": "split-shuffle", "stylegan3d": "baseline"}
+
+
+@dataclass
+class StyleGAN3DConfig:
+    family: str = "splitshuffle"
+    shape: tuple[int, int, int] = (32, 64, 64)
+    channels: int = 32
+    z_dim: int = 64
+    w_dim: int = 64
+    mapping_layers: int = 8
+    mapping_width: int = 64
+    mapping_lr_mult: float = 0.01
+    split_g: bool = True
+    shuffle_g: bool = True
+    d_variant: str = "split-shuffle"
+    d_groups: int = 4  # groups of the 'group' D variant (4 reproduces the paper's 0.434M)
+    mbstd_group: int = 4
+    dims: int = 3
+    modality: str = "ct"
+    # voxel size in mm along x (W), y (H), z (D); RAS orientation
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    intensity: Intensity = field(default_factory=Intensity)
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.intensity, dict):
+            self.intensity = Intensity(**self.intensity)
+        self.shape = tuple(int(s) for s in self.shape)  # type: ignore[assignment]
+        self.spacing = tuple(float(s) for s in self.spacing)  # type: ignore[assignment]
+        self.validate()
+
+    @classmethod
+    def for_variant(cls, family: str, variant: str | None = None, **kw: Any) -> StyleGAN3DConfig:
+        """A config for one of the paper's variants ('baseline', 'split-shuffle', 'group-d', ...)."""
+        if family not in FAMILIES:
+            raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+        variant = variant or DEFAULT_VARIANT[family]
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {variant!r}")
+        split_g, shuffle_g, d_variant = VARIANTS[variant]
+        return cls(family=family, split_g=split_g, shuffle_g=shuffle_g, d_variant=d_variant, **kw)
+
+    @property
+    def variant(self) -> str | None:
+        for name, sw in VARIANTS.items():
+            if sw == (self.split_g, self.shuffle_g, self.d_variant):
+                return name
+        return None
+
+    @property
+    def num_blocks(self) -> int:
+        """Synthesis blocks (the first one works on the learned constant, in-plane 4x4)."""
+        return self.shape[1].bit_length() - 2
+
+    @property
+    def const_shape(self) -> tuple[int, ...]:
+        f = 2 ** (self.num_blocks - 1)
+        s = tuple(n // f for n in self.shape)
+        return s if self.dims == 3 else s[1:]
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        """What the networks produce / see: (D, H, W) in 3D, (H, W) in 2D."""
+        return self.shape if self.dims == 3 else self.shape[1:]
+
+    @property
+    def output_shape(self) -> tuple[int, int, int]:
+        return self.shape if self.dims == 3 else (1, self.shape[1], self.shape[2])
+
+    @property
+    def num_ws(self) -> int:
+        return 2 * self.num_blocks
+
+    def validate(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(f"not a style-based 3D config (family={self.family!r}); use one of {FAMILIES}")
+        if len(self.shape) != 3 or any(s < 1 for s in self.shape):
+            raise ValueError(f"shape must be three positive sizes (D, H, W), got {self.shape}")
+        d, h, w = self.shape
+        if h != w or h < 8 or h & (h - 1):
+            raise ValueError(f"shape: H and W must be equal powers of two >= 8, got {h}x{w}")
+        f = 2 ** (self.num_blocks - 1)
+        if d % f or d // f < 1:
+            raise ValueError(f"shape: depth must be a multiple of {f} for {h}x{w} slices, got {d}")
+        if self.dims not in (2, 3):
+            raise ValueError(f"dims must be 2 or 3, got {self.dims}")
+        if self.channels < 2 or self.channels % 2:
+            raise ValueError(f"channels must be an even integer >= 2, got {self.channels}")
+        for k in ("z_dim", "w_dim", "mapping_layers", "mapping_width", "mbstd_group"):
+            v = getattr(self, k)
+            if not (isinstance(v, int) and v > 0):
+                raise ValueError(f"{k} must be a positive integer, got {v!r}")
+        if self.d_variant not in D_VARIANTS:
+            raise ValueError(f"d_variant must be one of {D_VARIANTS}, got {self.d_variant!r}")
+        if self.d_variant == "group" and self.channels % self.d_groups:
+            raise ValueError(f"d_groups ({self.d_groups}) must divide channels ({self.channels})")
+        if self.shuffle_g and not self.split_g:
+            raise ValueError("shuffle_g needs split_g")
+        if self.family == "stylegan3d" and (self.split_g or self.d_variant != "baseline"):
+            raise ValueError("family 'stylegan3d' is the plain 3D-StyleGAN: no split (use family 'splitshuffle')")
+        if self.modality not in ("ct", "mri"):
+            raise ValueError(f"modality must be 'ct' or 'mri', got {self.modality!r}")
+        if len(self.spacing) != 3 or any(s <= 0 for s in self.spacing):
+            raise ValueError(f"spacing must be three positive numbers (mm), got {self.spacing}")
+        if self.intensity.hi <= self.intensity.lo:
+            raise ValueError("intensity.hi must exceed intensity.lo")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["shape"] = list(self.shape)
+        d["spacing"] = list(self.spacing)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> StyleGAN3DConfig:
+        d = dict(d)
+        known = set(cls.__dataclass_fields__)
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown {d.get('family', 'stylegan3d')} config keys: {sorted(unknown)}")
+        return cls(**d)
+
+    def with_dims(self, dims: int) -> StyleGAN3DConfig:
+        d = self.to_dict()
+        d["dims"] = dims
+        return StyleGAN3DConfig.from_dict(d)

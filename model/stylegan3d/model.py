@@ -1,0 +1,221 @@
+"""A loaded 3D-StyleGAN / Split&Shuffle-GAN model: the surface the worker and the CLI use
+(the same as ``model.hagan.infer.HAGANModel``).
+
+Latents: ``sample_latents`` and ``generate`` work in Z (``z_dim``) by default; ``encode`` is a
+projection and returns codes in W (``w_dim``), so ``generate(w, space="w")`` reconstructs, and
+traversal works in W.  ``latent_space_of_encode`` says so to callers.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from model.checkpoint import ModelDirError, read_config, read_weights, save_model_dir
+from model.stylegan3d.config import StyleGAN3DConfig
+from model.stylegan3d.networks import StyleGAN3D, parameter_counts
+from model.stylegan3d.project import Projection, project, style_mix
+
+Progress = Callable[[int, int, str], None]
+
+
+class StyleGAN3DModel:
+    """``generate(z)`` -> [n, 1, D, H, W] float32 in model space ([-1, 1]) on the CPU."""
+
+    latent_space_of_encode = "w"
+
+    def __init__(self, net: StyleGAN3D, device: str | torch.device = "cpu") -> None:
+        self.net = net.eval().requires_grad_(False)
+        self.device = torch.device(device)
+        self.net.to(self.device)
+        self.family = net.config.family
+
+    # ---------------------------------------------------------------- construction and storage
+    @classmethod
+    def init(cls, config: StyleGAN3DConfig, seed: int = 0, device: str | torch.device = "cpu") -> StyleGAN3DModel:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            net = StyleGAN3D(config)
+        return cls(net, device)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> StyleGAN3DModel:
+        d = read_config(path)
+        try:
+            cfg = StyleGAN3DConfig.from_dict(d)
+        except (TypeError, ValueError) as e:
+            raise ModelDirError(f"{Path(path) / 'config.json'}: {e}") from e
+        net = StyleGAN3D(cfg)
+        sd = read_weights(path)
+        ours = net.state_dict()
+        missing = [k for k in ours if k not in sd]
+        unexpected = [k for k in sd if k not in ours]
+        wrong = [
+            f"{k} {list(sd[k].shape)} != {list(v.shape)}" for k, v in ours.items() if k in sd and sd[k].shape != v.shape
+        ]
+        if missing or unexpected or wrong:
+            raise ModelDirError(
+                f"{Path(path) / 'model.safetensors'}: does not match config.json "
+                f"(missing {missing[:3]}, unexpected {unexpected[:3]}, wrong shapes {wrong[:3]})"
+            )
+        net.load_state_dict(sd)
+        return cls(net, device)
+
+    def save_pretrained(self, path: str | os.PathLike, extra_files: dict[str, bytes] | None = None) -> Path:
+        return save_model_dir(path, self.config.to_dict(), self.net.state_dict(), extra_files)
+
+    # ---------------------------------------------------------------- description
+    @property
+    def config(self) -> StyleGAN3DConfig:
+        return self.net.config
+
+    @property
+    def latent_dim(self) -> int:
+        return self.config.z_dim
+
+    @property
+    def w_dim(self) -> int:
+        return self.config.w_dim
+
+    @property
+    def output_shape(self) -> tuple[int, int, int]:
+        return self.config.output_shape
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        return self.config.spacing
+
+    @property
+    def modality(self) -> str:
+        return self.config.modality
+
+    @property
+    def class_names(self) -> list[str]:
+        return []
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "config": self.config.to_dict(),
+            "parameters": parameter_counts(self.net),
+            "variant": self.config.variant,
+            "latent_space_of_encode": self.latent_space_of_encode,
+        }
+
+    # ---------------------------------------------------------------- latents
+    def sample_latents(self, n: int, seed: int) -> torch.Tensor:
+        """Standard-normal z from a CPU generator: the same on every device."""
+        if not (isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**63):
+            raise ValueError(f"seed must be an integer in [0, 2^63), got {seed!r}")
+        if n < 1:
+            raise ValueError("n must be >= 1")
+        g = torch.Generator().manual_seed(seed)
+        return torch.randn(n, self.latent_dim, generator=g)
+
+    def _check_latent(self, z: torch.Tensor, space: str) -> torch.Tensor:
+        if space not in ("z", "w"):
+            raise ValueError(f"space must be 'z' or 'w', got {space!r}")
+        dim = self.config.z_dim if space == "z" else self.config.w_dim
+        if z.ndim != 2 or z.shape[1] != dim:
+            raise ValueError(f"latent ({space}) must have shape [n, {dim}], got {list(z.shape)}")
+        if not torch.isfinite(z).all():
+            raise ValueError("latent contains NaN or infinite values")
+        return z.to(self.device, torch.float32)
+
+    @torch.no_grad()
+    def ws(self, z: torch.Tensor, *, truncation_psi: float = 1.0, space: str = "z") -> torch.Tensor:
+        """Per-layer styles [n, num_ws, w_dim] for z (mapped, truncated) or w (truncated, broadcast)."""
+        x = self._check_latent(z, space)
+        m = self.net.G.mapping
+        if space == "z":
+            return m(x, truncation_psi)
+        if truncation_psi != 1.0:
+            x = m.w_avg.lerp(x, truncation_psi)
+        return x.unsqueeze(1).repeat(1, m.num_ws, 1)
+
+    # ---------------------------------------------------------------- generation
+    @torch.no_grad()
+    def synthesize(
+        self, ws: torch.Tensor, *, noise_mode: str = "const", batch: int = 4, progress: Progress | None = None
+    ) -> torch.Tensor:
+        n = ws.shape[0]
+        out = torch.empty(n, 1, *self.output_shape, dtype=torch.float32)
+        for s in range(0, n, batch):
+            img = self.net.G.synthesis(ws[s : s + batch].to(self.device), noise_mode=noise_mode).float().cpu()
+            out[s : s + batch] = img.reshape(img.shape[0], 1, *self.output_shape)
+            if progress:
+                progress(min(n, s + batch), n, "generate")
+        return out
+
+    def generate(
+        self,
+        z: torch.Tensor,
+        label: Any = None,
+        *,
+        truncation_psi: float = 1.0,
+        space: str = "z",
+        noise_mode: str = "const",
+        progress: Progress | None = None,
+        **kw: Any,
+    ) -> torch.Tensor:
+        """Latents [n, z_dim] (or w [n, w_dim] with ``space="w"``) -> [n, 1, D, H, W] float32 on the CPU.
+
+        ``noise_mode="const"`` (default) uses the stored noise maps, so generation is a function of
+        the latent alone; "none" drops the noise.  HA-GAN's keywords (mode, budget_mb) are ignored.
+        """
+        if label is not None:
+            raise ValueError("this model is not class-conditional; label must be None")
+        if noise_mode not in ("const", "none"):
+            raise ValueError(f"noise_mode must be 'const' or 'none', got {noise_mode!r}")
+        return self.synthesize(
+            self.ws(z, truncation_psi=truncation_psi, space=space), noise_mode=noise_mode, progress=progress
+        )
+
+    def mix(
+        self,
+        z_coarse: torch.Tensor,
+        z_fine: torch.Tensor,
+        block: int,
+        *,
+        truncation_psi: float = 1.0,
+        space: str = "z",
+        progress: Progress | None = None,
+    ) -> torch.Tensor:
+        """Style mixing: blocks < ``block`` from ``z_coarse``, blocks >= ``block`` from ``z_fine``."""
+        ws = style_mix(
+            self.ws(z_coarse, truncation_psi=truncation_psi, space=space),
+            self.ws(z_fine, truncation_psi=truncation_psi, space=space),
+            block,
+        )
+        return self.synthesize(ws, progress=progress)
+
+    # ---------------------------------------------------------------- projection
+    def project(self, x: torch.Tensor, *, steps: int = 200, progress: Progress | None = None, **kw: Any) -> Projection:
+        """One volume [1, 1, D, H, W] (model space) -> ``Projection`` (w, loss curve, noise maps)."""
+        with torch.enable_grad():
+            return project(self.net.G, x.reshape(1, 1, *self.config.image_shape), steps=steps, progress=progress, **kw)
+
+    def encode(self, x: torch.Tensor, progress: Progress | None = None, *, steps: int = 200) -> torch.Tensor:
+        """Volumes [n, 1, D, H, W] in model space -> w [n, w_dim] by projection (w only, so that
+        ``generate(w, space="w")`` reproduces the fit with the stored noise maps)."""
+        shape = (1, *self.output_shape)
+        if x.ndim != 5 or tuple(x.shape[1:]) != shape:
+            raise ValueError(f"volume must have shape [n, {', '.join(map(str, shape))}], got {list(x.shape)}")
+        if not torch.isfinite(x).all():
+            raise ValueError("volume contains NaN or infinite values")
+        n = x.shape[0]
+        ws = []
+        for i in range(n):
+
+            def sub(done: int, total: int, stage: str, i: int = i) -> None:
+                if progress:
+                    progress(i * total + done, n * total, stage)
+
+            ws.append(self.project(x[i : i + 1], steps=steps, progress=sub).w)
+        return torch.cat(ws, 0)
+
+    def reconstruct(self, x: torch.Tensor, label: Any = None, **kw: Any) -> torch.Tensor:
+        return self.generate(self.encode(x), label, space="w", **kw)
