@@ -21,29 +21,10 @@ def cmd_prepare(a: argparse.Namespace) -> int:
 
 
 def cmd_train(a: argparse.Namespace) -> int:
-    if a.family != "hagan":
-        raise SystemExit(f"voxgen train: family {a.family!r} is not available yet; available: hagan")
-    from model.hagan.train import train
+    from model.training import train
 
-    opts = {
-        k: getattr(a, k)
-        for k in (
-            "data",
-            "output",
-            "resolution",
-            "iterations",
-            "batch",
-            "device",
-            "resume",
-            "seed",
-            "checkpoint_every",
-            "preview_every",
-            "width",
-            "latent_dim",
-        )
-    }
-    out = train(opts)
-    print(out)
+    opts = {k: v for k, v in vars(a).items() if k not in ("func", "command", "verbose")}
+    print(train(opts))
     return 0
 
 
@@ -57,17 +38,27 @@ def register(sub: argparse._SubParsersAction, commands: dict[str, Callable]) -> 
     commands["prepare"] = cmd_prepare
 
     s = sub.add_parser("train", help="train a model on a prepared dataset")
-    s.add_argument("--family", default="hagan")
+    s.add_argument("--family", default="hagan", choices=["hagan", "splitshuffle", "stylegan3d", "alphawgan"])
     s.add_argument("--data", required=True)
     s.add_argument("-o", "--output", required=True, help="run folder (checkpoints, metrics, previews, model)")
-    s.add_argument("--resolution", type=int, choices=[128, 256, 512])
     s.add_argument("--iterations", type=int, default=1000)
-    s.add_argument("--batch", type=int, default=2)
+    s.add_argument("--batch", type=int, help="batch size (default: the family's; HA-GAN 2)")
     s.add_argument("--device", default="auto")
-    s.add_argument("--resume", action="store_true")
+    s.add_argument("--resume", action="store_true", help="continue the run in -o from its last checkpoint")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--checkpoint-every", type=int, default=100)
     s.add_argument("--preview-every", type=int, default=100)
-    s.add_argument("--width", type=float, default=1.0)
-    s.add_argument("--latent-dim", type=int, default=1024)
+    s.add_argument("--lr", type=float, help="learning rate (default: the paper's for the family)")
+    g = s.add_argument_group("hagan")
+    g.add_argument("--resolution", type=int, choices=[128, 256, 512], help="default: the dataset's")
+    g.add_argument("--width", type=float, help="channel width multiplier (default 1.0 = the paper's)")
+    g.add_argument("--latent-dim", type=int, help="latent size (hagan default 1024, alphawgan 1000)")
+    g.add_argument("--amp", choices=["auto", "on", "off"], default="auto", help="mixed precision (CUDA only)")
+    g = s.add_argument_group("splitshuffle / stylegan3d")
+    g.add_argument("--shape", help="volume grid DxHxW, e.g. 32x64x64 (default 32x64x64)")
+    g.add_argument("--variant", help="the paper's architecture variant (baseline, split-shuffle, ...)")
+    g.add_argument("--dims", type=int, choices=[2, 3], default=3, help="2: train on axial slices for inflation")
+    g.add_argument("--init-from", help="a 2D run (or model directory) to inflate into this 3D run")
+    g.add_argument("--inflate", default="inflate-1", help="inflation strategy (inflate-1, inflate-2, ...)")
+    g.add_argument("--inflate-parts", default="gd", choices=["g", "d", "gd"], help="inflate G, D or both")
     commands["train"] = cmd_train

@@ -76,15 +76,22 @@ class TraverseRequest(BaseModel):
 
 
 class TrainRequest(BaseModel):
-    family: Literal["hagan"] = "hagan"
+    family: Literal["hagan", "splitshuffle", "stylegan3d", "alphawgan"] = "hagan"
     data: str = Field(description="a dataset folder made by `voxgen prepare`, as the worker sees it")
     name: str = Field(pattern=MODEL_NAME, description="the new model's served name")
     resolution: Literal[128, 256, 512] | None = None
     iterations: int = Field(1000, ge=1, le=10_000_000)
-    batch: int = Field(2, ge=1, le=64)
-    width: float = Field(1.0, gt=0, le=4)
-    latent_dim: int = Field(1024, ge=1, le=8192)
+    batch: int | None = Field(None, ge=1, le=64, description="default: the family's (hagan 2)")
+    width: float | None = Field(None, gt=0, le=4, description="hagan: channel width multiplier (default 1.0)")
+    latent_dim: int | None = Field(None, ge=1, le=8192, description="hagan 1024, alphawgan 1000 by default")
     seed: int = Field(0, ge=0, lt=2**63)
+    lr: float | None = Field(None, gt=0, le=1, description="learning rate (default: the paper's)")
+    shape: str | None = Field(None, pattern=r"^\d{1,4}x\d{1,4}x\d{1,4}$", description="stylegan: DxHxW grid")
+    variant: str | None = Field(None, max_length=32, description="stylegan: the paper's architecture variant")
+    dims: Literal[2, 3] = 3
+    init_from: str | None = Field(None, description="stylegan: a 2D run or model directory to inflate from")
+    inflate: str = Field("inflate-1", max_length=32)
+    inflate_parts: Literal["g", "d", "gd"] = "gd"
 
 
 class JobAccepted(BaseModel):

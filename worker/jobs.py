@@ -148,14 +148,15 @@ def job_traverse(params: dict[str, Any], model: Any, out: Path, progress: Progre
 
 
 def job_train(params: dict[str, Any], model: Any, out: Path, progress: Progress) -> dict[str, Any]:
-    """Train an HA-GAN on a prepared dataset, then register it so GET /models lists it.  A re-run of
-    the same job (after its worker died) resumes from the run's last checkpoint."""
+    """Train a model (any family) on a prepared dataset, then register it so GET /models lists it.  A
+    re-run of the same job (after its worker died) resumes from the run's last checkpoint."""
     import shutil
 
-    from model.hagan.train import register_model, train
+    from model.hagan.train import register_model
+    from model.training import train
 
     run = Path(params["_storage_root"]) / "runs" / params["_job_id"]
-    opts = {k: params.get(k) for k in ("data", "resolution", "iterations", "batch", "width", "latent_dim", "seed")}
+    opts = {k: v for k, v in params.items() if not k.startswith("_") and k not in ("name", "model")}
     opts |= {"output": str(run), "resume": (run / "latest.json").is_file(), "device": params.get("_device")}
     opts["checkpoint_every"] = max(1, min(100, int(params.get("iterations") or 1000) // 10))
     opts["preview_every"] = opts["checkpoint_every"]
