@@ -295,7 +295,7 @@ def _extensions() -> list[Callable]:
     import importlib
 
     found = []
-    for name in ("model.cli_train", "model.cli_service", "model.cli_latent"):
+    for name in ("model.cli_train", "model.cli_service", "model.cli_latent", "model.cli_eval"):
         try:
             mod = importlib.import_module(name)
         except ModuleNotFoundError as e:

@@ -37,7 +37,7 @@ class GenerativeModel(Protocol):
     def save_pretrained(self, path: str | os.PathLike) -> Path: ...
 
 
-FAMILIES = ("hagan", "splitshuffle", "stylegan3d")
+FAMILIES = ("hagan", "splitshuffle", "stylegan3d", "alphawgan")
 
 
 def family_class(family: str) -> type:
@@ -49,6 +49,12 @@ def family_class(family: str) -> type:
         from model.stylegan3d.model import StyleGAN3DModel
 
         return StyleGAN3DModel
+    if family == "alphawgan":
+        try:
+            from model.alphawgan.model import AlphaWGANModel
+        except ModuleNotFoundError as e:
+            raise ModelDirError("family 'alphawgan' is not available in this version") from e
+        return AlphaWGANModel
     raise ModelDirError(f"unknown model family {family!r}; known: {', '.join(FAMILIES)}")
 
 
