@@ -62,7 +62,8 @@ def prepare_dataset(
         rel = str(p.relative_to(src))
         try:
             arr, spacing = read_volume(p)
-            v = to_model_space(arr, spacing, config)
+            info: dict[str, Any] = {}
+            v = to_model_space(arr, spacing, config, info=info)
         except VolumeError as e:
             skipped.append({"source": rel, "reason": str(e)})
         else:
@@ -77,6 +78,7 @@ def prepare_dataset(
                     "file": f"volumes/{name}",
                     "source": rel,
                     "spacing": list(spacing),
+                    "grid_spacing": info.get("grid_spacing"),
                     "label": row.get("label"),
                     "attributes": {k: v for k, v in row.items() if k not in ("file", "label")},
                 }
@@ -120,6 +122,15 @@ class VolumeDataset:
 
     def volume(self, i: int) -> np.ndarray:
         return np.load(self.root / self.items[i]["file"], mmap_mode="r")
+
+    def grid_spacing(self) -> tuple[float, float, float] | None:
+        """The median voxel size (x, y, z mm) of the prepared cubes, or None for a dataset prepared
+        before it was recorded.  A model trained on the dataset writes its volumes with it."""
+        rows = [it["grid_spacing"] for it in self.items if it.get("grid_spacing")]
+        if not rows:
+            return None
+        med = np.median(np.asarray(rows, dtype=np.float64), axis=0)
+        return (float(med[0]), float(med[1]), float(med[2]))
 
     def label(self, i: int) -> int | None:
         lab = self.items[i].get("label")

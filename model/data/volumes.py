@@ -414,7 +414,12 @@ def _from_sitk(img: Any, name: str, max_voxels: int) -> tuple[np.ndarray, tuple[
 
 # ------------------------------------------------------------------------------------ to the model grid
 def to_model_space(
-    array: np.ndarray, spacing: tuple[float, float, float], config: Any, *, trim_blank: bool = True
+    array: np.ndarray,
+    spacing: tuple[float, float, float],
+    config: Any,
+    *,
+    trim_blank: bool = True,
+    info: dict[str, Any] | None = None,
 ) -> np.ndarray:
     """Physical units -> (R, R, R) float32 in [-1, 1]: the paper's preprocessing.
 
@@ -423,6 +428,8 @@ def to_model_space(
     [-1, 1] (NaN -> 0).  Then trim blank axial slices at both ends (every voxel at -1) and resize
     the rest to the R^3 cube (trilinear), as the authors do: the cube does not keep the physical
     aspect ratio, so ``spacing`` is accepted for the record but does not change the result.
+    ``info``, when given, receives ``grid_spacing``: the voxel size (x, y, z mm) of the cube, i.e.
+    the kept field of view divided by R along each axis.
     """
     import torch
     import torch.nn.functional as F
@@ -453,6 +460,9 @@ def to_model_space(
         idx = np.nonzero(keep)[0]
         v = v[idx[0] : idx[-1] + 1]
     r = config.resolution
+    if info is not None:
+        sx, sy, sz = (float(s) for s in spacing)
+        info["grid_spacing"] = [v.shape[2] * sx / r, v.shape[1] * sy / r, v.shape[0] * sz / r]
     t = torch.from_numpy(np.ascontiguousarray(v))[None, None]
     out = F.interpolate(t, size=(r, r, r), mode="trilinear", align_corners=False)
     return out[0, 0].clamp_(-1.0, 1.0).numpy().astype(np.float32, copy=False)

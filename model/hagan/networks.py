@@ -94,6 +94,30 @@ def _up(x: torch.Tensor) -> torch.Tensor:
     return F.interpolate(x, scale_factor=2, mode="nearest")
 
 
+# K[k] = sum_s w[s] * box[k - 2 + s]: the 4 taps of "x2 nearest upsample, then a 3-tap conv" as one
+# stride-2 transposed conv (box = the upsample's [1, 1] footprint).
+_UPCONV_TAPS = torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 1.0], [1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+
+
+def upconv_weight(weight: torch.Tensor) -> torch.Tensor:
+    """[Co, Ci, 3, 3, 3] conv weights -> [Ci, Co, 4, 4, 4] stride-2 transposed-conv weights (differentiable)."""
+    t = _UPCONV_TAPS.to(weight)
+    return torch.einsum("ka,lb,mc,oiabc->ioklm", t, t, t, weight)
+
+
+def up_conv(x: torch.Tensor, conv: nn.Conv3d, fused: bool = True) -> torch.Tensor:
+    """``conv(upsample_nearest_x2(x))`` with padding 1.
+
+    ``fused`` computes it as one stride-2 transposed convolution on the input grid (exact: the
+    same sums, padding included, in a different order): 64 instead of 216 multiply-adds per input
+    voxel and channel pair, and backward saves x instead of the 8x larger upsampled tensor.  About 3x
+    faster forward + backward on the CPU for HA-GAN's layers.  The weights stay 3x3x3 convs, so
+    checkpoints do not change."""
+    if not fused:
+        return conv(_up(x))
+    return F.conv_transpose3d(x, upconv_weight(conv.weight), conv.bias, stride=2, padding=1)
+
+
 # --------------------------------------------------------------------------------------------
 # widths
 # --------------------------------------------------------------------------------------------
@@ -125,6 +149,8 @@ class Widths:
 class GA(nn.Module):
     """Common block: latent (+ one-hot class) -> 2c @ (R/4)^3 features."""
 
+    fused_upconv = True  # see up_conv; False runs the authors' literal upsample + conv
+
     def __init__(self, cfg: HAGANConfig) -> None:
         super().__init__()
         c = Widths.of(cfg).c
@@ -140,9 +166,8 @@ class GA(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.fc(z).view(z.shape[0], self.c0, 4, 4, 4)
         for conv, norm, up in zip(self.convs, self.norms, self.upsample_before, strict=True):
-            if up:
-                h = _up(h)
-            h = F.relu(norm(conv(h)))
+            h = up_conv(h, conv, self.fused_upconv) if up else conv(h)
+            h = F.relu(norm(h))
         return h
 
 
@@ -166,6 +191,8 @@ class GL(nn.Module):
 class GH(nn.Module):
     """High-resolution branch: x2 nearest upsample + 3x3x3 conv stages, then tanh."""
 
+    fused_upconv = True  # see up_conv
+
     def __init__(self, cfg: HAGANConfig) -> None:
         super().__init__()
         c = Widths.of(cfg).c
@@ -179,7 +206,7 @@ class GH(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         for i, conv in enumerate(self.convs):
-            h = conv(_up(h))
+            h = up_conv(h, conv, self.fused_upconv)
             h = F.relu(self.norms[i](h)) if i < len(self.norms) else torch.tanh(h)
         return h
 
@@ -310,6 +337,11 @@ class HAGAN(nn.Module):
         self.dl = DL(cfg)
         self.eh = EH(cfg)
         self.eg = EG(cfg)
+
+    def set_fused_upconv(self, fused: bool) -> HAGAN:
+        """Fused (default) or literal upsample + conv in G^A and G^H; the same function either way."""
+        self.ga.fused_upconv = self.gh.fused_upconv = bool(fused)
+        return self
 
     # groups of sub-networks as the paper and the authors' checkpoints group them
     GROUPS = {"G": ("ga", "gl", "gh"), "D": ("dh", "dl"), "E^H": ("eh",), "E^G": ("eg",)}

@@ -16,6 +16,7 @@ plus optimizer and RNG state in safetensors/JSON (no pickles); ``resume`` contin
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -51,7 +52,27 @@ DEFAULTS: dict[str, Any] = {
     "lr_d": 4e-4,
     "lr_e": 1e-4,
     "lambda_class": 0.1,
+    "amp": "auto",  # mixed precision: auto = bf16 autocast on a CUDA device that supports it; on | off
 }
+
+
+def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``--amp``: bf16 (no loss scaling needed, fp32 range) or None (fp32).
+
+    "auto" turns it on only on CUDA devices with bf16 support; "on" also allows the CPU's bf16
+    autocast (slower on most CPUs; useful to check the code path); "off" is plain fp32."""
+    if amp not in ("auto", "on", "off"):
+        raise ValueError(f"amp must be auto, on or off, got {amp!r}")
+    if amp == "off":
+        return None
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        if amp == "on":
+            raise ValueError("--amp on: this CUDA device has no bf16 support; use --amp off")
+        return None
+    return torch.bfloat16 if amp == "on" else None
+
 
 OPTIMIZERS = {"g": ("ga", "gl", "gh"), "d": ("dh", "dl"), "eh": ("eh",), "eg": ("eg",)}
 
@@ -101,6 +122,7 @@ class Trainer:
         if res != self.data.resolution:
             raise ValueError(f"the dataset was prepared at {self.data.resolution}^3, not {res}^3")
         mf = self.data.manifest
+        spacing = self.data.grid_spacing()
         self.cfg = HAGANConfig(
             resolution=res,
             latent_dim=int(self.o["latent_dim"]),
@@ -108,10 +130,12 @@ class Trainer:
             class_names=list(self.data.class_names),
             modality=mf["modality"],
             intensity=Intensity(**mf["intensity"]),
+            spacing=spacing or (1.0, 1.0, 1.0),
             description=f"HA-GAN trained by voxgen train on {mf.get('source', '?')}",
         )
         torch.manual_seed(int(self.o["seed"]))
         self.net = HAGAN(self.cfg).to(self.device).train()
+        self.amp_dtype = amp_dtype(str(self.o["amp"]), self.device)
         self.opts = {
             k: torch.optim.Adam(
                 _params(self.net, v),
@@ -137,8 +161,24 @@ class Trainer:
             labels = torch.tensor([self.data.label(int(i)) or 0 for i in idx], device=self.device)
         return x.to(self.device), labels
 
+    def _ac(self) -> Any:
+        """Autocast for the forward passes (backward runs outside, as PyTorch recommends)."""
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
     def step(self) -> dict[str, float]:
-        net, bce = self.net, F.binary_cross_entropy_with_logits
+        net, ac = self.net, self._ac
+
+        def bce(logit: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+            return F.binary_cross_entropy_with_logits(logit.float(), target)
+
+        def l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return F.l1_loss(a.float(), b.float())
+
+        def ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            return F.cross_entropy(logits.float(), labels)
+
         x, labels = self._batch()
         b = x.shape[0]
         s, depth = net.feat_scale, net.sub_depth
@@ -154,12 +194,13 @@ class Trainer:
         # 1. D
         _requires_grad(net, OPTIMIZERS["d"], True)
         self.opts["d"].zero_grad(set_to_none=True)
-        logit, cls = net.discriminate(x_crop, x_low, r)
-        d_real = bce(logit, ones) + (F.cross_entropy(cls, labels) if cls is not None else 0.0)
-        with torch.no_grad():
-            fake_hi, fake_lo = net.generate_train(z(), r, labels)
-        logit, _ = net.discriminate(fake_hi, fake_lo, r)
-        d_fake = bce(logit, zeros)
+        with ac():
+            logit, cls = net.discriminate(x_crop, x_low, r)
+            d_real = bce(logit, ones) + (ce(cls, labels) if cls is not None else 0.0)
+            with torch.no_grad():
+                fake_hi, fake_lo = net.generate_train(z(), r, labels)
+            logit, _ = net.discriminate(fake_hi, fake_lo, r)
+            d_fake = bce(logit, zeros)
         (d_real + d_fake).backward()
         self.opts["d"].step()
         losses["d_real"], losses["d_fake"] = float(d_real.detach()), float(d_fake.detach())
@@ -167,11 +208,12 @@ class Trainer:
         # 2. G
         _requires_grad(net, OPTIMIZERS["d"], False)
         self.opts["g"].zero_grad(set_to_none=True)
-        fake_hi, fake_lo = net.generate_train(z(), r, labels)
-        logit, cls = net.discriminate(fake_hi, fake_lo, r)
-        g_loss = bce(logit, ones)
-        if cls is not None:
-            g_loss = g_loss + self.o["lambda_class"] * F.cross_entropy(cls, labels)
+        with ac():
+            fake_hi, fake_lo = net.generate_train(z(), r, labels)
+            logit, cls = net.discriminate(fake_hi, fake_lo, r)
+            g_loss = bce(logit, ones)
+            if cls is not None:
+                g_loss = g_loss + self.o["lambda_class"] * ce(cls, labels)
         g_loss.backward()
         self.opts["g"].step()
         losses["g"] = float(g_loss.detach())
@@ -180,17 +222,19 @@ class Trainer:
         # 3. E^H: reconstruct the real sub-volume through the frozen G^H
         _requires_grad(net, OPTIMIZERS["g"], False)
         self.opts["eh"].zero_grad(set_to_none=True)
-        e_loss = F.l1_loss(net.gh(net.eh(x_crop)), x_crop)
+        with ac():
+            e_loss = l1(net.gh(net.eh(x_crop)), x_crop)
         e_loss.backward()
         self.opts["eh"].step()
         losses["e_h"] = float(e_loss.detach())
 
         # 4. E^G: through the frozen G, from the E^H features of every slab
-        with torch.no_grad():
+        with torch.no_grad(), ac():
             feats = net.encode_features(x)
         self.opts["eg"].zero_grad(set_to_none=True)
-        rec_hi, rec_lo = net.generate_train(net.eg(feats), r, labels)
-        eg_loss = (F.l1_loss(rec_hi, x_crop) + F.l1_loss(rec_lo, x_low)) / 2
+        with ac():
+            rec_hi, rec_lo = net.generate_train(net.eg(feats), r, labels)
+            eg_loss = (l1(rec_hi, x_crop) + l1(rec_lo, x_low)) / 2
         eg_loss.backward()
         self.opts["eg"].step()
         _requires_grad(net, OPTIMIZERS["g"], True)

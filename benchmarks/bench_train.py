@@ -1,0 +1,163 @@
+"""HA-GAN training: time and peak memory of one iteration, ours beside the authors' arithmetic.
+
+One iteration = the paper's four updates (D^H + D^L, G, E^H, E^G) on a batch, as `voxgen train`
+runs it (model/hagan/train.py).  Each cell runs in a fresh subprocess so its peak memory is its own:
+peak RSS on the CPU (ru_maxrss: Python, torch, weights, Adam state and the work), peak allocated
+GPU memory on CUDA.  Random weights at the authors' full width (latent 1024), a synthetic CT
+dataset (phantoms) prepared at the resolution.
+
+    python benchmarks/bench_train.py                       # 128 and 256, batch 2; Markdown tables
+    python benchmarks/bench_train.py --res 256 --iterations 3 --device cuda
+
+Paths:
+  plain  the authors' arithmetic: x2 nearest upsample, then a 3x3x3 conv (G^A, G^H), fp32
+  voxgen each upsample + conv as one stride-2 transposed conv with derived 4x4x4 weights (exact,
+         about 3x fewer multiply-adds; backward keeps the small input, not the upsampled one);
+         on CUDA also bf16 autocast (--amp auto)
+The first iteration of each cell is a warm-up and not counted.  CPU time (all threads of the process)
+is printed beside wall time: on a shared machine it is the fairer comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def make_dataset(res: int, root: Path, n: int = 4) -> Path:
+    from model.data.datasets import prepare_dataset
+    from model.data.phantoms import write_phantom
+    from model.hagan.config import HAGANConfig
+
+    out = root / f"ds{res}"
+    if (out / "manifest.json").is_file():
+        return out
+    src = root / f"src{res}"
+    src.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        write_phantom(src / f"p{i}.nii.gz", "ct", shape=(res // 2, res // 2, res // 2), seed=i)
+    prepare_dataset(src, out, HAGANConfig(resolution=res))
+    return out
+
+
+def one(res: int, path: str, data: str, batch: int, iterations: int, device: str) -> dict:
+    import torch
+
+    from model.hagan.train import Trainer
+
+    with tempfile.TemporaryDirectory() as run:
+        opts = {
+            "data": data,
+            "output": run,
+            "resolution": res,
+            "batch": batch,
+            "device": device,
+            "seed": 0,
+            "amp": "auto" if path == "voxgen" else "off",
+        }
+        t = Trainer(opts)
+        t.net.set_fused_upconv(path == "voxgen")
+        cuda = t.device.type == "cuda"
+        t.step()  # warm-up
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        times, cpu = [], []
+        for _ in range(iterations):
+            s, c = time.perf_counter(), time.process_time()
+            losses = t.step()
+            if cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - s)
+            cpu.append(time.process_time() - c)
+        params = sum(p.numel() for p in t.net.parameters())
+        peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else _peak_rss_mib()
+    return {
+        "res": res,
+        "path": path,
+        "batch": batch,
+        "times": times,
+        "cpu_times": cpu,
+        "peak_mib": peak,
+        "memory": "GPU allocated" if cuda else "RSS",
+        "params": params,
+        "losses_finite": all(v == v for v in losses.values()),
+        "amp": str(t.amp_dtype) if t.amp_dtype is not None else "off",
+    }
+
+
+def run_cell(res: int, path: str, data: Path, a: argparse.Namespace) -> dict:
+    cmd = [sys.executable, __file__, "--one", str(res), path, str(data)]
+    cmd += ["--batch", str(a.batch), "--iterations", str(a.iterations), "--device", a.device]
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode != 0:
+        return {"res": res, "path": path, "error": (p.stderr.strip().splitlines() or ["?"])[-1]}
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--res", type=int, nargs="*", default=[128, 256])
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--iterations", type=int, default=2, help="timed iterations per cell (after one warm-up)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--work", help="folder for the synthetic datasets (default: a temporary one)")
+    ap.add_argument("--one", nargs=3, metavar=("RES", "PATH", "DATA"), help=argparse.SUPPRESS)
+    ap.add_argument("--json", help="also write the raw results here")
+    a = ap.parse_args()
+    if a.one:
+        r = one(int(a.one[0]), a.one[1], a.one[2], a.batch, a.iterations, a.device)
+        print(json.dumps(r))
+        return
+    import torch
+
+    print(
+        f"# machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, device {a.device}; batch {a.batch}; {a.iterations} timed iterations/cell\n"
+    )
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(a.work or tmp)
+        for res in a.res:
+            data = make_dataset(res, work)
+            for path in ("plain", "voxgen"):
+                rows.append(run_cell(res, path, data, a))
+                print(f"  done {res} {path}", file=sys.stderr)
+    print("| output | path | s / iteration, median (min) | CPU s / iteration | peak memory GiB | parameters |")
+    print("|---|---|---|---|---|---|")
+    by = {}
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['res']}^3 | {r['path']} | failed: {r['error']} | | |")
+            continue
+        ts, cs = sorted(r["times"]), sorted(r["cpu_times"])
+        r["median"], r["cpu_median"] = ts[len(ts) // 2], cs[len(cs) // 2]
+        by[(r["res"], r["path"])] = r
+        mem = f"{r['peak_mib'] / 1024:.2f} ({r['memory']})"
+        cells = f"{r['median']:.2f} ({ts[0]:.2f}) | {r['cpu_median']:.1f} | {mem} | {r['params'] / 1e6:.1f}M"
+        print(f"| {r['res']}^3 | {r['path']} | {cells} |")
+    print("\n| output | voxgen / plain: wall time | CPU time | peak memory |")
+    print("|---|---|---|---|")
+    for res in a.res:
+        p, v = by.get((res, "plain")), by.get((res, "voxgen"))
+        if p and v:
+            ratios = (v["median"] / p["median"], v["cpu_median"] / p["cpu_median"], v["peak_mib"] / p["peak_mib"])
+            print(f"| {res}^3 | {ratios[0]:.2f} | {ratios[1]:.2f} | {ratios[2]:.2f} |")
+    if a.json:
+        Path(a.json).write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
