@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: setup run test lint redis-server bench clean
+.PHONY: setup run test lint redis-server chromium bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,7 +28,7 @@ run: setup
 	$(BIN)/voxgen serve --host $(HOST) --port $(PORT)
 
 # The whole test suite; integration tests start their own redis-server and Celery worker.
-test: setup redis-server
+test: setup redis-server chromium
 	$(BIN)/python -m pytest -q
 
 lint: setup
@@ -40,6 +40,12 @@ redis-server:
 	  echo "redis-server not found; installing it (Debian/Ubuntu)"; \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq redis-server; \
 	  else sudo apt-get update -qq && sudo apt-get install -y -qq redis-server; fi; }
+
+# The viewer's end-to-end tests drive Debian's Chromium with Playwright (no browser download).
+chromium:
+	@test -x /usr/bin/chromium || { echo "chromium not found; installing it (Debian/Ubuntu)"; \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium; \
+	  else sudo apt-get update -qq && sudo apt-get install -y -qq chromium; fi; }
 
 bench: setup
 	$(BIN)/python benchmarks/bench_generate.py

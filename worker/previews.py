@@ -1,14 +1,17 @@
 """PNG previews of result volumes: the middle axial, coronal and sagittal slices side by side.
 
 Orientation: volumes are (z, y, x) arrays whose indices increase towards Superior, Anterior and
-Right (RAS+, see model/data/volumes.py).  Each plane is drawn as a radiologist reads it from the
-patient's feet/front/left but in the *neurological* convention (the patient's right on the image's
-right): axial with anterior up, coronal and sagittal with superior up (sagittal: anterior on the
-right).  The convention and the intensity scaling are written on the image.
+Right (RAS+, see model/data/volumes.py).  The planes are drawn in the *neurological* convention,
+the one NiiVue (the service's web viewer) uses by default: the patient's right on the image's
+right in the axial and coronal planes; axial with anterior up; coronal and sagittal with superior
+up; sagittal with anterior on the right.  A band above the tiles says so: one line with the
+convention and the intensity scaling, and above each tile its plane and which way is up / right.
 
-Intensity: CT in a fixed window in Hounsfield units (default the model's own window, the range it
-was trained in); MRI (arbitrary units) from the 1st to the 99.5th percentile of the volume.
-Each tile is stretched to the physical aspect ratio when the voxel spacing is anisotropic.
+Intensity: CT in a fixed window in Hounsfield units (the model's own window, the range it was
+trained in); MRI (arbitrary units) from the 1st to the 99.5th percentile of the volume, so a few
+bright voxels do not darken the image.  Each tile is stretched to the physical aspect ratio when
+the voxel spacing is anisotropic.  The tiles sit edge to edge: the image is exactly as wide as the
+three tiles, and the picture starts LABEL_HEIGHT rows from the top.
 """
 
 from __future__ import annotations
@@ -20,17 +23,26 @@ from typing import Any
 
 import numpy as np
 
-LABEL_HEIGHT = 14
+LABEL_HEIGHT = 28  # rows above the tiles: the caption line and the per-tile orientation line
+_LINE = 14  # height of one text line in the label band
+
+# per plane: the texts to try, longest first; the first that fits the tile's width is drawn
+_PLANE_LABELS = (
+    ("axial: A up, R right", "ax: A up, R right", "ax A^ R>", "ax"),
+    ("coronal: S up, R right", "cor: S up, R right", "cor S^ R>", "cor"),
+    ("sagittal: S up, A right", "sag: S up, A right", "sag S^ A>", "sag"),
+)
 
 
 def _window(phys: np.ndarray, config: Any) -> tuple[float, float, str]:
+    """The display range (lo, hi) in physical units and how it was chosen, in words."""
     if getattr(config, "modality", "") == "ct":
         lo, hi = float(config.intensity.lo), float(config.intensity.hi)
-        return lo, hi, f"CT {lo:g}..{hi:g} HU"
+        return lo, hi, f"CT window {lo:g}..{hi:g} HU"
     lo, hi = (float(x) for x in np.percentile(phys, [1.0, 99.5]))
     if hi <= lo:
         hi = lo + 1.0
-    return lo, hi, "MRI p1-p99.5"
+    return lo, hi, "MRI 1st-99.5th percentile"
 
 
 def _tile(plane: np.ndarray, row_mm: float, col_mm: float) -> np.ndarray:
@@ -45,8 +57,26 @@ def _tile(plane: np.ndarray, row_mm: float, col_mm: float) -> np.ndarray:
     return plane[:, idx]
 
 
+def _font() -> Any:
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=11)  # scalable (Pillow >= 10.1 with FreeType)
+    except (TypeError, ImportError, OSError):  # older Pillow / no FreeType: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def _fitting(font: Any, texts: tuple[str, ...], width: int) -> str:
+    """The first of ``texts`` that fits ``width`` pixels, or '' when none does."""
+    for t in texts:
+        if font.getlength(t) <= width - 2:
+            return t
+    return ""
+
+
 def render_preview(v_model: np.ndarray, config: Any) -> np.ndarray:
-    """(D, H, W) model-space volume -> uint8 image (rows, cols): three planes and a caption."""
+    """(D, H, W) model-space volume -> uint8 image (LABEL_HEIGHT + rows, cols): a label band above
+    the axial, coronal and sagittal middle slices, side by side."""
     from PIL import Image, ImageDraw
 
     v = np.asarray(v_model, dtype=np.float32)
@@ -63,10 +93,32 @@ def render_preview(v_model: np.ndarray, config: Any) -> np.ndarray:
     padded = [np.pad(t, ((0, height - t.shape[0]), (0, 0)), constant_values=lo) for t in tiles]
     img = np.concatenate(padded, axis=1)
     img = ((np.clip(img, lo, hi) - lo) / (hi - lo) * 255.0).round().astype(np.uint8)
+
     canvas = Image.new("L", (img.shape[1], img.shape[0] + LABEL_HEIGHT), 0)
     canvas.paste(Image.fromarray(img), (0, LABEL_HEIGHT))
-    caption = f"ax | cor | sag, R on right (neurological), {how}"
-    ImageDraw.Draw(canvas).text((2, 1), caption, fill=255)
+    draw, font = ImageDraw.Draw(canvas), _font()
+    caption = _fitting(
+        font,
+        (
+            f"neurological convention (patient's R on image right), {how}",
+            f"neurological (R on right), {how}",
+            f"neurological, {how}",
+            "neurological (R on right)",
+            "neurological",
+            "neuro",
+        ),
+        img.shape[1],
+    )
+    draw.text((2, 0), caption, fill=255, font=font)
+    x0 = 0
+    for tile, texts in zip(tiles, _PLANE_LABELS, strict=True):
+        label = _fitting(font, texts, tile.shape[1])
+        if label:
+            # each tile's label is drawn on its own strip so that it can never spill over a neighbour
+            strip = Image.new("L", (tile.shape[1], LABEL_HEIGHT - _LINE), 0)
+            ImageDraw.Draw(strip).text((1, 0), label, fill=200, font=font)
+            canvas.paste(strip, (x0, _LINE))
+        x0 += tile.shape[1]
     return np.asarray(canvas)
 
 
