@@ -36,14 +36,25 @@ def cmd_init(a: argparse.Namespace) -> int:
 
     if a.family in ("splitshuffle", "stylegan3d"):
         return _init_stylegan3d(a)
-    if a.family != "hagan":
-        raise SystemExit(f"voxgen init: family {a.family!r} is not available yet; available: hagan")
+    if a.family == "alphawgan":
+        from model.alphawgan.model import init_model_dir
+
+        m = init_model_dir(
+            a.output,
+            latent_dim=a.latent_dim or 1000,
+            width=a.width,
+            modality=a.modality,
+            spacing=tuple(a.spacing) if a.spacing else None,
+            seed=a.seed,
+        )
+        print(f"wrote an untrained alpha-WGAN-GP (64^3, latent {m.latent_dim}, width {m.config.width}) to {a.output}")
+        return 0
     from model.hagan.config import HAGANConfig, Intensity
     from model.hagan.infer import HAGANModel
 
     cfg = HAGANConfig(
         resolution=a.resolution,
-        latent_dim=a.latent_dim,
+        latent_dim=a.latent_dim or 1024,
         width=a.width,
         class_names=[c for c in (a.classes or "").split(",") if c],
         modality=a.modality,
@@ -224,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("init", help="write a freshly initialised model directory")
     s.add_argument("--family", default="hagan", choices=["hagan", "splitshuffle", "stylegan3d", "alphawgan"])
     s.add_argument("--resolution", type=int, default=256, choices=[128, 256, 512])
-    s.add_argument("--latent-dim", type=int, default=1024)
+    s.add_argument("--latent-dim", type=int, default=None, help="default: hagan 1024, alphawgan 1000")
     s.add_argument("--width", type=float, default=1.0, help="channel-width multiplier (1 = the authors' widths)")
     s.add_argument("--classes", help="comma-separated class names for a class-conditional model")
     s.add_argument("--modality", choices=["ct", "mri"], default="ct")

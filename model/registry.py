@@ -50,10 +50,8 @@ def family_class(family: str) -> type:
 
         return StyleGAN3DModel
     if family == "alphawgan":
-        try:
-            from model.alphawgan.model import AlphaWGANModel
-        except ModuleNotFoundError as e:
-            raise ModelDirError("family 'alphawgan' is not available in this version") from e
+        from model.alphawgan.model import AlphaWGANModel
+
         return AlphaWGANModel
     raise ModelDirError(f"unknown model family {family!r}; known: {', '.join(FAMILIES)}")
 

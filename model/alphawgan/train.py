@@ -1,0 +1,313 @@
+"""3D alpha-WGAN-GP training (Kwon et al., MICCAI 2019, section 2, eqs. 1-3).
+
+One step, in the paper's order (encoder-generator, discriminator, code discriminator):
+
+1. E and G, as one network, **twice** ("since the generator has slower optimization speed, we
+   update it twice in one step"), each time on a fresh real batch x and fresh z_r ~ N(0, I):
+   ``L_EG = -D(G(E(x))) - D(G(z_r)) - C(E(x)) + lambda_rec * |x - G(E(x))|_1`` (means over the
+   batch; the L1 term is the mean absolute error, lambda_rec = 10).
+2. D on a fresh real batch: ``L_D = D(G(z_e)) + D(G(z_r)) - 2 D(x) + lambda * (GP(x, G(z_r)) +
+   GP(x, G(z_e)))``: both kinds of generated volumes are "fake", each with its own gradient
+   penalty on random interpolates with the real batch, lambda = 10.
+3. C: ``L_C = C(z_e) - C(z_r) + lambda * GP(z_r, z_e)`` (prior codes are "real").
+
+Adam with lr 2e-4 for all four networks and batch 4, as the paper says; it does not give Adam's
+betas, so PyTorch's defaults (0.9, 0.999) are used (``betas`` option), as in the authors' notebook.
+Real volumes come from a prepared dataset (128^3 or 256^3 cubes) area-averaged to 64^3 once and
+kept in memory, with a random left-right flip (the paper's augmentation; its intensity
+randomisation is not specified and not done here).  The paper's critic D uses BatchNorm although
+the gradient penalty assumes a per-sample critic; we follow the paper.
+
+Where this differs from the authors' public training notebook (cyclomon/3dbraingen,
+Alpha_WGAN_ADNI_train.ipynb, as read at commit 4223902): there the E/G loss leaves out the
+code-discriminator term (computed, never added), so the encoder is not pushed towards the prior;
+the code discriminator's loss reuses that term, built while C was frozen, so C gets no gradient
+from encoded codes (only from prior samples and the penalty); and "G updated twice" is the
+generator's optimiser stepping twice on one backward pass.  Here eqs. 1-3 are implemented as
+written, and each of the two E/G updates has its own batch, forward and backward.
+
+Checkpoints are model directories plus optimiser and RNG state in safetensors/JSON (no pickles);
+``resume`` continues bit for bit.  The run folder mirrors HA-GAN's: ``checkpoints/iter_N/``,
+``latest.json`` (written last), ``metrics.jsonl``, ``previews/``, ``model/``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from model.alphawgan.config import RESOLUTION, AlphaWGANConfig
+from model.alphawgan.networks import AlphaWGAN
+from model.checkpoint import read_weights, save_model_dir, save_tensors_atomic, write_json_atomic
+from model.data.datasets import VolumeDataset
+from model.hagan.config import Intensity
+
+DEFAULTS: dict[str, Any] = {
+    "iterations": 1000,
+    "batch": 4,
+    "device": "auto",
+    "resume": False,
+    "seed": 0,
+    "checkpoint_every": 100,
+    "preview_every": 100,
+    "log_every": 10,
+    "width": 1.0,
+    "latent_dim": 1000,
+    "code_hidden": 4096,
+    "lr": 2e-4,
+    "betas": (0.9, 0.999),
+    "lambda_gp": 10.0,
+    "lambda_rec": 10.0,
+    "g_updates": 2,
+    "flip": True,
+}
+NETS = ("e", "g", "d", "c")
+
+
+def _opt_tensors(opts: dict[str, torch.optim.Optimizer]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors, meta = {}, {}
+    for name, opt in opts.items():
+        sd = opt.state_dict()
+        for idx, st in sd["state"].items():
+            for k, v in st.items():
+                tensors[f"{name}.{idx}.{k}"] = torch.as_tensor(v).detach().cpu().clone()
+        meta[name] = sd["param_groups"]
+    return tensors, meta
+
+
+def _load_opts(opts: dict[str, torch.optim.Optimizer], tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    for name, opt in opts.items():
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        for key, v in tensors.items():
+            n, idx, k = key.split(".", 2)
+            if n == name:
+                state.setdefault(int(idx), {})[k] = v
+        opt.load_state_dict({"state": state, "param_groups": meta[name]})
+
+
+def gradient_penalty(
+    critic: torch.nn.Module, real: torch.Tensor, fake: torch.Tensor, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """WGAN-GP's penalty E[(||grad critic(x_hat)||_2 - 1)^2] on x_hat = a real + (1 - a) fake,
+    a ~ U(0, 1) per sample (drawn on the CPU from ``generator``)."""
+    a = torch.rand(real.shape[0], *[1] * (real.ndim - 1), generator=generator).to(real.device)
+    xh = (a * real.detach() + (1 - a) * fake.detach()).requires_grad_(True)
+    (grad,) = torch.autograd.grad(critic(xh).sum(), xh, create_graph=True)
+    return ((grad.flatten(1).norm(dim=1) - 1) ** 2).mean()
+
+
+class Trainer:
+    def __init__(self, options: dict[str, Any], progress: Callable[[int, int, str], None] | None = None) -> None:
+        from model.registry import resolve_device
+
+        known = set(DEFAULTS) | {"data", "output"}  # other families' options are ignored
+        self.o = DEFAULTS | {k: v for k, v in options.items() if v is not None and k in known}
+        self.run = Path(self.o["output"])
+        self.data = VolumeDataset(self.o["data"])
+        if len(self.data) == 0:
+            raise ValueError(f"{self.o['data']}: the dataset is empty")
+        if self.data.resolution % RESOLUTION:
+            raise ValueError(f"the dataset's {self.data.resolution}^3 grid cannot be averaged down to {RESOLUTION}^3")
+        self.device = resolve_device(self.o["device"])
+        self.progress = progress
+        mf = self.data.manifest
+        gs = self.data.grid_spacing()
+        f = self.data.resolution / RESOLUTION
+        self.cfg = AlphaWGANConfig(
+            latent_dim=int(self.o["latent_dim"]),
+            width=float(self.o["width"]),
+            code_hidden=int(self.o["code_hidden"]),
+            modality=mf["modality"],
+            intensity=Intensity(**mf["intensity"]),
+            spacing=tuple(s * f for s in gs) if gs else (1.0, 1.0, 1.0),
+            description=f"3D alpha-WGAN-GP trained by voxgen train on {mf.get('source', '?')}",
+        )
+        torch.manual_seed(int(self.o["seed"]))
+        self.net = AlphaWGAN(self.cfg).to(self.device).train()
+        betas = tuple(float(b) for b in self.o["betas"])
+        self.opts = {
+            k: torch.optim.Adam(getattr(self.net, k).parameters(), lr=float(self.o["lr"]), betas=betas) for k in NETS
+        }
+        self.gen = torch.Generator().manual_seed(int(self.o["seed"]) + 1)  # latents, interpolation weights
+        self.rng = np.random.default_rng(int(self.o["seed"]) + 2)  # batches, flips
+        self.iteration = 0
+        self.fixed_z = torch.randn(4, self.cfg.latent_dim, generator=torch.Generator().manual_seed(1234))
+        self._cache: dict[int, torch.Tensor] = {}
+        if self.o["resume"]:
+            self._load_latest()
+
+    # ------------------------------------------------------------------ data
+    def volume(self, i: int) -> torch.Tensor:
+        """Dataset item i on the 64^3 grid (area-averaged once, then kept in memory)."""
+        if i not in self._cache:
+            v = torch.from_numpy(np.asarray(self.data.volume(i), np.float32))[None, None]
+            k = self.data.resolution // RESOLUTION
+            self._cache[i] = (F.avg_pool3d(v, k) if k > 1 else v)[0]
+        return self._cache[i]
+
+    def _batch(self) -> torch.Tensor:
+        b = int(self.o["batch"])
+        idx = self.rng.integers(0, len(self.data), size=b)
+        flips = self.rng.random(b) < 0.5
+        vols = [self.volume(int(i)) for i in idx]
+        if self.o["flip"]:
+            vols = [v.flip(-1) if fl else v for v, fl in zip(vols, flips, strict=True)]  # W = left-right
+        return torch.stack(vols).to(self.device)
+
+    def _z(self, b: int) -> torch.Tensor:
+        return torch.randn(b, self.cfg.latent_dim, generator=self.gen).to(self.device)
+
+    def _gp(self, critic: torch.nn.Module, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+        return gradient_penalty(critic, real, fake, self.gen)
+
+    def _trainable(self, *names: str) -> None:
+        for k in NETS:
+            getattr(self.net, k).requires_grad_(k in names)
+
+    # ------------------------------------------------------------------ one step
+    def step(self) -> dict[str, float]:
+        net, lam = self.net, float(self.o["lambda_gp"])
+        losses: dict[str, float] = {}
+        b = int(self.o["batch"])
+
+        # 1. encoder + generator, updated twice
+        self._trainable("e", "g")
+        for _ in range(int(self.o["g_updates"])):
+            x = self._batch()
+            z_e = net.e(x)
+            x_rec = net.g(z_e)
+            x_rand = net.g(self._z(b))
+            rec = F.l1_loss(x_rec, x)
+            adv = -net.d(x_rec).mean() - net.d(x_rand).mean()
+            code = -net.c(z_e).mean()
+            loss = adv + code + float(self.o["lambda_rec"]) * rec
+            self.opts["e"].zero_grad(set_to_none=True)
+            self.opts["g"].zero_grad(set_to_none=True)
+            loss.backward()
+            self.opts["e"].step()
+            self.opts["g"].step()
+        losses |= {"eg": float(loss.detach()), "l1": float(rec.detach()), "eg_code": float(code.detach())}
+
+        # 2. discriminator: reconstructions and random samples are both fake
+        self._trainable("d")
+        x = self._batch()
+        with torch.no_grad():
+            z_e = net.e(x)
+            x_rec = net.g(z_e)
+            z_r = self._z(b)
+            x_rand = net.g(z_r)
+        d_real = net.d(x).mean()
+        w = net.d(x_rec).mean() + net.d(x_rand).mean() - 2 * d_real
+        gp = self._gp(net.d, x, x_rand) + self._gp(net.d, x, x_rec)
+        loss_d = w + lam * gp
+        self.opts["d"].zero_grad(set_to_none=True)
+        loss_d.backward()
+        self.opts["d"].step()
+        losses |= {"d": float(loss_d.detach()), "d_gp": float(gp.detach()), "d_wdist": float(-w.detach() / 2)}
+
+        # 3. code discriminator: prior codes are real, encoded codes are fake
+        self._trainable("c")
+        w_c = net.c(z_e).mean() - net.c(z_r).mean()
+        gp_c = self._gp(net.c, z_r, z_e)
+        loss_c = w_c + lam * gp_c
+        self.opts["c"].zero_grad(set_to_none=True)
+        loss_c.backward()
+        self.opts["c"].step()
+        losses |= {"c": float(loss_c.detach()), "c_gp": float(gp_c.detach())}
+        self._trainable(*NETS)
+        self.iteration += 1
+        return losses
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self) -> Path:
+        ck = self.run / "checkpoints" / f"iter_{self.iteration:07d}"
+        tensors, meta = _opt_tensors(self.opts)
+        opts = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.o.items() if k != "resume"}
+        state = {
+            "iteration": self.iteration,
+            "options": opts,
+            "optimizers": meta,
+            "numpy_rng": self.rng.bit_generator.state,
+        }
+        save_model_dir(ck, self.cfg.to_dict(), self.net.state_dict())
+        tensors["rng.torch_latents"] = self.gen.get_state()
+        tensors["rng.torch_global"] = torch.get_rng_state()
+        save_tensors_atomic(ck / "optim.safetensors", tensors)
+        write_json_atomic(ck / "state.json", state)
+        write_json_atomic(self.run / "latest.json", {"checkpoint": ck.name, "iteration": self.iteration})
+        save_model_dir(self.run / "model", self.cfg.to_dict(), self.net.state_dict())
+        return ck
+
+    def _load_latest(self) -> None:
+        ptr = self.run / "latest.json"
+        if not ptr.is_file():
+            raise ValueError(f"{self.run}: nothing to resume (no latest.json)")
+        ck = self.run / "checkpoints" / json.loads(ptr.read_text())["checkpoint"]
+        state = json.loads((ck / "state.json").read_text())
+        saved = AlphaWGANConfig.from_dict(json.loads((ck / "config.json").read_text()))
+        if saved.to_dict() != self.cfg.to_dict():
+            raise ValueError(f"{ck}: the checkpoint's config differs from this run's options (width, latent_dim, ...)")
+        self.net.load_state_dict(read_weights(ck))
+        tensors = read_weights(ck, "optim.safetensors")
+        self.gen.set_state(tensors.pop("rng.torch_latents"))
+        torch.set_rng_state(tensors.pop("rng.torch_global"))
+        _load_opts(
+            self.opts,
+            {k: v.to(self.device) if not k.endswith(".step") else v for k, v in tensors.items()},
+            state["optimizers"],
+        )
+        self.rng.bit_generator.state = state["numpy_rng"]
+        self.iteration = int(state["iteration"])
+
+    # ------------------------------------------------------------------ previews and the loop
+    @torch.no_grad()
+    def preview(self) -> Path:
+        from model.metrics.features import middle_slices
+        from model.metrics.plots import slice_montage
+
+        self.net.g.eval()
+        vols = self.net.g(self.fixed_z.to(self.device)).float().cpu()
+        self.net.g.train()
+        mids = middle_slices(vols)
+        rows = [{p: mids[p][i].numpy() for p in mids} for i in range(vols.shape[0])]
+        return slice_montage(rows, self.run / "previews" / f"iter_{self.iteration:07d}.png", min_tile=64)
+
+    def fit(self) -> Path:
+        self.run.mkdir(parents=True, exist_ok=True)
+        total = int(self.o["iterations"])
+        metrics = open(self.run / "metrics.jsonl", "a")
+        t0, start = time.perf_counter(), self.iteration
+        try:
+            while self.iteration < total:
+                losses = self.step()
+                it = self.iteration
+                rate = (it - start) / max(time.perf_counter() - t0, 1e-9)
+                metrics.write(json.dumps({"iteration": it, **losses, "time": time.time()}) + "\n")
+                if it % int(self.o["log_every"]) == 0 or it == total:
+                    metrics.flush()
+                    eta = (total - it) / rate if rate > 0 else math.inf
+                    msg = " ".join(f"{k} {v:.4f}" for k, v in losses.items())
+                    sys.stderr.write(f"[{it}/{total}] {msg} | {rate:.2f} it/s, ETA {eta:.0f} s\n")
+                if self.progress:
+                    self.progress(it, total, "train")
+                if it % int(self.o["checkpoint_every"]) == 0 or it == total:
+                    self.save_checkpoint()
+                if it % int(self.o["preview_every"]) == 0 or it == total:
+                    self.preview()
+        finally:
+            metrics.close()
+        return self.run / "model"
+
+
+def train(options: dict[str, Any], progress: Callable[[int, int, str], None] | None = None) -> Path:
+    """Train (or resume) an alpha-WGAN-GP run; returns the finished model directory (RUN/model)."""
+    return Trainer(options, progress).fit()
