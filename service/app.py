@@ -1,9 +1,12 @@
 """The FastAPI application factory.  Thin routes (service/routes/), pydantic schemas as the contract
-(service/schemas.py).  The API process does not import torch unless it runs the embedded queue,
-whose worker thread loads the models."""
+(service/schemas.py), GET /metrics (service/metrics.py).  Storage is a local directory or an
+S3-compatible store (VOXGEN_STORAGE_URL; worker/store.py).  The API process does not import torch
+unless it runs the embedded queue, whose worker thread loads the models."""
 
 from __future__ import annotations
 
+import logging
+import re
 import threading
 from contextlib import asynccontextmanager
 from typing import Any
@@ -13,10 +16,15 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service import metrics
 from service.routes import ROUTERS
 from service.routes.common import list_models
 from service.settings import Settings, get_settings
-from worker.store import MemoryRecords, Storage
+from worker.logs import bind_job, configure_logging, end_scope, request_scope
+from worker.store import MemoryRecords, open_storage
+
+log = logging.getLogger("voxgen.api")
+_JOB_PATH = re.compile(r"^/jobs/([0-9a-f]{32})(?:/|$)")
 
 JSON_BODY_LIMIT = 16 * 2**20  # the largest legitimate JSON body (16 latents of 8192 values) is ~4 MB
 MULTIPART_OVERHEAD = 64 * 2**10  # boundaries, part headers and the small form fields around the file
@@ -57,9 +65,28 @@ class BodyLimit:
         await self.app(scope, counted, send)
 
 
+class LogScope:
+    """Each HTTP request logs in a scope of its own (worker/logs.py): a request on /jobs/{id}
+    carries that job id on its lines from the start; a submission binds its new job's id."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        token = request_scope()
+        if m := _JOB_PATH.match(scope["path"]):
+            bind_job(m.group(1))
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            end_scope(token)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
-    storage = Storage(settings.storage_dir)
+    storage = open_storage(settings)
     if settings.redis_url:
         from service.queues import CeleryQueue
 
@@ -79,15 +106,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             try:
                 if isinstance(jobs.records, MemoryRecords):
                     jobs.records.expire(ttl)
-                running = {i for i in jobs.records.all_ids() if (r := jobs.records.get(i)) and r["state"] == "running"}
+                running = {i for i, state in jobs.records.active().items() if state == "running"}
                 storage.cleanup(ttl, keep=running)
-            except Exception:  # storage or Redis briefly unavailable: next round
-                pass
+            except Exception as e:  # storage or Redis briefly unavailable: next round
+                log.warning("result cleanup skipped this round: %s", e)
             if stop_cleaner.wait(min(600.0, max(5.0, ttl / 10))):
                 return
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):  # noqa: ANN202
+        # VOXGEN_LOG_FORMAT for our lines and uvicorn's (whose own handlers are replaced)
+        configure_logging(
+            settings.log_format, settings.log_level, loggers=("uvicorn", "uvicorn.error", "uvicorn.access")
+        )
+        log.info("voxgen API: %s queue, storage %s", jobs.kind, storage.describe())
         t = threading.Thread(target=cleaner, name="voxgen-cleaner", daemon=True)
         t.start()
         yield
@@ -102,7 +134,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         "asynchronous: POST returns 202 with a job id; poll GET /jobs/{id}; download the listed files.",
     )
     app.state.settings, app.state.storage, app.state.jobs = settings, storage, jobs
+    app.state.metrics_registry = metrics.make_registry(jobs)
     app.add_middleware(BodyLimit, upload_bytes=settings.max_upload_mb * 2**20)
+    app.add_middleware(LogScope)  # outermost: a 413 from BodyLimit is logged in the request's scope
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -111,6 +145,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     for router in ROUTERS:
         app.include_router(router)
+    app.include_router(metrics.router)
     return app
 
 

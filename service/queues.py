@@ -1,12 +1,27 @@
-"""Two queue back ends behind one interface: Celery on Redis, and the embedded in-process queue."""
+"""Two queue back ends behind one interface: Celery on Redis, and the embedded in-process queue.
+
+Both take ``submit(job_id, attempt, kind)`` (an encode job's upload is first pushed to shared
+storage: ``storage.commit_upload``), answer ``ping()``, ``pending()`` and ``queue_depth()`` (jobs
+waiting per queue, for GET /metrics), and expose the job ``records``."""
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
+import time
 
+from worker.logs import bind_job, job_context, task_id_for
 from worker.settings import Settings, celery_conf
-from worker.store import MemoryRecords, RedisRecords, Storage, queue_for
+from worker.store import MemoryRecords, RedisRecords, S3Storage, Storage, queue_for
+
+log = logging.getLogger("voxgen.api")
+
+# Celery's Redis transport keeps a queue's messages in a list named after the queue; messages sent
+# with a priority go to lists "{queue}\x06\x16{priority}" (priority steps 3, 6, 9).  voxgen sends
+# without priority, so the plain list is the one that fills (and the one KEDA watches).
+_PRIORITY_SEP = "\x06\x16"
+QUEUES = ("gpu", "train")
 
 
 class EmbeddedQueue:
@@ -14,7 +29,7 @@ class EmbeddedQueue:
 
     kind = "embedded"
 
-    def __init__(self, settings: Settings, storage: Storage) -> None:
+    def __init__(self, settings: Settings, storage: Storage | S3Storage) -> None:
         self.settings = settings
         self.storage = storage
         self.records = MemoryRecords()
@@ -23,26 +38,36 @@ class EmbeddedQueue:
         self._thread.start()
 
     def submit(self, job_id: str, attempt: int, kind: str) -> None:
+        bind_job(job_id, attempt=attempt)
+        self.storage.commit_upload(job_id)
         self._q.put((job_id, attempt))
+        with job_context(job_id, attempt=attempt):
+            log.info("job submitted: kind %s, attempt %d, embedded queue", kind, attempt)
 
     def _run(self) -> None:
         from worker.jobs import execute
 
         while (item := self._q.get()) is not None:
-            try:
-                execute(
-                    item[0],
-                    item[1],
-                    self.records,
-                    self.storage,
-                    self.settings.models_dir,
-                    device=self.settings.device,
-                    lease_seconds=self.settings.job_lease_seconds,
-                )
-            except Exception:  # execute records job failures itself; this thread must outlive anything
-                pass
-            finally:
-                self._q.task_done()
+            job_id, attempt = item
+            with job_context(job_id, attempt=attempt):
+                t0 = time.time()
+                log.info("job started")
+                try:
+                    execute(
+                        job_id,
+                        attempt,
+                        self.records,
+                        self.storage,
+                        self.settings.models_dir,
+                        device=self.settings.device,
+                        lease_seconds=self.settings.job_lease_seconds,
+                    )
+                except Exception:  # execute records job failures itself; this thread must outlive anything
+                    log.exception("job crashed outside its own error handling")
+                finally:
+                    self._q.task_done()
+                rec = self.records.get(job_id) or {}
+                log.info("job ended: %s after %.2f s", rec.get("state"), time.time() - t0)
 
     def reap(self) -> list[str]:  # a thread in this process cannot die without the process
         return []
@@ -50,6 +75,10 @@ class EmbeddedQueue:
     def pending(self) -> int:
         """Jobs submitted and not yet finished by the worker thread."""
         return self._q.unfinished_tasks
+
+    def queue_depth(self) -> dict[str, int]:
+        """Jobs waiting (not yet started) in the one embedded queue."""
+        return {"embedded": self._q.qsize()}
 
     def ping(self) -> bool:
         return self._thread.is_alive()
@@ -63,7 +92,7 @@ class CeleryQueue:
 
     kind = "celery"
 
-    def __init__(self, settings: Settings, storage: Storage) -> None:
+    def __init__(self, settings: Settings, storage: Storage | S3Storage) -> None:
         from celery import Celery
 
         self.settings = settings
@@ -77,7 +106,12 @@ class CeleryQueue:
         self._reaper.start()
 
     def submit(self, job_id: str, attempt: int, kind: str) -> None:
-        self.app.send_task("voxgen.run_job", args=[job_id, attempt], queue=queue_for(kind))
+        bind_job(job_id, attempt=attempt)
+        self.storage.commit_upload(job_id)  # an encode job's upload, to where any worker finds it
+        q = queue_for(kind)
+        self.app.send_task("voxgen.run_job", args=[job_id, attempt], queue=q, task_id=task_id_for(job_id, attempt))
+        with job_context(job_id, attempt=attempt):
+            log.info("job submitted: kind %s, attempt %d, queue %s", kind, attempt, q)
 
     def reap(self) -> list[str]:
         """Re-queue running jobs whose lease lapsed (their worker died); see worker/store.py."""
@@ -89,9 +123,28 @@ class CeleryQueue:
         period = max(1.0, self.settings.job_lease_seconds / 3)
         while not self._stop.wait(period):
             try:
-                self.reap()
+                for job_id in self.reap():
+                    with job_context(job_id):
+                        log.warning("job re-queued: its worker's lease lapsed")
             except Exception:  # Redis unreachable for a moment: try again at the next period
                 pass
+
+    def pending(self) -> int:
+        """Jobs queued or running (from the records' active index)."""
+        return len(self.records.active())
+
+    def queue_depth(self) -> dict[str, int]:
+        """Messages waiting in each Celery queue's Redis list (what KEDA scales the workers on)."""
+        out = {}
+        with self.records.r.pipeline(transaction=False) as p:
+            for q in QUEUES:
+                p.llen(q)
+                for pri in (3, 6, 9):
+                    p.llen(f"{q}{_PRIORITY_SEP}{pri}")
+            n = p.execute()
+        for i, q in enumerate(QUEUES):
+            out[q] = int(sum(n[4 * i : 4 * i + 4]))
+        return out
 
     def ping(self) -> bool:
         return self.records.ping()

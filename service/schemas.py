@@ -130,6 +130,7 @@ class JobStatus(BaseModel):
     attempt: int = 1
     worker: str | None = None
     device: str | None = None
+    gpu_peak_bytes: int | None = Field(None, description="peak CUDA memory of the run (CUDA workers only)")
     created: float | None = None
     started: float | None = None
     finished: float | None = None

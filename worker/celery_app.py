@@ -13,13 +13,19 @@ attempt number no longer matches the record.
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
+from functools import lru_cache
 
 from celery import Celery
-from celery.signals import worker_ready, worker_shutdown
+from celery.signals import celeryd_after_setup, celeryd_init, setup_logging, worker_ready, worker_shutdown
 
+from worker.logs import configure_logging, job_context, task_id_for
 from worker.settings import celery_conf, get_settings
-from worker.store import queue_for
+from worker.store import S3Storage, Storage, open_storage, queue_for
+
+log = logging.getLogger("voxgen.worker")
 
 settings = get_settings()
 app = Celery("voxgen", broker=settings.redis_url or "redis://127.0.0.1:6379/0")
@@ -30,24 +36,75 @@ _stop_reaper = threading.Event()
 
 @app.task(name="voxgen.run_job")
 def run_job(job_id: str, attempt: int) -> None:
-    """A thin wrapper: the job itself is worker.jobs.execute, the same as in the embedded queue."""
+    """A thin wrapper: the job itself is worker.jobs.execute, the same as in the embedded queue.
+    Every line logged while it runs carries the job id (worker/logs.py)."""
     from worker.jobs import execute
-    from worker.store import RedisRecords, Storage
+    from worker.store import RedisRecords
 
     s = get_settings()
-    execute(
-        job_id,
-        attempt,
-        RedisRecords(s.redis_url or "", s.result_ttl_hours * 3600),
-        Storage(s.storage_dir),
-        s.models_dir,
-        device=s.device,
-        lease_seconds=s.job_lease_seconds,
-    )
+    records = RedisRecords(s.redis_url or "", s.result_ttl_hours * 3600)
+    with job_context(job_id, attempt=attempt):
+        t0 = time.time()
+        log.info("job delivered")
+        execute(
+            job_id,
+            attempt,
+            records,
+            _storage(),
+            s.models_dir,
+            device=s.device,
+            lease_seconds=s.job_lease_seconds,
+        )
+        rec = records.get(job_id) or {}
+        log.info(
+            "job delivery ended: %s after %.2f s (worker %s, device %s)",
+            rec.get("state"),
+            time.time() - t0,
+            rec.get("worker"),
+            rec.get("device"),
+        )
+
+
+@lru_cache(maxsize=1)
+def _storage() -> Storage | S3Storage:
+    """One store (and its S3 connection pool) per worker process."""
+    return open_storage(get_settings())
 
 
 def resubmit(job_id: str, attempt: int, kind: str) -> None:
-    app.send_task("voxgen.run_job", args=[job_id, attempt], queue=queue_for(kind))
+    app.send_task("voxgen.run_job", args=[job_id, attempt], queue=queue_for(kind), task_id=task_id_for(job_id, attempt))
+
+
+@celeryd_init.connect
+def _early_logging(instance: object = None, **_: object) -> None:
+    """Before the worker starts: our log format already (so warnings raised during start-up are
+    lines of it), and with JSON logs no multi-line start-up banner (its gist is logged instead)."""
+    s = get_settings()
+    configure_logging(s.log_format, s.log_level)
+    if s.log_format == "json" and instance is not None:
+        instance.quiet = True  # type: ignore[attr-defined]
+
+
+@celeryd_after_setup.connect
+def _announce(sender: object = None, instance: object = None, **_: object) -> None:
+    s = get_settings()
+    queues = sorted(getattr(getattr(instance, "app", app).amqp.queues, "consume_from", None) or [])
+    log.info(
+        "worker %s: queues %s, device %s, concurrency %s, storage %s",
+        sender,
+        ",".join(queues),
+        s.device,
+        getattr(instance, "concurrency", "?"),
+        s.storage_url or s.storage_dir,  # not _storage(): its S3 client must not cross a prefork fork
+    )
+
+
+@setup_logging.connect
+def _setup_logging(loglevel: int | str | None = None, **_: object) -> None:
+    """Celery leaves logging to us when this signal has a receiver: VOXGEN_LOG_FORMAT lines with
+    the job id (worker/logs.py), at the worker's --loglevel."""
+    s = get_settings()
+    configure_logging(s.log_format, loglevel or s.log_level)
 
 
 def _reaper_loop() -> None:
@@ -56,11 +113,16 @@ def _reaper_loop() -> None:
 
     s = get_settings()
     records = RedisRecords(s.redis_url or "", s.result_ttl_hours * 3600)
-    while not _stop_reaper.wait(max(1.0, s.job_lease_seconds / 3)):
+    while True:
         try:
-            reap(records, resubmit)
-        except Exception:  # Redis unreachable for a moment: try again at the next period
-            pass
+            for job_id in reap(records, resubmit):
+                with job_context(job_id):
+                    log.warning("job re-queued: its worker's lease lapsed")
+            s.heartbeat_file.touch()  # alive and reaching Redis (the health check reads its age)
+        except Exception as e:  # Redis unreachable for a moment: try again at the next period
+            log.warning("reaper round failed: %s", e)
+        if _stop_reaper.wait(max(1.0, s.job_lease_seconds / 3)):
+            return
 
 
 @worker_ready.connect

@@ -184,6 +184,19 @@ def worker_name() -> str:
     return f"{platform.node()}:{os.getpid()}"
 
 
+def _gpu_peak(dev: str, reset: bool = False) -> dict[str, int]:
+    """On a CUDA device: the peak memory torch allocated there since the last reset, for the job
+    record (``gpu_peak_bytes``; GET /metrics reports the largest per worker).  Elsewhere nothing."""
+    if not dev.startswith("cuda"):
+        return {}
+    import torch
+
+    if reset:
+        torch.cuda.reset_peak_memory_stats(dev)
+        return {}
+    return {"gpu_peak_bytes": int(torch.cuda.max_memory_allocated(dev))}
+
+
 def execute(
     job_id: str,
     attempt: int,
@@ -199,6 +212,7 @@ def execute(
     from model.registry import resolve_device
 
     dev = str(resolve_device(device))
+    _gpu_peak(dev, reset=True)
     now = time.time()
     rec = records.update_if(
         job_id,
@@ -234,11 +248,13 @@ def execute(
             raise Cancelled() if cur is None or cur["state"] == "cancelled" else Superseded()
 
     def finish(**fields: Any) -> None:
-        records.update_if(job_id, mine, lease_until=None, finished=time.time(), **fields)
+        records.update_if(job_id, mine, lease_until=None, finished=time.time(), **_gpu_peak(dev), **fields)
 
     try:
         fn = JOBS[rec["kind"]]
         params = dict(rec["params"])
+        if params.get("upload"):  # an encode job's input: from shared storage onto this machine
+            params["upload"] = str(storage.fetch_upload(job_id, params["upload"]))
         if rec["kind"] == "train":
             model = None
             params |= {

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import tempfile
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -25,6 +27,19 @@ class Settings(BaseSettings):
     visibility_timeout_hours: float = 72.0
     device: str = "auto"
     max_n: int = 16
+    # Shared object storage for several machines: s3://bucket/prefix (results and uploads go there;
+    # storage_dir is then only this machine's spool for uploads in flight, scratch and training runs).
+    # Credentials come from the standard AWS variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
+    # AWS_DEFAULT_REGION) or an instance role; an S3-compatible server (MinIO, ...) by its endpoint.
+    storage_url: str | None = None
+    s3_endpoint_url: str | None = None
+    s3_part_mb: int = 16  # multipart upload part size (S3 requires >= 5 MiB except for the last part)
+    log_format: Literal["text", "json"] = "text"
+    log_level: str = "INFO"
+    # a Celery worker touches this file whenever its reaper round reached Redis (every lease/3 s):
+    # the container health check / liveness probe reads its age (a solo-pool worker busy with a long
+    # job cannot answer `celery inspect ping`, and must not be restarted for that)
+    heartbeat_file: Path = Path(tempfile.gettempdir()) / "voxgen-worker.alive"
 
 
 @lru_cache

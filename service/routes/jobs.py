@@ -4,15 +4,16 @@ import time
 from typing import Any
 
 from fastapi import APIRouter, HTTPException, Request
-from fastapi.responses import FileResponse
+from fastapi.responses import Response
 
 from service.routes.common import job_record
 from service.schemas import JobStatus
+from service.storage import file_response
 from worker.store import TERMINAL
 
 router = APIRouter(tags=["jobs"])
 
-_FIELDS = ("kind", "model", "state", "progress", "result", "error", "attempt", "worker", "device")
+_FIELDS = ("kind", "model", "state", "progress", "result", "error", "attempt", "worker", "device", "gpu_peak_bytes")
 _MEDIA = {".gz": "application/gzip", ".png": "image/png", ".json": "application/json", ".jsonl": "application/json"}
 
 
@@ -27,16 +28,16 @@ def job_status(request: Request, job_id: str) -> JobStatus:
     return status(job_record(request, job_id))
 
 
-@router.get("/jobs/{job_id}/files/{name}", response_class=FileResponse)
-def job_file(request: Request, job_id: str, name: str) -> FileResponse:
-    """Stream one of the job's listed result files."""
+@router.get("/jobs/{job_id}/files/{name}", response_class=Response)
+def job_file(request: Request, job_id: str, name: str) -> Response:
+    """Stream one of the job's listed result files (from the local directory or the S3 store)."""
     rec = job_record(request, job_id)
     listed = {f["name"] for f in (rec.get("result") or {}).get("files", [])}
-    p = request.app.state.storage.file_path(job_id, name) if name in listed else None
-    if p is None:
+    media = _MEDIA.get("." + name.rsplit(".", 1)[-1], "application/octet-stream")
+    resp = file_response(request.app.state.storage, job_id, name, media) if name in listed else None
+    if resp is None:
         raise HTTPException(404, f"job {job_id} has no result file {name!r}")
-    suffix = "." + name.rsplit(".", 1)[-1]
-    return FileResponse(p, media_type=_MEDIA.get(suffix, "application/octet-stream"), filename=name)
+    return resp
 
 
 @router.delete("/jobs/{job_id}", response_model_exclude_none=True)
