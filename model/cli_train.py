@@ -42,7 +42,9 @@ def register(sub: argparse._SubParsersAction, commands: dict[str, Callable]) -> 
     s.add_argument("--data", required=True)
     s.add_argument("-o", "--output", required=True, help="run folder (checkpoints, metrics, previews, model)")
     s.add_argument("--iterations", type=int, default=1000)
-    s.add_argument("--batch", type=int, help="batch size (default: the family's; HA-GAN 2)")
+    s.add_argument(
+        "--batch", type=int, help="batch size (default: hagan 2, alphawgan 4, stylegan 4; 16 slices with --dims 2)"
+    )
     s.add_argument("--device", default="auto")
     s.add_argument("--resume", action="store_true", help="continue the run in -o from its last checkpoint")
     s.add_argument("--seed", type=int, default=0)

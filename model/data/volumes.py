@@ -528,7 +528,7 @@ def write_volume(path: str | os.PathLike, v_model: np.ndarray, config: Any) -> N
                 desc = f"voxgen {config.family} {config.modality} ({it.units})"
                 raw = nifti_image(data, config.spacing, desc).to_bytes()
                 if ext == ".nii.gz":
-                    with gzip.GzipFile(fileobj=f, mode="wb", compresslevel=1, mtime=0) as gz:
+                    with gzip.GzipFile(filename="", fileobj=f, mode="wb", compresslevel=1, mtime=0) as gz:
                         gz.write(raw)
                 else:
                     f.write(raw)

@@ -47,6 +47,11 @@ class StyleGAN3DConfig:
     # voxel size in mm along x (W), y (H), z (D); RAS orientation
     spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
     intensity: Intensity = field(default_factory=Intensity)
+    # the cube size (R^3) input scans are brought to first, as `voxgen prepare` does for the training
+    # data; the cube is then resampled to ``shape`` (see model/stylegan3d/data.py)
+    data_resolution: int = 128
+    # optimisation steps of a projection (``encode``, the service's /encode) unless a caller says
+    projection_steps: int = 200
     description: str = ""
 
     def __post_init__(self) -> None:
@@ -98,6 +103,17 @@ class StyleGAN3DConfig:
     def num_ws(self) -> int:
         return 2 * self.num_blocks
 
+    @property
+    def resolution(self) -> int:
+        """The cube size ``model.data.volumes.to_model_space`` brings an input scan to (= the
+        prepared data's resolution); the model then resamples that cube to ``shape``."""
+        return self.data_resolution
+
+    @property
+    def latent_dim(self) -> int:
+        """The size of the served latent: w (see ``model.stylegan3d.model``)."""
+        return self.w_dim
+
     def validate(self) -> None:
         if self.family not in FAMILIES:
             raise ValueError(f"not a style-based 3D config (family={self.family!r}); use one of {FAMILIES}")
@@ -127,25 +143,36 @@ class StyleGAN3DConfig:
             raise ValueError("family 'stylegan3d' is the plain 3D-StyleGAN: no split (use family 'splitshuffle')")
         if self.modality not in ("ct", "mri"):
             raise ValueError(f"modality must be 'ct' or 'mri', got {self.modality!r}")
+        if not (isinstance(self.projection_steps, int) and self.projection_steps >= 1):
+            raise ValueError(f"projection_steps must be a positive integer, got {self.projection_steps!r}")
+        if not (isinstance(self.data_resolution, int) and self.data_resolution >= 8):
+            raise ValueError(f"data_resolution must be an integer >= 8, got {self.data_resolution!r}")
         if len(self.spacing) != 3 or any(s <= 0 for s in self.spacing):
             raise ValueError(f"spacing must be three positive numbers (mm), got {self.spacing}")
         if self.intensity.hi <= self.intensity.lo:
             raise ValueError("intensity.hi must exceed intensity.lo")
 
     def to_dict(self) -> dict[str, Any]:
+        """The config.json content; ``latent_dim`` (= ``w_dim``, the served latent's size) is
+        derived and written for readers of config.json (the service), ignored when loading."""
         d = asdict(self)
         d["shape"] = list(self.shape)
         d["spacing"] = list(self.spacing)
+        d["latent_dim"] = self.latent_dim
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> StyleGAN3DConfig:
         d = dict(d)
+        latent_dim = d.pop("latent_dim", None)
         known = set(cls.__dataclass_fields__)
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown {d.get('family', 'stylegan3d')} config keys: {sorted(unknown)}")
-        return cls(**d)
+        cfg = cls(**d)
+        if latent_dim is not None and latent_dim != cfg.latent_dim:
+            raise ValueError(f"latent_dim ({latent_dim}) must equal w_dim ({cfg.w_dim})")
+        return cfg
 
     def with_dims(self, dims: int) -> StyleGAN3DConfig:
         d = self.to_dict()

@@ -44,12 +44,46 @@ def add_bias(x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return x + b.reshape(1, -1, *([1] * (x.ndim - 2)))
 
 
+def _upsample2x_axis(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Linear x2 along one axis (half-pixel centres, replicated edges): out[2i] = x[i-1]/4 + 3x[i]/4,
+    out[2i+1] = 3x[i]/4 + x[i+1]/4."""
+    n = x.shape[dim]
+    prev = torch.cat([x.narrow(dim, 0, 1), x.narrow(dim, 0, n - 1)], dim)
+    nxt = torch.cat([x.narrow(dim, 1, n - 1), x.narrow(dim, n - 1, 1)], dim)
+    out = torch.stack([0.25 * prev + 0.75 * x, 0.75 * x + 0.25 * nxt], dim + 1)
+    shape = list(x.shape)
+    shape[dim] = 2 * n
+    return out.reshape(shape)
+
+
+def upsample2x_explicit(x: torch.Tensor) -> torch.Tensor:
+    """``upsample2x`` written with slices and sums only: its backward has no atomic adds, so it is
+    deterministic on CUDA (F.interpolate's trilinear backward is not)."""
+    for d in range(2, x.ndim):
+        x = _upsample2x_axis(x, d)
+    return x
+
+
+def downsample2x_explicit(x: torch.Tensor) -> torch.Tensor:
+    """2x average pooling as a reshape and a mean (deterministic backward on CUDA, unlike avg_pool3d)."""
+    b, c, *s = x.shape
+    y = x.reshape(b, c, *[v for n in s for v in (n // 2, 2)])
+    return y.mean(dim=tuple(range(3, y.ndim, 2)))
+
+
 def upsample2x(x: torch.Tensor) -> torch.Tensor:
+    """Linear x2 upsampling (StyleGAN2's [1, 3, 3, 1] filter with replicated edges) of 2D or 3D maps.
+    On CUDA the explicit form (same values) keeps training bit-reproducible."""
+    if x.is_cuda:
+        return upsample2x_explicit(x)
     mode = "trilinear" if x.ndim == 5 else "bilinear"
     return F.interpolate(x, scale_factor=2, mode=mode, align_corners=False)
 
 
 def downsample2x(x: torch.Tensor) -> torch.Tensor:
+    """2x average pooling (the explicit form on CUDA, for a deterministic backward)."""
+    if x.is_cuda:
+        return downsample2x_explicit(x)
     return F.avg_pool3d(x, 2) if x.ndim == 5 else F.avg_pool2d(x, 2)
 
 

@@ -1,13 +1,17 @@
 """A loaded 3D-StyleGAN / Split&Shuffle-GAN model: the surface the worker and the CLI use
 (the same as ``model.hagan.infer.HAGANModel``).
 
-Latents: ``sample_latents`` and ``generate`` work in Z (``z_dim``) by default; ``encode`` is a
-projection and returns codes in W (``w_dim``), so ``generate(w, space="w")`` reconstructs, and
-traversal works in W.  ``latent_space_of_encode`` says so to callers.
+The served latent of this family is **w** (``latent_dim = w_dim``): ``sample_latents(n, seed)``
+draws z from the seed and maps it to w, ``generate(w)`` synthesises from w, ``encode`` (a
+projection) returns w, so that generate -> latent -> generate, encode -> generate (a
+reconstruction) and traversal along a direction all work in one space, W, where the paper edits.
+``space="z"`` gives ``generate``/``ws``/``mix`` a z instead.  The mapping network always runs on
+the CPU (it is tiny), so a seed gives the same w on every device.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -17,15 +21,17 @@ import torch
 
 from model.checkpoint import ModelDirError, read_config, read_weights, save_model_dir
 from model.stylegan3d.config import StyleGAN3DConfig
-from model.stylegan3d.networks import StyleGAN3D, parameter_counts
+from model.stylegan3d.data import resample
+from model.stylegan3d.networks import MappingNetwork, StyleGAN3D, parameter_counts
 from model.stylegan3d.project import Projection, project, style_mix
 
 Progress = Callable[[int, int, str], None]
 
 
 class StyleGAN3DModel:
-    """``generate(z)`` -> [n, 1, D, H, W] float32 in model space ([-1, 1]) on the CPU."""
+    """``generate(w)`` -> [n, 1, D, H, W] float32 in model space ([-1, 1]) on the CPU."""
 
+    latent_space = "w"
     latent_space_of_encode = "w"
 
     def __init__(self, net: StyleGAN3D, device: str | torch.device = "cpu") -> None:
@@ -33,6 +39,14 @@ class StyleGAN3DModel:
         self.device = torch.device(device)
         self.net.to(self.device)
         self.family = net.config.family
+        self._mapping_cpu: MappingNetwork | None = None
+
+    @property
+    def mapping(self) -> MappingNetwork:
+        """A CPU copy of the mapping network (z -> w is the same on every device)."""
+        if self._mapping_cpu is None:
+            self._mapping_cpu = copy.deepcopy(self.net.G.mapping).cpu().float()
+        return self._mapping_cpu
 
     # ---------------------------------------------------------------- construction and storage
     @classmethod
@@ -75,7 +89,8 @@ class StyleGAN3DModel:
 
     @property
     def latent_dim(self) -> int:
-        return self.config.z_dim
+        """The served latent is w."""
+        return self.config.w_dim
 
     @property
     def w_dim(self) -> int:
@@ -102,18 +117,25 @@ class StyleGAN3DModel:
             "config": self.config.to_dict(),
             "parameters": parameter_counts(self.net),
             "variant": self.config.variant,
+            "latent_space": self.latent_space,
             "latent_space_of_encode": self.latent_space_of_encode,
         }
 
     # ---------------------------------------------------------------- latents
-    def sample_latents(self, n: int, seed: int) -> torch.Tensor:
-        """Standard-normal z from a CPU generator: the same on every device."""
+    def sample_z(self, n: int, seed: int) -> torch.Tensor:
+        """Standard-normal z [n, z_dim] from a CPU generator: the same on every device."""
         if not (isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**63):
             raise ValueError(f"seed must be an integer in [0, 2^63), got {seed!r}")
         if n < 1:
             raise ValueError("n must be >= 1")
         g = torch.Generator().manual_seed(seed)
-        return torch.randn(n, self.latent_dim, generator=g)
+        return torch.randn(n, self.config.z_dim, generator=g)
+
+    @torch.no_grad()
+    def sample_latents(self, n: int, seed: int, *, truncation_psi: float = 1.0) -> torch.Tensor:
+        """w [n, w_dim] (CPU float32): z from ``seed`` through the mapping network, truncated
+        towards ``w_avg`` by ``truncation_psi`` (1 = none)."""
+        return self.mapping(self.sample_z(n, seed), truncation_psi, broadcast=False)
 
     def _check_latent(self, z: torch.Tensor, space: str) -> torch.Tensor:
         if space not in ("z", "w"):
@@ -123,13 +145,13 @@ class StyleGAN3DModel:
             raise ValueError(f"latent ({space}) must have shape [n, {dim}], got {list(z.shape)}")
         if not torch.isfinite(z).all():
             raise ValueError("latent contains NaN or infinite values")
-        return z.to(self.device, torch.float32)
+        return z.detach().cpu().float()
 
     @torch.no_grad()
-    def ws(self, z: torch.Tensor, *, truncation_psi: float = 1.0, space: str = "z") -> torch.Tensor:
-        """Per-layer styles [n, num_ws, w_dim] for z (mapped, truncated) or w (truncated, broadcast)."""
-        x = self._check_latent(z, space)
-        m = self.net.G.mapping
+    def ws(self, latent: torch.Tensor, *, truncation_psi: float = 1.0, space: str = "w") -> torch.Tensor:
+        """Per-layer styles [n, num_ws, w_dim] (CPU) for w (truncated, broadcast) or z (mapped first)."""
+        x = self._check_latent(latent, space)
+        m = self.mapping
         if space == "z":
             return m(x, truncation_psi)
         if truncation_psi != 1.0:
@@ -156,12 +178,12 @@ class StyleGAN3DModel:
         label: Any = None,
         *,
         truncation_psi: float = 1.0,
-        space: str = "z",
+        space: str = "w",
         noise_mode: str = "const",
         progress: Progress | None = None,
         **kw: Any,
     ) -> torch.Tensor:
-        """Latents [n, z_dim] (or w [n, w_dim] with ``space="w"``) -> [n, 1, D, H, W] float32 on the CPU.
+        """Latents w [n, w_dim] (or z [n, z_dim] with ``space="z"``) -> [n, 1, D, H, W] float32 on the CPU.
 
         ``noise_mode="const"`` (default) uses the stored noise maps, so generation is a function of
         the latent alone; "none" drops the noise.  HA-GAN's keywords (mode, budget_mb) are ignored.
@@ -181,7 +203,7 @@ class StyleGAN3DModel:
         block: int,
         *,
         truncation_psi: float = 1.0,
-        space: str = "z",
+        space: str = "w",
         progress: Progress | None = None,
     ) -> torch.Tensor:
         """Style mixing: blocks < ``block`` from ``z_coarse``, blocks >= ``block`` from ``z_fine``."""
@@ -198,14 +220,27 @@ class StyleGAN3DModel:
         with torch.enable_grad():
             return project(self.net.G, x.reshape(1, 1, *self.config.image_shape), steps=steps, progress=progress, **kw)
 
-    def encode(self, x: torch.Tensor, progress: Progress | None = None, *, steps: int = 200) -> torch.Tensor:
-        """Volumes [n, 1, D, H, W] in model space -> w [n, w_dim] by projection (w only, so that
-        ``generate(w, space="w")`` reproduces the fit with the stored noise maps)."""
-        shape = (1, *self.output_shape)
-        if x.ndim != 5 or tuple(x.shape[1:]) != shape:
-            raise ValueError(f"volume must have shape [n, {', '.join(map(str, shape))}], got {list(x.shape)}")
+    def to_grid(self, x: torch.Tensor) -> torch.Tensor:
+        """Volumes [n, 1, *S] in model space (e.g. the R^3 cube of ``load_for_model``) -> what the
+        networks see, [n, 1, *image_shape]: resampled to ``shape`` as the training data were; a 2D
+        model takes the middle axial slice of that grid."""
+        if x.ndim != 5 or x.shape[1] != 1 or min(x.shape[2:]) < 1:
+            raise ValueError(f"volume must have shape [n, 1, D, H, W], got {list(x.shape)}")
         if not torch.isfinite(x).all():
             raise ValueError("volume contains NaN or infinite values")
+        shape = self.config.shape
+        if self.config.dims == 2 and x.shape[2] == 1:  # already one slice
+            return resample(x[:, :, 0], shape[1:])
+        g = resample(x, shape)
+        return g[:, :, shape[0] // 2] if self.config.dims == 2 else g
+
+    def encode(self, x: torch.Tensor, progress: Progress | None = None, *, steps: int | None = None) -> torch.Tensor:
+        """Volumes [n, 1, D', H', W'] in model space -> w [n, w_dim] by projection (w only, so that
+        ``generate(w)`` reproduces the fit with the stored noise maps), ``steps`` optimisation steps
+        (default: the config's ``projection_steps``).  Any grid is accepted and resampled to the
+        model's (``to_grid``)."""
+        steps = int(steps or self.config.projection_steps)
+        x = self.to_grid(x)
         n = x.shape[0]
         ws = []
         for i in range(n):
@@ -218,4 +253,4 @@ class StyleGAN3DModel:
         return torch.cat(ws, 0)
 
     def reconstruct(self, x: torch.Tensor, label: Any = None, **kw: Any) -> torch.Tensor:
-        return self.generate(self.encode(x), label, space="w", **kw)
+        return self.generate(self.encode(x), label, **kw)

@@ -1,0 +1,529 @@
+"""Training of 3D-StyleGAN / 3D Split&Shuffle-GAN (and of their 2D versions, for inflation).
+
+The StyleGAN2 objective (Karras et al. 2020) as Liu et al. (2022) configure it:
+
+* non-saturating logistic loss: G minimises softplus(-D(G(z))), D minimises softplus(D(G(z))) +
+  softplus(-D(x));
+* lazy R1 on real data every ``r1_every`` (16) iterations, gamma 0.0512, weighted by the interval;
+* lazy path-length regularisation of G every ``pl_every`` (4) iterations (weight 2, decay 0.01,
+  half the batch), weighted by the interval;
+* style-mixing regularisation: with probability 0.9 a batch uses two latents, switching at a
+  random layer;
+* Adam betas (0, 0.99), lr 0.0025 from scratch and 0.002 when initialised by inflation; for the
+  lazily regularised networks lr and betas are adjusted by c = interval / (interval + 1), as
+  StyleGAN2 does;
+* an exponential moving average of G (half-life ``ema_kimg`` thousand images, default 10 per 32
+  images of batch, ramped up over the first images) is the generator that is saved and served.
+
+Data: a dataset made by ``voxgen prepare`` (cubes R^3 in [-1, 1]); each volume is resampled to
+the config's grid (``model/stylegan3d/data.py``); with ``dims=2`` the batches are axial slices
+(H, W) of that grid.  ``init_from`` (a 2D run folder or 2D model directory) starts a 3D run from
+the inflated 2D weights (``inflate.py``).
+
+Run folder (as HA-GAN's trainer): ``checkpoints/iter_N/`` is a model directory (config.json and
+model.safetensors holding G_ema and D, servable as it is) plus ``train.safetensors`` (the raw G,
+the optimizer moments, the RNG states, the path-length mean) and ``state.json`` (iteration,
+options, optimizer hyper-parameters, the numpy RNG); ``latest.json`` is written last, after the
+checkpoint and ``model/`` are complete; ``metrics.jsonl`` has the losses of every iteration;
+``previews/iter_N.png`` the middle axial, coronal and sagittal slices of four fixed latents (2D:
+four slices).  ``resume`` continues bit for bit on the same device.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from model.checkpoint import (
+    ModelDirError,
+    read_config,
+    read_weights,
+    save_model_dir,
+    save_tensors_atomic,
+    write_json_atomic,
+)
+from model.data.datasets import VolumeDataset
+from model.hagan.config import Intensity
+from model.stylegan3d.config import StyleGAN3DConfig
+from model.stylegan3d.data import grid_spacing, volume_to_grid
+from model.stylegan3d.inflate import STRATEGIES, inflate_network
+from model.stylegan3d.networks import StyleGAN3D
+
+Progress = Callable[[int, int, str], None]
+
+DEFAULTS: dict[str, Any] = {
+    "family": "splitshuffle",
+    "iterations": 1000,
+    "batch": None,  # default: 4 volumes (dims=3) or 16 slices (dims=2)
+    "device": "auto",
+    "resume": False,
+    "seed": 0,
+    "checkpoint_every": 100,
+    "preview_every": 100,
+    "log_every": 10,
+    # network (ignored on resume and, except shape, with init_from: the checkpoint / 2D model decides)
+    "shape": None,  # "DxHxW"; default 32x64x64 (or the 2D model's)
+    "variant": None,  # default: the family's own
+    "dims": 3,
+    "channels": None,  # default 32 (the paper's), or 32 * width
+    "width": None,
+    "latent_dim": None,  # z and w size, default 64
+    "mapping_width": None,  # default 64
+    # objective
+    "lr": None,  # default 0.0025 from scratch, 0.002 from inflated weights
+    "r1_gamma": 0.0512,
+    "r1_every": 16,
+    "pl_weight": 2.0,
+    "pl_every": 4,
+    "pl_decay": 0.01,
+    "pl_batch_shrink": 2,
+    "style_mixing": 0.9,
+    "ema_kimg": None,  # default batch * 10 / 32
+    "ema_rampup": 0.05,
+    # 2D -> 3D
+    "init_from": None,
+    "inflate": "inflate-1",
+    "inflate_parts": "gd",
+}
+LR_SCRATCH, LR_INFLATED = 0.0025, 0.002
+GRID_CACHE_BYTES = 2 << 30  # resampled volumes are kept in memory up to this size
+
+
+def parse_shape(shape: Any) -> tuple[int, int, int]:
+    """ "32x64x64" or a sequence of three ints -> (D, H, W)."""
+    if isinstance(shape, str):
+        try:
+            parts = tuple(int(s) for s in shape.lower().split("x"))
+        except ValueError:
+            parts = ()
+    else:
+        parts = tuple(int(s) for s in shape)
+    if len(parts) != 3:
+        raise ValueError(f"shape must be DxHxW, e.g. 32x64x64, got {shape!r}")
+    return parts  # type: ignore[return-value]
+
+
+def find_model_dir(path: str | Path) -> Path:
+    """A model directory, or a run folder's ``model/`` (its finished model)."""
+    p = Path(path)
+    if (p / "config.json").is_file():
+        return p
+    if (p / "model" / "config.json").is_file():
+        return p / "model"
+    raise ValueError(f"{p}: neither a model directory (config.json) nor a run folder with model/config.json")
+
+
+def _opt_tensors(opts: dict[str, torch.optim.Adam]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors, meta = {}, {}
+    for name, opt in opts.items():
+        sd = opt.state_dict()
+        for idx, st in sd["state"].items():
+            for k, v in st.items():
+                tensors[f"opt.{name}.{idx}.{k}"] = torch.as_tensor(v).detach().cpu().clone()
+        meta[name] = sd["param_groups"]
+    return tensors, meta
+
+
+def _load_opts(
+    opts: dict[str, torch.optim.Adam], tensors: dict[str, torch.Tensor], meta: dict[str, Any], device: torch.device
+) -> None:
+    for name, opt in opts.items():
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        for key, v in tensors.items():
+            _, n, idx, k = key.split(".", 3)
+            if n == name:
+                state.setdefault(int(idx), {})[k] = v if k == "step" else v.to(device)
+        opt.load_state_dict({"state": state, "param_groups": meta[name]})
+
+
+class Trainer:
+    """One run: ``fit()`` trains to ``iterations`` (resuming from the run's last checkpoint with
+    ``resume``) and returns RUN/model."""
+
+    def __init__(self, options: dict[str, Any], progress: Progress | None = None) -> None:
+        from model.registry import resolve_device
+
+        self.o = DEFAULTS | {k: v for k, v in options.items() if v is not None}
+        self.run = Path(self.o["output"])
+        self.progress = progress
+        self.data = VolumeDataset(self.o["data"])
+        if len(self.data) == 0:
+            raise ValueError(f"{self.o['data']}: the dataset is empty")
+        self.device = resolve_device(self.o["device"])
+        if self.device.type == "cuda":  # deterministic kernels, so that resume is exact on the device
+            torch.backends.cudnn.deterministic = True
+            torch.backends.cudnn.benchmark = False
+        seed = int(self.o["seed"])
+        self.init_info: dict[str, Any] | None = None
+        ck = self._latest_checkpoint() if self.o["resume"] else None
+        if ck is not None:
+            self.cfg = StyleGAN3DConfig.from_dict(read_config(ck))
+            torch.manual_seed(seed)
+            self.net = StyleGAN3D(self.cfg)
+        elif self.o["init_from"]:
+            self.net = self._inflated(seed)
+            self.cfg = self.net.config
+        else:
+            self.cfg = self._config_from_options()
+            torch.manual_seed(seed)
+            self.net = StyleGAN3D(self.cfg)
+        self._check_data()
+        self.G, self.D = self.net.G, self.net.D
+        self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
+        self.net.to(self.device).train()
+        self.G_ema.to(self.device)
+
+        self.batch = int(self.o["batch"] or (4 if self.cfg.dims == 3 else 16))
+        if self.batch < 1:
+            raise ValueError(f"batch must be >= 1, got {self.batch}")
+        inflated = bool(self.o["init_from"]) if ck is None else bool(self._state(ck).get("init"))
+        self.lr = float(self.o["lr"] or (LR_INFLATED if inflated else LR_SCRATCH))
+        self.opts = {
+            "g": self._adam(self.G.parameters(), int(self.o["pl_every"]) if self.o["pl_weight"] > 0 else 0),
+            "d": self._adam(self.D.parameters(), int(self.o["r1_every"]) if self.o["r1_gamma"] > 0 else 0),
+        }
+        self.pl_mean = torch.zeros([], device=self.device)
+        self.gen = torch.Generator().manual_seed(seed + 1)  # latents and mixing (CPU: same on any device)
+        self.rng = np.random.default_rng(seed + 2)  # batches
+        self.iteration = 0
+        self.fixed_z = torch.randn(4, self.cfg.z_dim, generator=torch.Generator().manual_seed(1234))
+        self._grid: dict[int, np.ndarray] = {}
+        n_vox = int(np.prod(self.cfg.shape))
+        self._cache = len(self.data) * n_vox * 4 <= GRID_CACHE_BYTES
+        torch.manual_seed(seed + 3)  # the noise inputs and the path-length noise (the device's generator)
+        if self.device.type == "cuda":
+            torch.cuda.manual_seed(seed + 3)
+        if ck is not None:
+            self._load_checkpoint(ck)
+
+    # ------------------------------------------------------------------ construction
+    def _adam(self, params: Any, interval: int) -> torch.optim.Adam:
+        c = interval / (interval + 1) if interval > 0 else 1.0  # lazy regularisation (StyleGAN2, appendix C)
+        return torch.optim.Adam(params, lr=self.lr * c, betas=(0.0, 0.99**c), eps=1e-8)
+
+    def _data_fields(self, shape: tuple[int, int, int]) -> dict[str, Any]:
+        mf = self.data.manifest
+        cube = grid_spacing(self.data.grid_spacing() or (1.0, 1.0, 1.0), self.data.resolution, shape)
+        return {
+            "modality": mf["modality"],
+            "intensity": Intensity(**mf["intensity"]),
+            "spacing": cube,
+            "data_resolution": int(self.data.resolution),
+        }
+
+    def _description(self, cfg_family: str, variant: str | None, dims: int, extra: str = "") -> str:
+        src = self.data.manifest.get("source", "?")
+        what = f"{cfg_family} ({variant or 'custom'}, {'2D slices' if dims == 2 else '3D'})"
+        return f"{what} trained by voxgen train on {src}{extra}"
+
+    def _config_from_options(self) -> StyleGAN3DConfig:
+        o = self.o
+        family = o["family"]
+        shape = parse_shape(o["shape"] or "32x64x64")
+        kw: dict[str, Any] = {"shape": shape, "dims": int(o["dims"])}
+        if o["channels"] is not None:
+            kw["channels"] = int(o["channels"])
+        elif o["width"] is not None:
+            kw["channels"] = max(2, 2 * round(16 * float(o["width"])))
+        if o["latent_dim"] is not None:
+            kw["z_dim"] = kw["w_dim"] = int(o["latent_dim"])
+        if o["mapping_width"] is not None:
+            kw["mapping_width"] = int(o["mapping_width"])
+        cfg = StyleGAN3DConfig.for_variant(family, o["variant"], **kw, **self._data_fields(shape))
+        cfg.description = self._description(family, cfg.variant, cfg.dims)
+        return cfg
+
+    def _inflated(self, seed: int) -> StyleGAN3D:
+        """The 3D network inflated from the 2D model named by ``init_from``."""
+        from model.stylegan3d.model import StyleGAN3DModel
+
+        o = self.o
+        if int(o["dims"]) != 3:
+            raise ValueError("--init-from inflates a 2D model into a 3D run; use it with --dims 3")
+        if o["inflate"] not in STRATEGIES:
+            raise ValueError(f"unknown inflation strategy {o['inflate']!r}; use one of {', '.join(STRATEGIES)}")
+        parts = tuple(p.upper() for p in str(o["inflate_parts"]))
+        if not parts or any(p not in ("G", "D") for p in parts):
+            raise ValueError(f"inflate_parts must be g, d or gd, got {o['inflate_parts']!r}")
+        src = find_model_dir(o["init_from"])
+        try:
+            m2 = StyleGAN3DModel.from_pretrained(src)
+        except ModelDirError as e:
+            raise ValueError(f"--init-from: {e}") from e
+        c2 = m2.config
+        if c2.dims != 2:
+            raise ValueError(f"--init-from {src}: a 3D model (dims={c2.dims}); inflation needs a 2D model (--dims 2)")
+        if c2.family != o["family"]:
+            raise ValueError(f"--init-from {src}: family {c2.family!r}, this run trains {o['family']!r}")
+        if o["variant"] and o["variant"] != c2.variant:
+            raise ValueError(f"--init-from {src}: variant {c2.variant!r}, not {o['variant']!r}")
+        if c2.modality != self.data.manifest["modality"]:
+            raise ValueError(
+                f"--init-from {src}: a {c2.modality} model; the dataset is {self.data.manifest['modality']}"
+            )
+        shape = parse_shape(o["shape"]) if o["shape"] else c2.shape
+        if tuple(shape[1:]) != tuple(c2.shape[1:]):
+            raise ValueError(
+                f"--init-from {src}: slices of {c2.shape[1]}x{c2.shape[2]}; shape {shape} differs in-plane"
+            )
+        d = c2.to_dict() | {"dims": 3, "shape": list(shape)} | self._data_fields(shape)
+        d["description"] = self._description(
+            c2.family, c2.variant, 3, f", initialised by {o['inflate']} ({'+'.join(parts)}) from the 2D model {src}"
+        )
+        cfg3 = StyleGAN3DConfig.from_dict(d)
+        self.init_info = {"from": str(src), "strategy": o["inflate"], "parts": list(parts)}
+        return inflate_network(m2.net, o["inflate"], parts, seed=seed, config3=cfg3)
+
+    def _check_data(self) -> None:
+        mf = self.data.manifest
+        if mf["modality"] != self.cfg.modality:
+            raise ValueError(f"the dataset is {mf['modality']}, the model {self.cfg.modality}")
+
+    # ------------------------------------------------------------------ data
+    def _volume(self, i: int) -> np.ndarray:
+        """Volume ``i`` on the model's 3D grid (D, H, W), float32."""
+        v = self._grid.get(i)
+        if v is None:
+            v = volume_to_grid(self.data.volume(i), self.cfg.shape)
+            if self._cache:
+                self._grid[i] = v
+        return v
+
+    def _batch(self) -> torch.Tensor:
+        b = self.batch
+        idx = self.rng.integers(0, len(self.data), size=b)
+        if self.cfg.dims == 3:
+            x = np.stack([self._volume(int(i)) for i in idx])
+        else:
+            sl = self.rng.integers(0, self.cfg.shape[0], size=b)
+            x = np.stack([self._volume(int(i))[int(s)] for i, s in zip(idx, sl, strict=True)])
+        return torch.from_numpy(x)[:, None].to(self.device)
+
+    # ------------------------------------------------------------------ one iteration
+    def _ws(self, n: int, update_w_avg: bool = False) -> torch.Tensor:
+        """Per-layer styles for ``n`` fresh latents, with style mixing at a random layer."""
+        z = torch.randn(n, self.cfg.z_dim, generator=self.gen).to(self.device)
+        ws = self.G.mapping(z, update_w_avg=update_w_avg)
+        p = float(self.o["style_mixing"])
+        if p > 0:
+            mix = float(torch.rand([], generator=self.gen)) < p
+            cutoff = int(torch.randint(1, ws.shape[1], [], generator=self.gen)) if ws.shape[1] > 1 else 1
+            if mix and cutoff < ws.shape[1]:
+                z2 = torch.randn(n, self.cfg.z_dim, generator=self.gen).to(self.device)
+                ws = torch.cat([ws[:, :cutoff], self.G.mapping(z2)[:, cutoff:]], 1)
+        return ws
+
+    def step(self) -> dict[str, float]:
+        G, D, o, t, b = self.G, self.D, self.o, self.iteration, self.batch
+        losses: dict[str, float] = {}
+        real = self._batch()
+
+        # G: non-saturating logistic loss
+        G.requires_grad_(True)
+        D.requires_grad_(False)
+        logits = D(G.synthesis(self._ws(b, update_w_avg=True)))
+        g_loss = F.softplus(-logits).mean()
+        self.opts["g"].zero_grad(set_to_none=True)
+        g_loss.backward()
+        self.opts["g"].step()
+        losses["g"] = float(g_loss.detach())
+
+        # G: lazy path-length regularisation
+        if o["pl_weight"] > 0 and t % int(o["pl_every"]) == 0:
+            n = max(1, b // int(o["pl_batch_shrink"]))
+            ws = self._ws(n)
+            img = G.synthesis(ws)
+            noise = torch.randn_like(img) / math.sqrt(img[0, 0].numel())
+            (grad,) = torch.autograd.grad((img * noise).sum(), ws, create_graph=True)
+            lengths = grad.square().sum(2).mean(1).sqrt()
+            self.pl_mean.copy_(self.pl_mean.lerp(lengths.mean().detach(), float(o["pl_decay"])))
+            pl = (lengths - self.pl_mean).square().mean()
+            self.opts["g"].zero_grad(set_to_none=True)
+            (pl * float(o["pl_weight"]) * int(o["pl_every"])).backward()
+            self.opts["g"].step()
+            losses["pl"], losses["pl_mean"] = float(pl.detach()), float(self.pl_mean)
+
+        # D: logistic loss on generated and real data
+        G.requires_grad_(False)
+        D.requires_grad_(True)
+        with torch.no_grad():
+            fake = G.synthesis(self._ws(b))
+        d_fake = F.softplus(D(fake)).mean()
+        d_real = F.softplus(-D(real)).mean()
+        self.opts["d"].zero_grad(set_to_none=True)
+        (d_fake + d_real).backward()
+        self.opts["d"].step()
+        losses["d_fake"], losses["d_real"] = float(d_fake.detach()), float(d_real.detach())
+
+        # D: lazy R1 on real data
+        if o["r1_gamma"] > 0 and t % int(o["r1_every"]) == 0:
+            x = real.detach().requires_grad_(True)
+            (grad,) = torch.autograd.grad(D(x).sum(), x, create_graph=True)
+            r1 = grad.square().flatten(1).sum(1).mean()
+            self.opts["d"].zero_grad(set_to_none=True)
+            (r1 * (float(o["r1_gamma"]) / 2) * int(o["r1_every"])).backward()
+            self.opts["d"].step()
+            losses["r1"] = float(r1.detach())
+        G.requires_grad_(True)
+
+        self.iteration += 1
+        self._update_ema()
+        return losses
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        b = self.batch
+        ema_nimg = float(self.o["ema_kimg"] if self.o["ema_kimg"] is not None else b * 10 / 32) * 1000
+        if self.o["ema_rampup"]:
+            ema_nimg = min(ema_nimg, self.iteration * b * float(self.o["ema_rampup"]))
+        beta = 0.5 ** (b / max(ema_nimg, 1e-8))
+        for pe, p in zip(self.G_ema.parameters(), self.G.parameters(), strict=True):
+            pe.copy_(p.detach().lerp(pe, beta))
+        for be, bb in zip(self.G_ema.buffers(), self.G.buffers(), strict=True):
+            be.copy_(bb)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _model_state(self) -> dict[str, torch.Tensor]:
+        """The served model: G_ema as G, and D."""
+        return {f"G.{k}": v for k, v in self.G_ema.state_dict().items()} | {
+            f"D.{k}": v for k, v in self.D.state_dict().items()
+        }
+
+    def save_checkpoint(self) -> Path:
+        ck = self.run / "checkpoints" / f"iter_{self.iteration:07d}"
+        tensors, meta = _opt_tensors(self.opts)
+        tensors |= {f"G_raw.{k}": v for k, v in self.G.state_dict().items()}
+        tensors["pl_mean"] = self.pl_mean.detach().cpu()
+        tensors["rng.latents"] = self.gen.get_state()
+        tensors["rng.torch_cpu"] = torch.get_rng_state()
+        if self.device.type == "cuda":
+            tensors["rng.torch_cuda"] = torch.cuda.get_rng_state(self.device)
+        state = {
+            "iteration": self.iteration,
+            "options": {k: v for k, v in self.o.items() if k != "resume"},
+            "optimizers": meta,
+            "numpy_rng": self.rng.bit_generator.state,
+            "init": self.init_info,
+            "lr": self.lr,
+            "batch": self.batch,
+        }
+        save_model_dir(ck, self.cfg.to_dict(), self._model_state())
+        save_tensors_atomic(ck / "train.safetensors", tensors)
+        write_json_atomic(ck / "state.json", state)
+        save_model_dir(self.run / "model", self.cfg.to_dict(), self._model_state())
+        write_json_atomic(self.run / "latest.json", {"checkpoint": ck.name, "iteration": self.iteration})
+        return ck
+
+    def _latest_checkpoint(self) -> Path:
+        ptr = self.run / "latest.json"
+        if not ptr.is_file():
+            raise ValueError(f"{self.run}: nothing to resume (no latest.json)")
+        return self.run / "checkpoints" / json.loads(ptr.read_text())["checkpoint"]
+
+    @staticmethod
+    def _state(ck: Path) -> dict[str, Any]:
+        return json.loads((ck / "state.json").read_text())
+
+    def _load_checkpoint(self, ck: Path) -> None:
+        state = self._state(ck)
+        self.init_info = state.get("init")
+        self.batch, self.lr = int(state["batch"]), float(state["lr"])
+        weights = read_weights(ck)
+        self.G_ema.load_state_dict({k[2:]: v for k, v in weights.items() if k.startswith("G.")})
+        self.D.load_state_dict({k[2:]: v for k, v in weights.items() if k.startswith("D.")})
+        t = read_weights(ck, "train.safetensors")
+        self.G.load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("G_raw.")})
+        _load_opts(self.opts, {k: v for k, v in t.items() if k.startswith("opt.")}, state["optimizers"], self.device)
+        self.pl_mean.copy_(t["pl_mean"])
+        self.gen.set_state(t["rng.latents"])
+        torch.set_rng_state(t["rng.torch_cpu"])
+        if self.device.type == "cuda" and "rng.torch_cuda" in t:
+            torch.cuda.set_rng_state(t["rng.torch_cuda"], self.device)
+        self.rng.bit_generator.state = state["numpy_rng"]
+        self.iteration = int(state["iteration"])
+
+    # ------------------------------------------------------------------ previews and the loop
+    @torch.no_grad()
+    def preview(self) -> Path:
+        """Middle axial, coronal and sagittal slices of four fixed latents (G_ema, constant noise)."""
+        from PIL import Image
+
+        imgs = self.G_ema(self.fixed_z.to(self.device), noise_mode="const").float().cpu().numpy()[:, 0]
+        rows = []
+        for v in imgs:
+            if v.ndim == 2:
+                tiles = [v[::-1]]
+            else:
+                c = [s // 2 for s in v.shape]
+                # axial (anterior up), coronal and sagittal (superior up)
+                tiles = [v[c[0]][::-1], v[:, c[1]][::-1], v[:, :, c[2]][::-1]]
+            h = max(t.shape[0] for t in tiles)
+            rows.append(
+                np.concatenate([np.pad(t, ((0, h - t.shape[0]), (0, 0)), constant_values=-1) for t in tiles], 1)
+            )
+        grid = np.concatenate(rows, axis=1 if imgs.ndim == 3 else 0)
+        k = max(1, 256 // max(grid.shape))
+        grid = grid.repeat(k, 0).repeat(k, 1)
+        img = ((grid + 1) * 127.5).clip(0, 255).astype(np.uint8)
+        out = self.run / "previews" / f"iter_{self.iteration:07d}.png"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(out)
+        return out
+
+    def _trim_metrics(self) -> None:
+        """On resume: drop the rows written after the checkpoint (they will be written again)."""
+        f = self.run / "metrics.jsonl"
+        if f.is_file():
+            keep = [ln for ln in f.read_text().splitlines() if ln and json.loads(ln)["iteration"] <= self.iteration]
+            f.write_text("".join(ln + "\n" for ln in keep))
+
+    def fit(self) -> Path:
+        self.run.mkdir(parents=True, exist_ok=True)
+        total = int(self.o["iterations"])
+        self._trim_metrics()
+        t0, start = time.perf_counter(), self.iteration
+        sys.stderr.write(
+            f"{self.cfg.family} ({self.cfg.variant}, {'x'.join(map(str, self.cfg.image_shape))}, "
+            f"{'2D' if self.cfg.dims == 2 else '3D'}) on {self.device}: iterations {start}..{total}, batch "
+            f"{self.batch}, lr {self.lr}"
+            + (f", inflated from {self.init_info['from']}" if self.init_info else "")
+            + "\n"
+        )
+        if self.progress:
+            self.progress(start, total, "train")
+        with open(self.run / "metrics.jsonl", "a") as metrics:
+            while self.iteration < total:
+                losses = self.step()
+                it = self.iteration
+                rate = (it - start) / max(time.perf_counter() - t0, 1e-9)
+                metrics.write(json.dumps({"iteration": it, **losses, "time": time.time()}) + "\n")
+                if it % int(self.o["log_every"]) == 0 or it == total:
+                    metrics.flush()
+                    eta = (total - it) / rate if rate > 0 else math.inf
+                    msg = " ".join(f"{k} {v:.4f}" for k, v in losses.items())
+                    sys.stderr.write(f"[{it}/{total}] {msg} | {rate:.2f} it/s, ETA {eta:.0f} s\n")
+                if it % int(self.o["checkpoint_every"]) == 0 or it == total:
+                    metrics.flush()
+                    self.save_checkpoint()
+                if it % int(self.o["preview_every"]) == 0 or it == total:
+                    self.preview()
+                if self.progress:
+                    self.progress(it, total, "train")
+        if not (self.run / "latest.json").is_file():  # nothing to do (already at ``iterations``)
+            self.save_checkpoint()
+        return self.run / "model"
+
+
+def train(options: dict[str, Any], progress: Progress | None = None) -> Path:
+    """Train (or resume) a run; returns the finished model directory (RUN/model)."""
+    return Trainer(options, progress).fit()
