@@ -9,15 +9,16 @@ Prints markdown:
    channels and mapping width 64, against the paper's #param (Tables III, V, VI).
 2. Time on this CPU, baseline vs Split&Shuffle, side by side, at each shape: G forward and D
    forward (no grad) of a batch, and one training iteration of ``model.stylegan3d.train.Trainer``
-   (G step + D step, the lazy regularisers not due) and its first iteration (both R1 and
-   path-length regularisation due).  Median of ``--repeats`` runs after one warm-up; the data are
-   CT phantoms prepared at 128^3 in a temporary folder.
+   (G step + D step, the lazy regularisers not due): median of ``--repeats`` runs after one
+   warm-up.  Beside it, the run's first iteration (both R1 and path-length regularisation due),
+   timed once and cold (no warm-up).  The data are CT phantoms prepared at 128^3 in a temporary
+   folder.
 3. ``--quality``: FID-free figures for the paper's claim that inflation starts 3D training from
    anatomy.  A 2D network is trained on axial slices, then two 3D runs of the same length start
    from random weights and from the Inflate-1 weights; for each, at iteration 0 and at the end,
-   the MMD^2 (Gaussian kernel, median-heuristic bandwidth of the real set) between the real
-   volumes and 32 generated ones, both 4x average-pooled, and the mean absolute difference of
-   the mean volumes.  Without ``--data``, MRI head phantoms are prepared and used.
+   the MMD^2 (Gaussian kernel, one median-heuristic bandwidth over the real and all generated
+   sets) between the real volumes and 32 generated ones, both 4x average-pooled, and the batch
+   MMD^2 (squared distance of the mean pooled volumes).  Without ``--data``, MRI head phantoms are prepared and used.
 """
 
 from __future__ import annotations
@@ -127,7 +128,8 @@ def time_variant(variant: str, shape: tuple[int, int, int], data: Path, run: Pat
 
 def timing_table(shapes: list[tuple[int, int, int]], batch: int, repeats: int) -> str:
     rows = [
-        "| shape | network | G + D params | G forward | D forward | training iteration | iteration with R1 + PL |",
+        "| shape | network | G + D params | G forward | D forward | training iteration "
+        "| first iteration, R1 + PL due (1 cold sample) |",
         "|---|---|---:|---:|---:|---:|---:|",
     ]
     with tempfile.TemporaryDirectory() as tmp:
