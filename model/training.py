@@ -10,9 +10,13 @@ options that are not its own, and an option given as None takes the family's def
 from __future__ import annotations
 
 import importlib
+import json
+import math
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 TRAINERS: dict[str, str] = {
     "hagan": "model.hagan.train",
@@ -20,6 +24,58 @@ TRAINERS: dict[str, str] = {
     "stylegan3d": "model.stylegan3d.train",
     "alphawgan": "model.alphawgan.train",
 }
+
+
+class LoopTrainer(Protocol):
+    """What ``fit_loop`` needs from a family's trainer."""
+
+    o: dict[str, Any]  # options: iterations, log_every, checkpoint_every, preview_every
+    run: Path
+    iteration: int
+    progress: Callable[[int, int, str], None] | None
+
+    def step(self) -> dict[str, float]: ...
+    def save_checkpoint(self) -> Path: ...
+    def preview(self) -> Path: ...
+
+
+def fit_loop(t: LoopTrainer) -> Path:
+    """The run loop every family shares: iterate ``t.step()`` up to ``o["iterations"]``, append the
+    losses to ``RUN/metrics.jsonl`` (rows past the checkpoint a resumed run starts from are dropped
+    first, so each iteration appears once), print iteration, losses, it/s and ETA every
+    ``log_every``, checkpoint every ``checkpoint_every`` and preview every ``preview_every``
+    iterations (and at the last one), and report ``progress(done, total, "train")``.  Returns
+    ``RUN/model``."""
+    t.run.mkdir(parents=True, exist_ok=True)
+    total = int(t.o["iterations"])
+    f = t.run / "metrics.jsonl"
+    if f.is_file():
+        keep = [ln for ln in f.read_text().splitlines() if ln and json.loads(ln)["iteration"] <= t.iteration]
+        f.write_text("".join(ln + "\n" for ln in keep))
+    t0, start = time.perf_counter(), t.iteration
+    if t.progress:
+        t.progress(start, total, "train")
+    with open(f, "a") as metrics:
+        while t.iteration < total:
+            losses = t.step()
+            it = t.iteration
+            rate = (it - start) / max(time.perf_counter() - t0, 1e-9)
+            metrics.write(json.dumps({"iteration": it, **losses, "time": time.time()}) + "\n")
+            if it % int(t.o["log_every"]) == 0 or it == total:
+                metrics.flush()
+                eta = (total - it) / rate if rate > 0 else math.inf
+                msg = " ".join(f"{k} {v:.4f}" for k, v in losses.items())
+                sys.stderr.write(f"[{it}/{total}] {msg} | {rate:.2f} it/s, ETA {eta:.0f} s\n")
+            if it % int(t.o["checkpoint_every"]) == 0 or it == total:
+                metrics.flush()
+                t.save_checkpoint()
+            if it % int(t.o["preview_every"]) == 0 or it == total:
+                t.preview()
+            if t.progress:
+                t.progress(it, total, "train")
+    if not (t.run / "latest.json").is_file():  # nothing was left to do (already at ``iterations``)
+        t.save_checkpoint()
+    return t.run / "model"
 
 
 def trainer_module(family: str) -> Any:

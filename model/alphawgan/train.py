@@ -34,9 +34,6 @@ Checkpoints are model directories plus optimiser and RNG state in safetensors/JS
 from __future__ import annotations
 
 import json
-import math
-import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -282,30 +279,9 @@ class Trainer:
         return slice_montage(rows, self.run / "previews" / f"iter_{self.iteration:07d}.png", min_tile=64)
 
     def fit(self) -> Path:
-        self.run.mkdir(parents=True, exist_ok=True)
-        total = int(self.o["iterations"])
-        metrics = open(self.run / "metrics.jsonl", "a")
-        t0, start = time.perf_counter(), self.iteration
-        try:
-            while self.iteration < total:
-                losses = self.step()
-                it = self.iteration
-                rate = (it - start) / max(time.perf_counter() - t0, 1e-9)
-                metrics.write(json.dumps({"iteration": it, **losses, "time": time.time()}) + "\n")
-                if it % int(self.o["log_every"]) == 0 or it == total:
-                    metrics.flush()
-                    eta = (total - it) / rate if rate > 0 else math.inf
-                    msg = " ".join(f"{k} {v:.4f}" for k, v in losses.items())
-                    sys.stderr.write(f"[{it}/{total}] {msg} | {rate:.2f} it/s, ETA {eta:.0f} s\n")
-                if self.progress:
-                    self.progress(it, total, "train")
-                if it % int(self.o["checkpoint_every"]) == 0 or it == total:
-                    self.save_checkpoint()
-                if it % int(self.o["preview_every"]) == 0 or it == total:
-                    self.preview()
-        finally:
-            metrics.close()
-        return self.run / "model"
+        from model.training import fit_loop
+
+        return fit_loop(self)
 
 
 def train(options: dict[str, Any], progress: Callable[[int, int, str], None] | None = None) -> Path:

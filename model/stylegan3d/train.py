@@ -35,7 +35,6 @@ import copy
 import json
 import math
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -480,48 +479,18 @@ class Trainer:
         Image.fromarray(img).save(out)
         return out
 
-    def _trim_metrics(self) -> None:
-        """On resume: drop the rows written after the checkpoint (they will be written again)."""
-        f = self.run / "metrics.jsonl"
-        if f.is_file():
-            keep = [ln for ln in f.read_text().splitlines() if ln and json.loads(ln)["iteration"] <= self.iteration]
-            f.write_text("".join(ln + "\n" for ln in keep))
-
     def fit(self) -> Path:
-        self.run.mkdir(parents=True, exist_ok=True)
+        from model.training import fit_loop
+
         total = int(self.o["iterations"])
-        self._trim_metrics()
-        t0, start = time.perf_counter(), self.iteration
         sys.stderr.write(
             f"{self.cfg.family} ({self.cfg.variant}, {'x'.join(map(str, self.cfg.image_shape))}, "
-            f"{'2D' if self.cfg.dims == 2 else '3D'}) on {self.device}: iterations {start}..{total}, batch "
+            f"{'2D' if self.cfg.dims == 2 else '3D'}) on {self.device}: iterations {self.iteration}..{total}, batch "
             f"{self.batch}, lr {self.lr}"
             + (f", inflated from {self.init_info['from']}" if self.init_info else "")
             + "\n"
         )
-        if self.progress:
-            self.progress(start, total, "train")
-        with open(self.run / "metrics.jsonl", "a") as metrics:
-            while self.iteration < total:
-                losses = self.step()
-                it = self.iteration
-                rate = (it - start) / max(time.perf_counter() - t0, 1e-9)
-                metrics.write(json.dumps({"iteration": it, **losses, "time": time.time()}) + "\n")
-                if it % int(self.o["log_every"]) == 0 or it == total:
-                    metrics.flush()
-                    eta = (total - it) / rate if rate > 0 else math.inf
-                    msg = " ".join(f"{k} {v:.4f}" for k, v in losses.items())
-                    sys.stderr.write(f"[{it}/{total}] {msg} | {rate:.2f} it/s, ETA {eta:.0f} s\n")
-                if it % int(self.o["checkpoint_every"]) == 0 or it == total:
-                    metrics.flush()
-                    self.save_checkpoint()
-                if it % int(self.o["preview_every"]) == 0 or it == total:
-                    self.preview()
-                if self.progress:
-                    self.progress(it, total, "train")
-        if not (self.run / "latest.json").is_file():  # nothing to do (already at ``iterations``)
-            self.save_checkpoint()
-        return self.run / "model"
+        return fit_loop(self)
 
 
 def train(options: dict[str, Any], progress: Progress | None = None) -> Path:
