@@ -32,6 +32,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         grid=a.grid,
         reference=a.reference,
         medicalnet=a.medicalnet,
+        inception=a.inception,
         ms_ssim_pairs=a.ms_ssim_pairs,
         device=a.device,
         progress=_progress_printer("evaluate"),
@@ -43,6 +44,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         "n_real": r["real"]["n"],
         "features": {k: v for k, v in mt["features"].items()},
         "slicewise_average": mt["slicewise"]["average"],
+        "slice_features": mt["slice_feature_name"],
         "bmmd2": mt["bmmd2"].get("mean"),
         "ms_ssim_generated": (mt["ms_ssim"]["generated"] or {}).get("mean"),
         "ms_ssim_real": (mt["ms_ssim"]["real"] or {}).get("mean"),
@@ -65,6 +67,12 @@ def register(sub: argparse._SubParsersAction, commands: dict[str, Callable]) -> 
     s.add_argument("--grid", type=_shape, help="evaluation grid D or DxHxW (default: the model's output shape)")
     s.add_argument("--reference", help="a trained hagan/alphawgan model directory whose encoder gives 3D features")
     s.add_argument("--medicalnet", help="MedicalNet (Med3D ResNet) weights: .pth state dict or .safetensors")
+    s.add_argument(
+        "--inception",
+        metavar="WEIGHTS",
+        help="InceptionV3 weights for slice-wise FID: pytorch-fid's pt_inception-2015-12-05 .pth, "
+        "torchvision's inception_v3 .pth, or .safetensors",
+    )
     s.add_argument("--ms-ssim-pairs", type=int, help="MS-SSIM pairs per chunk (default: all pairs in the chunk)")
     s.add_argument("--device", default="auto")
     s.add_argument("-o", "--output", required=True, help="report folder")

@@ -118,3 +118,40 @@ def test_replaying_the_real_set_scores_at_zero_and_beats_an_untrained_model(setu
     assert untrained["reconstruction"]["n"] == 6  # alpha-WGAN-GP: its encoder reconstructs (64^3 output)
     again = evaluate(setup["alpha"], setup["ds"], **kw, device="cpu")["metrics"]  # same seed, same numbers
     assert again["features"] == untrained["features"] and again["ms_ssim"] == untrained["ms_ssim"]
+
+
+def test_evaluate_with_inception_weights_reports_slice_fids(
+    setup: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from model.metrics.inception import InceptionV3Features
+
+    torch.manual_seed(0)  # random InceptionV3 weights in pytorch-fid's layout, BatchNorm stats from noise
+    net = InceptionV3Features()
+    for mod in net.modules():
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            mod.momentum = None
+    with torch.no_grad():
+        net.train()(torch.rand(2, 3, 299, 299) * 2 - 1)
+    sd = net.state_dict() | {"fc.weight": torch.randn(1008, 2048) * 0.01, "fc.bias": torch.zeros(1008)}
+    weights = tmp_path / "pt_inception-2015-12-05.pth"
+    torch.save(sd, weights)
+
+    # the replayed set is the real set: slice FIDs ~0, while two halves of the real set differ
+    kw = {"n": 6, "batch": 2, "grid": (32, 32, 32), "seed": 1, "ms_ssim_pairs": 1}
+    r = evaluate(_Replay(setup["ds"]), setup["ds"], tmp_path / "report", **kw, inception=weights, device="cpu")
+    mt, floor = r["metrics"], r["real_vs_real"]["slicewise"]
+    assert mt["slice_feature_name"] == "slice-inception" and "InceptionV3" in mt["slice_features"]
+    planes = ("axial", "coronal", "sagittal")
+    for p in (*planes, "average"):
+        assert _finite(mt["slicewise"][p]["frechet"]) and _finite(mt["slicewise"][p]["mmd2"])
+        assert _finite(floor[p]["frechet"]) and floor[p]["frechet"] > 0
+    average = np.mean([mt["slicewise"][p]["frechet"] for p in planes])
+    assert mt["slicewise"]["average"]["frechet"] == pytest.approx(average)
+    assert mt["slicewise"]["average"]["frechet"] < 1e-6 * floor["average"]["frechet"]
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "| real-vs-real FID |" in md and "| axial (FID-ax) |" in md and "| average (FID-avg) |" in md
+
+    # the CLI passes --inception through (a missing file is refused before anything is generated)
+    args = ["evaluate", "--model", str(setup["hagan"]), "--real", str(setup["ds"]), "--device", "cpu"]
+    args += ["--inception", str(tmp_path / "absent.pth"), "-o", str(tmp_path / "cli")]
+    assert main(args) == 2 and "absent.pth: no such weights file" in capsys.readouterr().err

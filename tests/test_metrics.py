@@ -1,10 +1,11 @@
 """Metric code checked against known values: MMD^2, batch MMD^2, Frechet distance, 3D MS-SSIM,
-resampling, middle slices, the embedding's fitted ellipses and MedicalNet weight loading."""
+resampling, middle slices, the embedding's fitted ellipses, MedicalNet and InceptionV3 weight loading."""
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -61,6 +62,19 @@ def test_batch_mmd2_is_the_squared_distance_of_batch_means() -> None:
 
 
 # ---------------------------------------------------------------------------------------- Frechet
+def test_frechet_small_sample_path_equals_the_covariance_formula() -> None:
+    """Fewer samples than dimensions takes the small-matrix path; it must give the FID formula's value."""
+    from model.metrics.frechet import feature_stats, frechet_distance_from_stats
+
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(12, 40, generator=g)
+    b = torch.randn(9, 40, generator=g) * 1.5 + 0.3
+    full = frechet_distance_from_stats(*feature_stats(a), *feature_stats(b))
+    assert full > 1.0
+    assert frechet_distance(a, b) == pytest.approx(full, rel=1e-6)
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-8)
+
+
 def test_frechet_known_values() -> None:
     a = torch.randn(200, 5, generator=_g(5)).double()
     assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-8)
@@ -155,3 +169,106 @@ def test_medicalnet_weights_in_the_authors_layout_load_and_code_pickles_are_refu
     torch.save({"state_dict": Payload()}, tmp_path / "evil.pth")
     with pytest.raises(ValueError, match="weights-only"):
         MedicalNetFeatures(tmp_path / "evil.pth")
+
+
+# ---------------------------------------------------------------------------------------- InceptionV3
+def _random_inception(seed: int = 0) -> torch.nn.Module:
+    """The FID InceptionV3 with random convolutions and BatchNorm statistics set from one batch of
+    noise (so activations keep a sane scale through the 94 layers)."""
+    from model.metrics.inception import InceptionV3Features
+
+    torch.manual_seed(seed)
+    net = InceptionV3Features(tf_pooling=True)
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = None  # running stats := this batch's statistics
+            torch.nn.init.uniform_(m.weight, 0.5, 1.5)
+            torch.nn.init.normal_(m.bias, 0.0, 0.1)
+    with torch.no_grad():
+        net.train()(torch.rand(2, 3, 299, 299, generator=_g(seed)) * 2 - 1)
+    return net.eval()
+
+
+@pytest.fixture(scope="module")
+def inception_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    from safetensors.torch import save_file
+
+    root = tmp_path_factory.mktemp("inception")
+    net = _random_inception()
+    sd = {k: v for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}
+    fid = sd | {"fc.weight": torch.randn(1008, 2048) * 0.01, "fc.bias": torch.zeros(1008)}
+    torch.save(fid, root / "pt_inception-2015-12-05.pth")
+    save_file(fid, str(root / "pt_inception.safetensors"))
+    return {"root": root, "net": net, "sd": sd}
+
+
+def test_inception_in_pytorch_fid_layout_loads_strictly_and_gives_slice_fids(inception_files: dict[str, Any]) -> None:
+    from model.metrics.inception import InceptionSlices
+
+    sd, net = inception_files["sd"], inception_files["net"]
+    # the names and shapes of pytorch-fid's pt_inception-2015-12-05 file (torchvision's Inception3 layout)
+    assert sum(k.endswith(".conv.weight") for k in sd) == 94
+    for k, shape in {
+        "Conv2d_1a_3x3.conv.weight": (32, 3, 3, 3),
+        "Conv2d_1a_3x3.bn.running_mean": (32,),
+        "Mixed_5b.branch1x1.conv.weight": (64, 192, 1, 1),
+        "Mixed_5b.branch_pool.bn.running_var": (32,),
+        "Mixed_6b.branch7x7_2.conv.weight": (128, 128, 1, 7),
+        "Mixed_7a.branch3x3_2.conv.weight": (320, 192, 3, 3),
+        "Mixed_7c.branch3x3dbl_3b.conv.weight": (384, 384, 3, 1),
+        "Mixed_7c.branch_pool.conv.weight": (192, 2048, 1, 1),
+    }.items():
+        assert tuple(sd[k].shape) == shape, k
+
+    s = torch.rand(3, 20, 28, generator=_g(20)) * 2 - 1  # non-square, like coronal slices of a D != H grid
+    fx = InceptionSlices(inception_files["root"] / "pt_inception-2015-12-05.pth", device="cpu", chunk=2)
+    assert fx.kind == "pytorch-fid" and fx.net.tf_pooling and fx.name == "slice-inception"
+    assert "InceptionV3" in fx.description and "FID" in fx.description
+    f = fx(s)
+    assert f.shape == (3, 2048) and f.dtype == torch.float32 and f.device.type == "cpu"
+    # pytorch-fid's input handling: bilinear 299x299 (align_corners=False), grey replicated to RGB
+    x = F.interpolate(s[:, None], size=(299, 299), mode="bilinear", align_corners=False).expand(-1, 3, -1, -1)
+    with torch.no_grad():
+        assert torch.allclose(f, net(x), rtol=1e-4, atol=1e-4)
+    st = InceptionSlices(inception_files["root"] / "pt_inception.safetensors", device="cpu")
+    assert torch.allclose(st(s), f, rtol=1e-4, atol=1e-4)
+
+    assert frechet_distance(f, f) == pytest.approx(0.0, abs=1e-6 * float(f.var(0).sum()))
+    shifted = fx((s + 0.5).clamp(-1, 1))
+    assert frechet_distance(f, shifted) > 1e-3 * float(f.var(0).sum())
+
+
+def test_inception_torchvision_weights_load_and_bad_files_are_refused(
+    inception_files: dict[str, Any], tmp_path: Path
+) -> None:
+    from model.metrics.inception import InceptionSlices
+
+    sd = inception_files["sd"]
+    tv = sd | {"fc.weight": torch.zeros(1000, 2048), "fc.bias": torch.zeros(1000)}
+    tv |= {"AuxLogits.conv0.conv.weight": torch.zeros(128, 768, 1, 1), "AuxLogits.fc.weight": torch.zeros(1000, 768)}
+    torch.save(tv, tmp_path / "inception_v3_google.pth")
+    fx = InceptionSlices(tmp_path / "inception_v3_google.pth", device="cpu")
+    assert fx.kind == "torchvision" and not fx.net.tf_pooling and "torchvision" in fx.description
+    s = torch.rand(2, 16, 16, generator=_g(21)) * 2 - 1
+    fid = InceptionSlices(inception_files["root"] / "pt_inception.safetensors", device="cpu")
+    assert fx(s).shape == (2, 2048) and not torch.allclose(fx(s), fid(s))  # torchvision pools differently
+
+    missing = {k: v for k, v in sd.items() if k != "Mixed_6c.branch7x7dbl_3.bn.running_var"}
+    torch.save(missing, tmp_path / "missing.pth")
+    with pytest.raises(ValueError, match=r"Mixed_6c\.branch7x7dbl_3\.bn\.running_var.*missing"):
+        InceptionSlices(tmp_path / "missing.pth", device="cpu")
+    wrong = sd | {"Mixed_5d.branch_pool.conv.weight": torch.zeros(32, 288, 1, 1)}
+    torch.save(wrong, tmp_path / "wrong.pth")
+    with pytest.raises(ValueError, match=r"Mixed_5d\.branch_pool\.conv\.weight.*\[32, 288, 1, 1\].*\[64, 288, 1, 1\]"):
+        InceptionSlices(tmp_path / "wrong.pth", device="cpu")
+    torch.save(sd | {"Mixed_8a.conv.weight": torch.zeros(1)}, tmp_path / "extra.pth")
+    with pytest.raises(ValueError, match="Mixed_8a"):
+        InceptionSlices(tmp_path / "extra.pth", device="cpu")
+
+    class Payload:
+        def __reduce__(self) -> tuple:  # would run code if unpickled without weights_only
+            return (print, ("unpickled",))
+
+    torch.save({"Conv2d_1a_3x3.conv.weight": Payload()}, tmp_path / "evil.pth")
+    with pytest.raises(ValueError, match="weights-only"):
+        InceptionSlices(tmp_path / "evil.pth", device="cpu")

@@ -14,8 +14,10 @@ Figures (see the modules for the formulas):
   volumes themselves, batch = ``batch`` (8 as in Kwon et al.), on the evaluation grid
   area-averaged to at most 64 voxels per axis;
 * slice-wise Frechet distance and MMD^2 on the middle axial, coronal and sagittal slices and their
-  average (as Split&Shuffle reports FID-ax/-cor/-sag/-avg; ours use fixed pooled-pixel features
-  unless stated otherwise, so they are not FIDs);
+  average, as Split&Shuffle reports FID-ax/-cor/-sag/-avg.  With ``inception`` (InceptionV3
+  weights the user supplies, model/metrics/inception.py) the slice features are InceptionV3's
+  2048-d pool3 features and the Frechet distances are FIDs; by default they are fixed pooled-pixel
+  features (16 x 16), so the distances are not FIDs and the report says which;
 * diversity: mean pairwise 3D MS-SSIM among generated and among real volumes;
 * the same distances between two random halves of the real set (the floor a perfect model would
   reach with that many samples);
@@ -45,11 +47,13 @@ from model.metrics.features import (
     resample,
 )
 from model.metrics.frechet import frechet_distance
+from model.metrics.inception import InceptionSlices
 from model.metrics.mmd import batch_mmd2_from_means, median_bandwidth, mmd2
 from model.metrics.msssim import pairwise_ms_ssim
 
 Progress = Callable[[int, int, str], None]
 BMMD_MAX_SIDE = 64
+_FID_SUFFIX = {"axial": "ax", "coronal": "cor", "sagittal": "sag", "average": "avg"}  # Split&Shuffle's names
 MONTAGE_ROWS = 8
 
 
@@ -57,7 +61,11 @@ class _SetStats:
     """What the evaluation keeps of one set (real or generated), chunk by chunk."""
 
     def __init__(
-        self, extractors: list[Any], slice_features: PooledSlices, montage_rows: int, max_pairs: int | None = None
+        self,
+        extractors: list[Any],
+        slice_features: PooledSlices | InceptionSlices,
+        montage_rows: int,
+        max_pairs: int | None = None,
     ) -> None:
         self.max_pairs = max_pairs
         self.extractors = extractors
@@ -161,6 +169,7 @@ def evaluate(
     grid: tuple[int, int, int] | None = None,
     reference: str | os.PathLike | None = None,
     medicalnet: str | os.PathLike | None = None,
+    inception: str | os.PathLike | None = None,
     ms_ssim_pairs: int | None = None,
     device: str | None = None,
     progress: Progress | None = None,
@@ -171,7 +180,10 @@ def evaluate(
     default; a seeded random subset otherwise).  With ``output`` the report (JSON + Markdown), the
     embedding plot and the montages are written there.  ``ms_ssim_pairs`` caps the MS-SSIM pairs
     per chunk (default: all ``batch * (batch - 1) / 2``; each pair costs about 1 s at 128^3 on one
-    CPU core, 8x that at 256^3).  Returns the report as a dict.
+    CPU core, 8x that at 256^3).  ``inception``: InceptionV3 weights (pytorch-fid's
+    ``pt_inception-2015-12-05`` .pth, torchvision's ``inception_v3`` .pth, or .safetensors) for
+    slice-wise FIDs; without it the slice-wise figures use pooled pixels.  Returns the report as a
+    dict.
     """
     from model.data.datasets import VolumeDataset
 
@@ -209,7 +221,7 @@ def evaluate(
 
         extractors.append(MedicalNetFeatures(medicalnet, device=device))
     primary = extractors[-1].name
-    slice_fx = PooledSlices(16)
+    slice_fx = InceptionSlices(inception, device=device) if inception is not None else PooledSlices(16)
 
     # ---- real set
     t0 = time.perf_counter()
@@ -317,6 +329,7 @@ def evaluate(
             "features": dist,
             "slicewise": slicewise,
             "slice_features": slice_fx.description,
+            "slice_feature_name": slice_fx.name,
             "bmmd2": bmmd,
             "ms_ssim": diversity,
             "reconstruction": recon,
@@ -400,16 +413,19 @@ def markdown(r: dict[str, Any]) -> str:
         "would reach; with fewer samples per side it is a somewhat pessimistic floor for the Frechet distance.",
     ]
     lines += ["", "Features:"] + [f"- `{k}`: {d}" for k, d in r["features"].items()]
+    fid = mt.get("slice_feature_name") == "slice-inception"
+    fd = "FID" if fid else "Frechet"
     lines += [
         "",
-        "## Slice-wise (middle slices)",
+        "## Slice-wise FID and MMD^2 (middle slices, InceptionV3 features)" if fid else "## Slice-wise (middle slices)",
         "",
-        "| plane | Frechet | MMD^2 | real-vs-real Frechet | real-vs-real MMD^2 |",
+        f"| plane | {fd} | MMD^2 | real-vs-real {fd} | real-vs-real MMD^2 |",
         "|---|---|---|---|---|",
     ]
     for p in (*PLANES, "average"):
         v, fl = mt["slicewise"][p], r["real_vs_real"]["slicewise"][p]
-        lines.append(f"| {p} | {_f(v['frechet'])} | {_f(v['mmd2'])} | {_f(fl['frechet'])} | {_f(fl['mmd2'])} |")
+        row = f"{p} (FID-{_FID_SUFFIX[p]})" if fid else p
+        lines.append(f"| {row} | {_f(v['frechet'])} | {_f(v['mmd2'])} | {_f(fl['frechet'])} | {_f(fl['mmd2'])} |")
     lines += ["", f"Slice features: {mt['slice_features']}.", ""]
     b = mt["bmmd2"]
     lines += ["## Batch-wise MMD^2 (Kwon et al.)", ""]
