@@ -263,3 +263,18 @@ def test_fused_upsample_conv_equals_upsample_then_conv() -> None:
     assert outs[0].shape == (2, 3, 6, 8, 10)
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("res", [128, 256])
+def test_batched_slab_encoding_equals_encoding_each_slab(res: int) -> None:
+    """encode_features runs every slab of every volume through E^H at once (channels-last on the
+    CPU); the feature map must equal E^H applied slab by slab and concatenated along depth."""
+    m = tiny(res)
+    x = torch.rand(2, 1, res, res, res, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    d = m.net.sub_depth
+    with torch.no_grad():
+        ref = torch.cat([m.net.eh(x[:, :, i : i + d]) for i in range(0, res, d)], dim=2)
+        for kw in ({}, {"channels_last": False}, {"slabs_per_call": 3}):
+            got = m.net.encode_features(x, **kw)
+            assert got.shape == ref.shape == (2, m.net.ga.convs[-1].out_channels, res // 4, res // 4, res // 4)
+            torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)

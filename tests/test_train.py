@@ -160,14 +160,21 @@ def test_cli_prepare_and_train(tmp_path: Path) -> None:
 
 
 def test_fused_and_literal_upsample_convs_train_the_same(dataset: Path, tmp_path: Path) -> None:
-    """The training speed-up (one transposed conv per upsample + conv) changes only the order of
-    the arithmetic: the same losses for an iteration, and the same generator gradients (to 0.1%)."""
+    """The training speed-ups (one transposed conv per upsample + conv, channels-last layout, all
+    slabs through E^H at once) change only the order of the arithmetic: the same losses for two
+    iterations (the second one runs on the weights the first updated), and the same generator
+    gradients (to 0.5%)."""
     losses = []
-    for fused in (True, False):
-        t = Trainer(OPTS | {"data": str(dataset), "output": str(tmp_path / str(fused)), "iterations": 1})
-        t.net.set_fused_upconv(fused)
-        losses.append(t.step())
-    assert losses[0] == pytest.approx(losses[1], rel=1e-3, abs=1e-5)
+    for fast in (True, False):
+        opts = OPTS | {"channels_last": "on" if fast else "off"}
+        t = Trainer(opts | {"data": str(dataset), "output": str(tmp_path / str(fast)), "iterations": 2})
+        t.net.set_fused_upconv(fast)
+        if not fast:
+            t.slabs_per_call = 1
+        assert t.channels_last is fast
+        losses.append([t.step(), t.step()])
+    for a, b in zip(*losses, strict=True):
+        assert a == pytest.approx(b, rel=1e-3, abs=1e-5)
 
     net = t.net
     z = torch.randn(2, 16, generator=torch.Generator().manual_seed(0))
@@ -181,7 +188,7 @@ def test_fused_and_literal_upsample_convs_train_the_same(dataset: Path, tmp_path
     assert set(grads[0]) == set(grads[1]) and any(n.startswith("ga.convs") for n in grads[0])
     for n, g in grads[0].items():
         # a conv bias in front of a GroupNorm has a zero gradient in exact arithmetic (noise here)
-        tol = 1e-3 * g.norm() + (1e-6 if n.endswith("bias") else 1e-9)
+        tol = 5e-3 * g.norm() + (1e-6 if n.endswith("bias") else 1e-9)
         assert (g - grads[1][n]).norm() <= tol, n  # fp32 summation order only
 
 

@@ -344,7 +344,7 @@ class HAGANModel:
             raise ValueError(f"volume must have shape [n, 1, {r}, {r}, {r}], got {list(x.shape)}")
         zs = []
         for i in range(x.shape[0]):
-            f = self.net.encode_features(x[i : i + 1].to(self.device, torch.float32))
+            f = self.net.encode_features(x[i : i + 1].to(self.device, torch.float32), slabs_per_call=2)
             zs.append(self.net.eg(f).float().cpu())
             if progress:
                 progress(i + 1, x.shape[0], "encode")
