@@ -11,11 +11,11 @@ dataset (phantoms) prepared at the resolution.
 
 Paths:
   plain  the authors' arithmetic: x2 nearest upsample, then a 3x3x3 conv (G^A, G^H), fp32, the
-         standard (contiguous) layout, E^H run on one slab of every volume per call in the E^G step
+         standard (contiguous) layout
   voxgen each upsample + conv as one stride-2 transposed conv with derived 4x4x4 weights (exact,
          about 3x fewer multiply-adds; backward keeps the small input, not the upsampled one);
-         on the CPU channels-last 3D activations and weights (same values up to summation order)
-         and all slabs of the E^G step through E^H at once; on CUDA bf16 autocast (--amp auto)
+         on the CPU channels-last 3D activations and weights (same values up to summation order);
+         on CUDA bf16 autocast (--amp auto)
 The first iteration of each cell is a warm-up and not counted.  CPU time (all threads of the process)
 is printed beside wall time: on a shared machine it is the fairer comparison.
 """
@@ -73,8 +73,6 @@ def one(res: int, path: str, data: str, batch: int, iterations: int, device: str
         }
         t = Trainer(opts)
         t.net.set_fused_upconv(path == "voxgen")
-        if path == "plain":
-            t.slabs_per_call = batch  # the authors' loop: one slab of every volume per E^H call
         cuda = t.device.type == "cuda"
         t.step()  # warm-up
         if cuda:

@@ -160,8 +160,8 @@ def test_cli_prepare_and_train(tmp_path: Path) -> None:
 
 
 def test_fused_and_literal_upsample_convs_train_the_same(dataset: Path, tmp_path: Path) -> None:
-    """The training speed-ups (one transposed conv per upsample + conv, channels-last layout, all
-    slabs through E^H at once) change only the order of the arithmetic: the same losses for two
+    """The training speed-ups (one transposed conv per upsample + conv, channels-last layout) change
+    only the order of the arithmetic: the same losses for two
     iterations (the second one runs on the weights the first updated), and the same generator
     gradients (to 0.5%)."""
     losses = []
@@ -169,8 +169,6 @@ def test_fused_and_literal_upsample_convs_train_the_same(dataset: Path, tmp_path
         opts = OPTS | {"channels_last": "on" if fast else "off"}
         t = Trainer(opts | {"data": str(dataset), "output": str(tmp_path / str(fast)), "iterations": 2})
         t.net.set_fused_upconv(fast)
-        if not fast:
-            t.slabs_per_call = 1
         assert t.channels_last is fast
         losses.append([t.step(), t.step()])
     for a, b in zip(*losses, strict=True):
