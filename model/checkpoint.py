@@ -96,3 +96,67 @@ def save_model_dir(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dst
+
+
+# ------------------------------------------------------------------ optimizer state (training checkpoints)
+def optimizer_tensors(
+    opts: dict[str, torch.optim.Optimizer], prefix: str = ""
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Optimizers' state as flat tensors ``{prefix}{name}.{param index}.{key}`` (for safetensors)
+    plus their param groups (JSON), so a training checkpoint holds no pickles."""
+    tensors, meta = {}, {}
+    for name, opt in opts.items():
+        sd = opt.state_dict()
+        for idx, st in sd["state"].items():
+            for k, v in st.items():
+                tensors[f"{prefix}{name}.{idx}.{k}"] = torch.as_tensor(v).detach().cpu().clone()
+        meta[name] = sd["param_groups"]
+    return tensors, meta
+
+
+def load_optimizer_tensors(
+    opts: dict[str, torch.optim.Optimizer],
+    tensors: dict[str, torch.Tensor],
+    meta: dict[str, Any],
+    prefix: str = "",
+) -> None:
+    """Inverse of ``optimizer_tensors``.  Each moment buffer is placed on its parameter's device and
+    in its parameter's memory layout (as a fresh optimizer creates it), so that a resumed run
+    computes exactly what the uninterrupted one would; ``step`` counters stay as saved."""
+    for name, opt in opts.items():
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        for key, v in tensors.items():
+            if not key.startswith(f"{prefix}{name}."):
+                continue
+            idx, k = key[len(prefix) + len(name) + 1 :].split(".", 1)
+            state.setdefault(int(idx), {})[k] = v
+        opt.load_state_dict({"state": state, "param_groups": meta[name]})
+        for p, st in opt.state.items():
+            for k, v in st.items():
+                if k != "step" and torch.is_tensor(v) and v.shape == p.shape:
+                    st[k] = torch.empty_like(p).copy_(v)
+
+
+# ------------------------------------------------------------------ weights users supply
+def read_user_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A state dict from a ``.safetensors`` file, or from a PyTorch checkpoint read with
+    ``torch.load(weights_only=True)`` (a plain state dict, or one under ``"state_dict"``), so a file
+    carrying pickled code is refused rather than run; a ``module.`` prefix (DataParallel) is removed."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"{p}: no such weights file")
+    if p.suffix == ".safetensors":
+        try:
+            sd: Any = load_file(str(p))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ValueError(f"{p}: unreadable safetensors file ({e})") from e
+    else:
+        try:
+            sd = torch.load(p, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any unreadable or non-weights file
+            raise ValueError(f"{p}: not a weights-only PyTorch checkpoint ({e})") from e
+        if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+            sd = sd["state_dict"]
+    if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError(f"{p}: expected a state dict of tensors")
+    return {str(k).removeprefix("module."): v for k, v in sd.items()}

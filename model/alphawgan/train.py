@@ -44,7 +44,14 @@ import torch.nn.functional as F
 
 from model.alphawgan.config import RESOLUTION, AlphaWGANConfig
 from model.alphawgan.networks import AlphaWGAN
-from model.checkpoint import read_weights, save_model_dir, save_tensors_atomic, write_json_atomic
+from model.checkpoint import (
+    load_optimizer_tensors,
+    optimizer_tensors,
+    read_weights,
+    save_model_dir,
+    save_tensors_atomic,
+    write_json_atomic,
+)
 from model.data.datasets import VolumeDataset
 from model.hagan.config import Intensity
 
@@ -68,27 +75,6 @@ DEFAULTS: dict[str, Any] = {
     "flip": True,
 }
 NETS = ("e", "g", "d", "c")
-
-
-def _opt_tensors(opts: dict[str, torch.optim.Optimizer]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    tensors, meta = {}, {}
-    for name, opt in opts.items():
-        sd = opt.state_dict()
-        for idx, st in sd["state"].items():
-            for k, v in st.items():
-                tensors[f"{name}.{idx}.{k}"] = torch.as_tensor(v).detach().cpu().clone()
-        meta[name] = sd["param_groups"]
-    return tensors, meta
-
-
-def _load_opts(opts: dict[str, torch.optim.Optimizer], tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    for name, opt in opts.items():
-        state: dict[int, dict[str, torch.Tensor]] = {}
-        for key, v in tensors.items():
-            n, idx, k = key.split(".", 2)
-            if n == name:
-                state.setdefault(int(idx), {})[k] = v
-        opt.load_state_dict({"state": state, "param_groups": meta[name]})
 
 
 def gradient_penalty(
@@ -227,7 +213,7 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> Path:
         ck = self.run / "checkpoints" / f"iter_{self.iteration:07d}"
-        tensors, meta = _opt_tensors(self.opts)
+        tensors, meta = optimizer_tensors(self.opts)
         opts = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.o.items() if k != "resume"}
         state = {
             "iteration": self.iteration,
@@ -257,11 +243,7 @@ class Trainer:
         tensors = read_weights(ck, "optim.safetensors")
         self.gen.set_state(tensors.pop("rng.torch_latents"))
         torch.set_rng_state(tensors.pop("rng.torch_global"))
-        _load_opts(
-            self.opts,
-            {k: v.to(self.device) if not k.endswith(".step") else v for k, v in tensors.items()},
-            state["optimizers"],
-        )
+        load_optimizer_tensors(self.opts, tensors, state["optimizers"])
         self.rng.bit_generator.state = state["numpy_rng"]
         self.iteration = int(state["iteration"])
 

@@ -28,7 +28,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model.checkpoint import read_weights, save_model_dir, save_tensors_atomic, write_json_atomic
+from model.checkpoint import (
+    load_optimizer_tensors,
+    optimizer_tensors,
+    read_weights,
+    save_model_dir,
+    save_tensors_atomic,
+    write_json_atomic,
+)
 from model.data.datasets import VolumeDataset
 from model.hagan.config import HAGANConfig, Intensity
 from model.hagan.networks import HAGAN
@@ -91,27 +98,6 @@ def _params(net: HAGAN, names: tuple[str, ...]) -> list[torch.nn.Parameter]:
 def _requires_grad(net: HAGAN, names: tuple[str, ...], flag: bool) -> None:
     for p in _params(net, names):
         p.requires_grad_(flag)
-
-
-def _opt_tensors(opts: dict[str, torch.optim.Adam]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    tensors, meta = {}, {}
-    for name, opt in opts.items():
-        sd = opt.state_dict()
-        for idx, st in sd["state"].items():
-            for k, v in st.items():
-                tensors[f"{name}.{idx}.{k}"] = torch.as_tensor(v).detach().cpu().clone()
-        meta[name] = sd["param_groups"]
-    return tensors, meta
-
-
-def _load_opts(opts: dict[str, torch.optim.Adam], tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    for name, opt in opts.items():
-        state: dict[int, dict[str, torch.Tensor]] = {}
-        for key, v in tensors.items():
-            n, idx, k = key.split(".", 2)
-            if n == name:
-                state.setdefault(int(idx), {})[k] = v
-        opt.load_state_dict({"state": state, "param_groups": meta[name]})
 
 
 class Trainer:
@@ -261,7 +247,7 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> Path:
         ck = self.run / "checkpoints" / f"iter_{self.iteration:07d}"
-        tensors, meta = _opt_tensors(self.opts)
+        tensors, meta = optimizer_tensors(self.opts)
         state = {
             "iteration": self.iteration,
             "options": {k: v for k, v in self.o.items() if k != "resume"},
@@ -287,17 +273,7 @@ class Trainer:
         tensors = read_weights(ck, "optim.safetensors")
         self.gen.set_state(tensors.pop("rng.torch_latents"))
         torch.set_rng_state(tensors.pop("rng.torch_global"))
-        _load_opts(
-            self.opts,
-            {k: v.to(self.device) if not k.endswith(".step") else v for k, v in tensors.items()},
-            state["optimizers"],
-        )
-        # moment buffers in their parameter's layout, as a fresh Adam creates them (bit-exact resume)
-        for opt in self.opts.values():
-            for p, st in opt.state.items():
-                for k, v in st.items():
-                    if torch.is_tensor(v) and v.shape == p.shape:
-                        st[k] = torch.empty_like(p).copy_(v)
+        load_optimizer_tensors(self.opts, tensors, state["optimizers"])
         self.rng.bit_generator.state = state["numpy_rng"]
         self.iteration = int(state["iteration"])
 

@@ -35,11 +35,12 @@ and the grey slice is replicated into the three colour channels.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from model.checkpoint import read_user_state_dict
 
 FEATURES = 2048
 INPUT_SIZE = 299
@@ -219,23 +220,7 @@ class InceptionV3Features(nn.Module):
 
 def read_inception_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """An InceptionV3 state dict from .safetensors or a weights-only torch checkpoint, 'module.' removed."""
-    p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"{p}: no such weights file")
-    if p.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        sd = load_file(str(p))
-    else:
-        try:
-            sd = torch.load(p, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - any unreadable or non-weights file
-            raise ValueError(f"{p}: not a weights-only PyTorch checkpoint ({e})") from e
-        if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
-            sd = sd["state_dict"]
-    if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ValueError(f"{p}: expected a state dict of tensors")
-    return {str(k).removeprefix("module."): v for k, v in sd.items()}
+    return read_user_state_dict(path)
 
 
 def weights_kind(sd: dict[str, torch.Tensor]) -> str:

@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import os
 import re
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from model.checkpoint import read_user_state_dict
 from model.metrics.features import resample
 
 
@@ -114,24 +114,9 @@ class Med3DResNet(nn.Module):
 
 
 def read_medicalnet_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """A MedicalNet state dict from .safetensors or a weights-only torch checkpoint, 'module.' removed."""
-    p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"{p}: no such weights file")
-    if p.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        sd = load_file(str(p))
-    else:
-        try:
-            sd = torch.load(p, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - any unreadable or non-weights file
-            raise ValueError(f"{p}: not a weights-only PyTorch checkpoint ({e})") from e
-        if isinstance(sd, dict) and "state_dict" in sd:
-            sd = sd["state_dict"]
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ValueError(f"{p}: expected a state dict of tensors")
-    return {k.removeprefix("module."): v for k, v in sd.items() if not k.removeprefix("module.").startswith("conv_seg")}
+    """A MedicalNet state dict from .safetensors or a weights-only torch checkpoint, 'module.' removed
+    and the segmentation head (``conv_seg``) dropped."""
+    return {k: v for k, v in read_user_state_dict(path).items() if not k.startswith("conv_seg")}
 
 
 def build_from_state_dict(sd: dict[str, torch.Tensor]) -> Med3DResNet:

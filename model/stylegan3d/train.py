@@ -45,6 +45,8 @@ import torch.nn.functional as F
 
 from model.checkpoint import (
     ModelDirError,
+    load_optimizer_tensors,
+    optimizer_tensors,
     read_config,
     read_weights,
     save_model_dir,
@@ -120,29 +122,6 @@ def find_model_dir(path: str | Path) -> Path:
     if (p / "model" / "config.json").is_file():
         return p / "model"
     raise ValueError(f"{p}: neither a model directory (config.json) nor a run folder with model/config.json")
-
-
-def _opt_tensors(opts: dict[str, torch.optim.Adam]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    tensors, meta = {}, {}
-    for name, opt in opts.items():
-        sd = opt.state_dict()
-        for idx, st in sd["state"].items():
-            for k, v in st.items():
-                tensors[f"opt.{name}.{idx}.{k}"] = torch.as_tensor(v).detach().cpu().clone()
-        meta[name] = sd["param_groups"]
-    return tensors, meta
-
-
-def _load_opts(
-    opts: dict[str, torch.optim.Adam], tensors: dict[str, torch.Tensor], meta: dict[str, Any], device: torch.device
-) -> None:
-    for name, opt in opts.items():
-        state: dict[int, dict[str, torch.Tensor]] = {}
-        for key, v in tensors.items():
-            _, n, idx, k = key.split(".", 3)
-            if n == name:
-                state.setdefault(int(idx), {})[k] = v if k == "step" else v.to(device)
-        opt.load_state_dict({"state": state, "param_groups": meta[name]})
 
 
 class Trainer:
@@ -400,7 +379,7 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         ck = self.run / "checkpoints" / f"iter_{self.iteration:07d}"
-        tensors, meta = _opt_tensors(self.opts)
+        tensors, meta = optimizer_tensors(self.opts, prefix="opt.")
         tensors |= {f"G_raw.{k}": v for k, v in self.G.state_dict().items()}
         tensors["pl_mean"] = self.pl_mean.detach().cpu()
         tensors["rng.latents"] = self.gen.get_state()
@@ -442,7 +421,7 @@ class Trainer:
         self.D.load_state_dict({k[2:]: v for k, v in weights.items() if k.startswith("D.")})
         t = read_weights(ck, "train.safetensors")
         self.G.load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("G_raw.")})
-        _load_opts(self.opts, {k: v for k, v in t.items() if k.startswith("opt.")}, state["optimizers"], self.device)
+        load_optimizer_tensors(self.opts, t, state["optimizers"], prefix="opt.")
         self.pl_mean.copy_(t["pl_mean"])
         self.gen.set_state(t["rng.latents"])
         torch.set_rng_state(t["rng.torch_cpu"])
