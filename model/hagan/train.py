@@ -57,9 +57,9 @@ DEFAULTS: dict[str, Any] = {
     "lr_e": 1e-4,
     "lambda_class": 0.1,
     "amp": "auto",  # mixed precision: auto = bf16 autocast on a CUDA device that supports it; on | off
-    # activations and conv weights in channels-last 3D layout: auto = on the CPU, on | off.  Measured at
-    # 256^3, batch 2: 14% less CPU per iteration side by side on a busy machine, a few % on a quiet one
-    # (within noise at 128^3).  Same values up to float summation order; checkpoints stored contiguous.
+    # activations and conv weights in channels-last 3D layout: auto = on the CPU, on | off.  Its effect
+    # on an idle machine is within run-to-run noise (benchmarks/RESULTS.md); same values up to float
+    # summation order; checkpoints are stored contiguous either way.
     "channels_last": "auto",
 }
 
