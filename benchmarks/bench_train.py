@@ -8,14 +8,21 @@ dataset (phantoms) prepared at the resolution.
 
     python benchmarks/bench_train.py                       # 128 and 256, batch 2; Markdown tables
     python benchmarks/bench_train.py --res 256 --iterations 3 --device cuda
+    python benchmarks/bench_train.py --res 128 --rounds 3 --ablation   # what each speed-up gives
 
 Paths:
   plain  the authors' arithmetic: x2 nearest upsample, then a 3x3x3 conv (G^A, G^H), fp32, the
-         standard (contiguous) layout
-  voxgen each upsample + conv as one stride-2 transposed conv with derived 4x4x4 weights (exact,
-         about 3x fewer multiply-adds; backward keeps the small input, not the upsampled one);
-         on the CPU channels-last 3D activations and weights (same values up to summation order);
-         on CUDA bf16 autocast (--amp auto)
+         standard (contiguous) layout, PyTorch's default Adam, glibc's default allocator
+  voxgen the trainer's defaults:
+         - fused_upconv: each upsample + conv as one stride-2 transposed conv with derived 4x4x4
+           weights (exact, about 3x fewer multiply-adds; backward keeps the small input)
+         - channels_last (CPU): channels-last 3D inputs on grids of >= 16^3 voxels, the standard
+           layout on smaller ones (same values up to summation order)
+         - fused_adam: Adam's fused kernel (same update rule)
+         - tune_malloc (CPU, glibc): large blocks from the reusable heap (no page-fault storm)
+         - amp (CUDA): bf16 autocast
+  --ablation adds "voxgen, X off" cells: voxgen with one speed-up turned off.
+Every path frees each group's gradients right after its optimizer step.
 The first iteration of each cell is a warm-up and not counted.  CPU time (all threads of the process)
 is printed beside wall time: on a shared machine it is the fairer comparison.
 """
@@ -33,6 +40,16 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+# the trainer's speed-ups, all off for the authors' arithmetic, all on (their defaults) for voxgen
+SPEEDUPS = ("fused_upconv", "channels_last", "fused_adam", "tune_malloc", "amp")
+PATHS: dict[str, dict[str, str | bool]] = {
+    "plain": {k: (False if k == "fused_upconv" else "off") for k in SPEEDUPS},
+    "voxgen": {k: (True if k == "fused_upconv" else "auto") for k in SPEEDUPS},
+}
+# --ablation: voxgen with one speed-up off at a time
+for _k in SPEEDUPS[:-1]:
+    PATHS[f"voxgen, {_k} off"] = PATHS["voxgen"] | {_k: PATHS["plain"][_k]}
 
 
 def _peak_rss_mib() -> float:
@@ -61,18 +78,10 @@ def one(res: int, path: str, data: str, batch: int, iterations: int, device: str
     from model.hagan.train import Trainer
 
     with tempfile.TemporaryDirectory() as run:
-        opts = {
-            "data": data,
-            "output": run,
-            "resolution": res,
-            "batch": batch,
-            "device": device,
-            "seed": 0,
-            "amp": "auto" if path == "voxgen" else "off",
-            "channels_last": "auto" if path == "voxgen" else "off",
-        }
-        t = Trainer(opts)
-        t.net.set_fused_upconv(path == "voxgen")
+        opts = {"data": data, "output": run, "resolution": res, "batch": batch, "device": device, "seed": 0}
+        speedups = PATHS[path]
+        t = Trainer(opts | {k: v for k, v in speedups.items() if k != "fused_upconv"})
+        t.net.set_fused_upconv(speedups["fused_upconv"] is True)
         cuda = t.device.type == "cuda"
         t.step()  # warm-up
         if cuda:
@@ -116,10 +125,12 @@ def main() -> None:
     ap.add_argument("--res", type=int, nargs="*", default=[128, 256])
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--iterations", type=int, default=2, help="timed iterations per cell (after one warm-up)")
+    ap.add_argument("--rounds", type=int, default=1, help="run every cell this many times, alternating the paths")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--work", help="folder for the synthetic datasets (default: a temporary one)")
     ap.add_argument("--one", nargs=3, metavar=("RES", "PATH", "DATA"), help=argparse.SUPPRESS)
     ap.add_argument("--json", help="also write the raw results here")
+    ap.add_argument("--ablation", action="store_true", help="also run voxgen with each speed-up off in turn")
     a = ap.parse_args()
     if a.one:
         r = one(int(a.one[0]), a.one[1], a.one[2], a.batch, a.iterations, a.device)
@@ -129,16 +140,28 @@ def main() -> None:
 
     print(
         f"# machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, device {a.device}; batch {a.batch}; {a.iterations} timed iterations/cell\n"
+        f"{torch.get_num_threads()} threads, device {a.device}; batch {a.batch}; {a.rounds} round(s) of "
+        f"{a.iterations} timed iterations per cell; peak memory: the largest of the rounds\n"
     )
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(a.work or tmp)
         for res in a.res:
             data = make_dataset(res, work)
-            for path in ("plain", "voxgen"):
-                rows.append(run_cell(res, path, data, a))
-                print(f"  done {res} {path}", file=sys.stderr)
+            cells: dict[str, dict] = {}
+            # rounds alternate the paths, so slow drifts of a shared machine reach all of them alike
+            for k in range(a.rounds):
+                for path in PATHS if a.ablation else ("plain", "voxgen"):
+                    r = run_cell(res, path, data, a)
+                    print(f"  done {res} {path} round {k + 1}/{a.rounds}", file=sys.stderr)
+                    c = cells.setdefault(path, r)
+                    if "error" in r or "error" in c:
+                        cells[path] = c if "error" in c else r
+                    elif c is not r:
+                        c["times"] += r["times"]
+                        c["cpu_times"] += r["cpu_times"]
+                        c["peak_mib"] = max(c["peak_mib"], r["peak_mib"])
+            rows += cells.values()
     print("| output | path | s / iteration, median (min) | CPU s / iteration | peak memory GiB | parameters |")
     print("|---|---|---|---|---|---|")
     by = {}
@@ -152,18 +175,21 @@ def main() -> None:
         mem = f"{r['peak_mib'] / 1024:.2f} ({r['memory']})"
         cells = f"{r['median']:.2f} ({ts[0]:.2f}) | {r['cpu_median']:.1f} | {mem} | {r['params'] / 1e6:.1f}M"
         print(f"| {r['res']}^3 | {r['path']} | {cells} |")
-    print("\n| output | voxgen / plain: wall time (median) | wall time (fastest) | CPU time (median) | peak memory |")
-    print("|---|---|---|---|---|")
+    print("\n| output | path | / plain: wall time (median) | wall time (fastest) | CPU time (median) | peak memory |")
+    print("|---|---|---|---|---|---|")
     for res in a.res:
-        p, v = by.get((res, "plain")), by.get((res, "voxgen"))
-        if p and v:
+        p = by.get((res, "plain"))
+        for path in [k for k in PATHS if k != "plain"]:
+            v = by.get((res, path))
+            if not (p and v):
+                continue
             ratios = (
                 v["median"] / p["median"],
                 min(v["times"]) / min(p["times"]),
                 v["cpu_median"] / p["cpu_median"],
                 v["peak_mib"] / p["peak_mib"],
             )
-            print(f"| {res}^3 | " + " | ".join(f"{x:.2f}" for x in ratios) + " |")
+            print(f"| {res}^3 | {path} | " + " | ".join(f"{x:.2f}" for x in ratios) + " |")
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=2))
 

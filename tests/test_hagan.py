@@ -278,3 +278,42 @@ def test_batched_slab_encoding_equals_encoding_each_slab(res: int) -> None:
             got = m.net.encode_features(x, **kw)
             assert got.shape == ref.shape == (2, m.net.ga.convs[-1].out_channels, res // 4, res // 4, res // 4)
             torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_mixed_layout_puts_large_grids_channels_last_and_keeps_the_values() -> None:
+    """set_mixed_layout: conv inputs on grids of >= 16^3 voxels go channels-last, smaller ones stay in
+    the standard layout, the parameters are untouched, and the outputs equal the plain path's."""
+    from model.hagan.networks import CL_MIN_VOXELS
+
+    net = HAGAN(HAGANConfig(resolution=128, width=0.25, latent_dim=16)).eval()
+    seen: dict[str, bool] = {}
+
+    def hook(name: str):
+        def pre(_m: torch.nn.Module, args: tuple) -> None:
+            x = args[0]
+            seen[name] = x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous()
+
+        return pre
+
+    for name, m in net.named_modules():
+        if isinstance(m, torch.nn.Conv3d):
+            m.register_forward_pre_hook(hook(name))
+    z = torch.randn(2, 16, generator=torch.Generator().manual_seed(0))
+    x = torch.rand(1, 1, 128, 128, 128) * 2 - 1
+    outs = []
+    for on in (False, True):
+        net.set_mixed_layout(on)
+        with torch.no_grad():
+            hi, lo = net.generate_train(z, 32)
+            outs.append((hi, lo, net.discriminate(hi, lo, 32)[0], net.eg(net.encode_features(x, channels_last=False))))
+        if on:
+            assert seen["ga.convs.0"] is False  # 4^3: weights dominate, standard layout
+            assert seen["ga.convs.4"] is True  # 32^3
+            assert seen["eg.convs.0"] is True and seen["eg.out"] is False
+            assert seen["dl.convs.1"] is True and seen["dl.convs.2"] is False  # 16^3 vs 8^3 = 512 < CL_MIN_VOXELS
+        else:
+            assert not any(seen.values())
+    assert CL_MIN_VOXELS == 16**3
+    assert all(p.is_contiguous() for p in net.parameters())
+    for a, b in zip(*outs, strict=True):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-4)  # fp32 summation order only

@@ -160,16 +160,17 @@ def test_cli_prepare_and_train(tmp_path: Path) -> None:
 
 
 def test_fused_and_literal_upsample_convs_train_the_same(dataset: Path, tmp_path: Path) -> None:
-    """The training speed-ups (one transposed conv per upsample + conv, channels-last layout) change
-    only the order of the arithmetic: the same losses for two
+    """The training speed-ups (one transposed conv per upsample + conv, the mixed memory layout,
+    Adam's fused kernel) change only the order of the arithmetic: the same losses for two
     iterations (the second one runs on the weights the first updated), and the same generator
     gradients (to 0.5%)."""
     losses = []
     for fast in (True, False):
-        opts = OPTS | {"channels_last": "on" if fast else "off"}
+        opts = OPTS | {"channels_last": "on" if fast else "off", "fused_adam": "on" if fast else "off"}
         t = Trainer(opts | {"data": str(dataset), "output": str(tmp_path / str(fast)), "iterations": 2})
         t.net.set_fused_upconv(fast)
-        assert t.channels_last is fast
+        assert t.channels_last is fast and t.net.ga.mixed_layout is fast
+        assert all(o.defaults["fused"] is (True if fast else None) for o in t.opts.values())
         losses.append([t.step(), t.step()])
     for a, b in zip(*losses, strict=True):
         assert a == pytest.approx(b, rel=1e-3, abs=1e-5)

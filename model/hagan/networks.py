@@ -90,6 +90,32 @@ def _gn(ch: int) -> nn.GroupNorm:
     return nn.GroupNorm(min(8, ch), ch)
 
 
+# Memory layout per convolution on the CPU (``HAGAN.set_mixed_layout``): channels-last 3D when the
+# input grid has at least this many voxels (16^3), where oneDNN's channels-last kernels are faster;
+# the standard layout below it, where the layer is dominated by its weights and channels-last would
+# reorder them (and their gradients) on every call.  Measured per layer at 128^3, batch 2
+# (benchmarks/RESULTS.md): e.g. G^A's 512->512 up-convolution at 4^3 takes 1.8x as long channels-last,
+# its 128->64 convolution at 32^3 0.75x.
+CL_MIN_VOXELS = 4096
+
+
+class _Layout(nn.Module):
+    """A sub-network whose convolution inputs can follow the mixed layout policy."""
+
+    mixed_layout = False
+
+    def lay(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.mixed_layout:
+            return x
+        if x.shape[2] * x.shape[3] * x.shape[4] < CL_MIN_VOXELS:
+            return x.contiguous()
+        if x.shape[1] == 1 and x.stride(1) != 1:
+            # one channel: both layouts are the same bytes, but only explicit channels-last strides
+            # make the convolution's output channels-last (else the next layer reorders it)
+            return torch.empty_like(x, memory_format=torch.channels_last_3d).copy_(x)
+        return x.contiguous(memory_format=torch.channels_last_3d)
+
+
 def _up(x: torch.Tensor) -> torch.Tensor:
     return F.interpolate(x, scale_factor=2, mode="nearest")
 
@@ -146,7 +172,7 @@ class Widths:
 # --------------------------------------------------------------------------------------------
 
 
-class GA(nn.Module):
+class GA(_Layout):
     """Common block: latent (+ one-hot class) -> 2c @ (R/4)^3 features."""
 
     fused_upconv = True  # see up_conv; False runs the authors' literal upsample + conv
@@ -166,12 +192,13 @@ class GA(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.fc(z).view(z.shape[0], self.c0, 4, 4, 4)
         for conv, norm, up in zip(self.convs, self.norms, self.upsample_before, strict=True):
+            h = self.lay(h)
             h = up_conv(h, conv, self.fused_upconv) if up else conv(h)
             h = F.relu(norm(h))
         return h
 
 
-class GL(nn.Module):
+class GL(_Layout):
     """Low-resolution branch: features -> 1 @ (R/4)^3 (no upsampling)."""
 
     def __init__(self, cfg: HAGANConfig) -> None:
@@ -183,12 +210,12 @@ class GL(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         for i, conv in enumerate(self.convs):
-            h = conv(h)
+            h = conv(self.lay(h))
             h = F.relu(self.norms[i](h)) if i < len(self.norms) else torch.tanh(h)
         return h
 
 
-class GH(nn.Module):
+class GH(_Layout):
     """High-resolution branch: x2 nearest upsample + 3x3x3 conv stages, then tanh."""
 
     fused_upconv = True  # see up_conv
@@ -206,7 +233,7 @@ class GH(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         for i, conv in enumerate(self.convs):
-            h = up_conv(h, conv, self.fused_upconv)
+            h = up_conv(self.lay(h), conv, self.fused_upconv)
             h = F.relu(self.norms[i](h)) if i < len(self.norms) else torch.tanh(h)
         return h
 
@@ -216,7 +243,7 @@ class GH(nn.Module):
 # --------------------------------------------------------------------------------------------
 
 
-class DH(nn.Module):
+class DH(_Layout):
     """High-resolution discriminator: sub-volume (R/8 x R x R) and its start r -> logit(s)."""
 
     def __init__(self, cfg: HAGANConfig) -> None:
@@ -246,7 +273,7 @@ class DH(nn.Module):
     def forward(self, x: torch.Tensor, r: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         h = x
         for conv in self.convs:
-            h = F.leaky_relu(conv(h), 0.2)
+            h = F.leaky_relu(conv(self.lay(h)), 0.2)
         h = h.flatten(1)  # batch of one works (the authors' squeeze() does not)
         pos = torch.as_tensor(r, dtype=h.dtype, device=h.device).reshape(-1, 1) / self.r_scale
         h = torch.cat([h, pos.expand(h.shape[0], 1)], dim=1)
@@ -254,7 +281,7 @@ class DH(nn.Module):
         return self.fc2(h), (self.fc_class(h) if self.fc_class is not None else None)
 
 
-class DL(nn.Module):
+class DL(_Layout):
     """Low-resolution discriminator on the whole (R/4)^3 (64^3 at 512^3) volume."""
 
     def __init__(self, cfg: HAGANConfig) -> None:
@@ -270,8 +297,8 @@ class DL(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         h = x
         for conv in self.convs:
-            h = F.leaky_relu(conv(h), 0.2)
-        h = self.out(h).flatten(1)
+            h = F.leaky_relu(conv(self.lay(h)), 0.2)
+        h = self.out(self.lay(h)).flatten(1)
         return h[:, :1], (h[:, 1:] if self.num_classes > 0 else None)
 
 
@@ -280,7 +307,7 @@ class DL(nn.Module):
 # --------------------------------------------------------------------------------------------
 
 
-class EH(nn.Module):
+class EH(_Layout):
     """Sub-volume encoder: 1 @ (R/8 x R x R) -> 2c @ (R/32 x R/4 x R/4), a slab of the feature map."""
 
     def __init__(self, cfg: HAGANConfig) -> None:
@@ -296,11 +323,11 @@ class EH(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x
         for conv, norm in zip(self.convs, self.norms, strict=True):
-            h = F.relu(norm(conv(h)))
+            h = F.relu(norm(conv(self.lay(h))))
         return h
 
 
-class EG(nn.Module):
+class EG(_Layout):
     """Global encoder: the whole feature map 2c @ (R/4)^3 -> latent."""
 
     def __init__(self, cfg: HAGANConfig) -> None:
@@ -315,8 +342,8 @@ class EG(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         for conv, norm in zip(self.convs, self.norms, strict=True):
-            h = F.relu(norm(conv(h)))
-        return self.out(h).flatten(1)
+            h = F.relu(norm(conv(self.lay(h))))
+        return self.out(self.lay(h)).flatten(1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -341,6 +368,15 @@ class HAGAN(nn.Module):
     def set_fused_upconv(self, fused: bool) -> HAGAN:
         """Fused (default) or literal upsample + conv in G^A and G^H; the same function either way."""
         self.ga.fused_upconv = self.gh.fused_upconv = bool(fused)
+        return self
+
+    def set_mixed_layout(self, on: bool) -> HAGAN:
+        """Convolution inputs channels-last 3D on large grids, standard on small ones (``CL_MIN_VOXELS``).
+
+        Parameters stay in the standard layout.  The values are the same up to float summation order."""
+        for m in self.modules():
+            if isinstance(m, _Layout):
+                m.mixed_layout = bool(on)
         return self
 
     # groups of sub-networks as the paper and the authors' checkpoints group them

@@ -57,17 +57,48 @@ DEFAULTS: dict[str, Any] = {
     "lr_e": 1e-4,
     "lambda_class": 0.1,
     "amp": "auto",  # mixed precision: auto = bf16 autocast on a CUDA device that supports it; on | off
-    # activations and conv weights in channels-last 3D layout: auto = on the CPU, on | off.  Its effect
-    # on an idle machine is within run-to-run noise (benchmarks/RESULTS.md); same values up to float
-    # summation order; checkpoints are stored contiguous either way.
+    # convolution inputs channels-last 3D on large grids and standard on small ones
+    # (HAGAN.set_mixed_layout): auto = on the CPU, on | off.  Same values up to float summation order.
     "channels_last": "auto",
+    # Adam's fused kernel (one pass over each parameter's state; torch >= 2.4 on CPU and CUDA):
+    # auto = on, on | off.  Same update rule; the last bits can differ from the unfused loop.
+    "fused_adam": "auto",
+    # glibc's allocator on the CPU (tune_malloc): large blocks from the reusable heap instead of fresh
+    # mmaps, which the kernel zero-fills page by page on every use: auto = on when training on the
+    # CPU under glibc, on | off.  Process-wide; no effect on the values.
+    "tune_malloc": "auto",
 }
+
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def tune_malloc(mmap_threshold: int = 256 << 20, trim_threshold: int = 1 << 30) -> bool:
+    """Keep blocks up to ``mmap_threshold`` bytes on glibc's heap and keep up to ``trim_threshold``
+    bytes of freed heap mapped, so each iteration's activations reuse memory that is already paged
+    in.  By default glibc maps every block above 32 MiB afresh and unmaps it on free; a training
+    iteration at 128^3 then spends ~12% of its CPU time in the kernel's page faults.  Returns False
+    (and changes nothing) where the C library is not glibc."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(mallopt(_M_TRIM_THRESHOLD, trim_threshold))
 
 
 def use_channels_last(option: str, device: torch.device) -> bool:
     if option not in ("auto", "on", "off"):
         raise ValueError(f"channels_last must be auto, on or off, got {option!r}")
     return option == "on" or (option == "auto" and device.type == "cpu")
+
+
+def use_fused_adam(option: str, device: torch.device) -> bool:
+    if option not in ("auto", "on", "off"):
+        raise ValueError(f"fused_adam must be auto, on or off, got {option!r}")
+    return option != "off" and device.type in ("cpu", "cuda")
 
 
 def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
@@ -129,18 +160,24 @@ class Trainer:
         torch.manual_seed(int(self.o["seed"]))
         self.net = HAGAN(self.cfg).to(self.device).train()
         self.channels_last = use_channels_last(str(self.o["channels_last"]), self.device)
-        if self.channels_last:
-            self.net.to(memory_format=torch.channels_last_3d)
+        self.net.set_mixed_layout(self.channels_last)
         # E^G step: slabs through E^H per call; one slab of every volume, as the authors' loop (all at
         # once is no faster on the CPU and its intermediates add ~0.7 GiB at 256^3, batch 2)
         self.slabs_per_call: int | None = int(self.o["batch"])
         self.amp_dtype = amp_dtype(str(self.o["amp"]), self.device)
+        fused = use_fused_adam(str(self.o["fused_adam"]), self.device)
+        if str(self.o["tune_malloc"]) not in ("auto", "on", "off"):
+            raise ValueError(f"tune_malloc must be auto, on or off, got {self.o['tune_malloc']!r}")
+        self.malloc_tuned = False
+        if self.o["tune_malloc"] == "on" or (self.o["tune_malloc"] == "auto" and self.device.type == "cpu"):
+            self.malloc_tuned = tune_malloc()
         self.opts = {
             k: torch.optim.Adam(
                 _params(self.net, v),
                 lr=self.o["lr_d" if k == "d" else ("lr_g" if k == "g" else "lr_e")],
                 betas=(0.0, 0.999),
                 eps=1e-8,
+                fused=fused or None,
             )
             for k, v in OPTIMIZERS.items()
         }
@@ -158,16 +195,18 @@ class Trainer:
         labels = None
         if self.cfg.num_classes:
             labels = torch.tensor([self.data.label(int(i)) or 0 for i in idx], device=self.device)
-        x = x.to(self.device)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last_3d)
-        return x, labels
+        return x.to(self.device), labels
 
     def _ac(self) -> Any:
         """Autocast for the forward passes (backward runs outside, as PyTorch recommends)."""
         if self.amp_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def _update(self, group: str) -> None:
+        """One optimizer step; the gradients are freed at once, so no step holds another group's."""
+        self.opts[group].step()
+        self.opts[group].zero_grad(set_to_none=True)
 
     def step(self) -> dict[str, float]:
         net, ac = self.net, self._ac
@@ -204,7 +243,7 @@ class Trainer:
             logit, _ = net.discriminate(fake_hi, fake_lo, r)
             d_fake = bce(logit, zeros)
         (d_real + d_fake).backward()
-        self.opts["d"].step()
+        self._update("d")
         losses["d_real"], losses["d_fake"] = float(d_real.detach()), float(d_fake.detach())
 
         # 2. G
@@ -217,7 +256,7 @@ class Trainer:
             if cls is not None:
                 g_loss = g_loss + self.o["lambda_class"] * ce(cls, labels)
         g_loss.backward()
-        self.opts["g"].step()
+        self._update("g")
         losses["g"] = float(g_loss.detach())
         del fake_hi, fake_lo
 
@@ -227,7 +266,7 @@ class Trainer:
         with ac():
             e_loss = l1(net.gh(net.eh(x_crop)), x_crop)
         e_loss.backward()
-        self.opts["eh"].step()
+        self._update("eh")
         losses["e_h"] = float(e_loss.detach())
 
         # 4. E^G: through the frozen G, from the E^H features of every slab
@@ -238,7 +277,7 @@ class Trainer:
             rec_hi, rec_lo = net.generate_train(net.eg(feats), r, labels)
             eg_loss = (l1(rec_hi, x_crop) + l1(rec_lo, x_low)) / 2
         eg_loss.backward()
-        self.opts["eg"].step()
+        self._update("eg")
         _requires_grad(net, OPTIMIZERS["g"], True)
         losses["e_g"] = float(eg_loss.detach())
         self.iteration += 1
