@@ -248,19 +248,21 @@ def test_corrupt_and_mismatched_checkpoints_name_the_file(tmp_path: Path) -> Non
 
 def test_fused_upsample_conv_equals_upsample_then_conv() -> None:
     """The training path's stride-2 transposed conv equals nearest x2 upsampling + a 3x3x3 conv with
-    padding 1, values and gradients, borders included."""
-    from model.hagan.networks import up_conv
+    padding 1, values and gradients, borders included (a grid of >= FUSE_MIN_VOXELS, below which
+    the fused path is the literal one)."""
+    from model.hagan.networks import FUSE_MIN_VOXELS, up_conv
 
     torch.manual_seed(0)
     conv = torch.nn.Conv3d(5, 3, 3, padding=1)
-    x = torch.randn(2, 5, 3, 4, 5, requires_grad=True)
+    x = torch.randn(2, 5, 7, 8, 10, requires_grad=True)
+    assert 7 * 8 * 10 >= FUSE_MIN_VOXELS
     outs, grads = [], []
     for fused in (True, False):
         y = up_conv(x, conv, fused)
         (g,) = torch.autograd.grad((y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum(), [x])
         outs.append(y.detach())
         grads.append(g)
-    assert outs[0].shape == (2, 3, 6, 8, 10)
+    assert outs[0].shape == (2, 3, 14, 16, 20)
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-5)
 
