@@ -5,106 +5,34 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from model.alphawgan.config import AlphaWGANConfig
 from model.alphawgan.networks import AlphaWGAN, parameter_counts
-from model.checkpoint import ModelDirError, read_config, read_weights, save_model_dir
-
-Progress = Callable[[int, int, str], None]
+from model.base import Progress, VolumeModel
 
 
 def load_net(path: str | os.PathLike) -> AlphaWGAN:
     """The networks of a model directory (config.json + model.safetensors), checked key by key."""
-    d = read_config(path)
-    try:
-        cfg = AlphaWGANConfig.from_dict(d)
-    except (TypeError, ValueError) as e:
-        raise ModelDirError(f"{Path(path) / 'config.json'}: {e}") from e
-    net = AlphaWGAN(cfg)
-    sd = read_weights(path)
-    ours = net.state_dict()
-    missing = [k for k in ours if k not in sd]
-    unexpected = [k for k in sd if k not in ours]
-    wrong = [
-        f"{k} {list(sd[k].shape)} != {list(v.shape)}" for k, v in ours.items() if k in sd and sd[k].shape != v.shape
-    ]
-    if missing or unexpected or wrong:
-        raise ModelDirError(
-            f"{Path(path) / 'model.safetensors'}: does not match config.json "
-            f"(missing {missing[:3]}, unexpected {unexpected[:3]}, wrong shapes {wrong[:3]})"
-        )
-    net.load_state_dict(sd)
-    return net
+    return AlphaWGANModel.load_net(path)
 
 
-class AlphaWGANModel:
-    """``generate(z)`` -> [n, 1, 64, 64, 64] float32 in [-1, 1] on the CPU; ``encode(x)`` -> [n, latent]."""
+class AlphaWGANModel(VolumeModel[AlphaWGANConfig, AlphaWGAN]):
+    """``generate(z)`` -> [n, 1, 64, 64, 64] float32 in [-1, 1] on the CPU; ``encode(x)`` -> [n, latent].
+
+    ``sample_latents`` draws standard-normal latents: the prior the code discriminator matches."""
 
     family = "alphawgan"
+    config_class = AlphaWGANConfig
+    net_class = AlphaWGAN
+    count_parameters = staticmethod(parameter_counts)
 
     def __init__(self, net: AlphaWGAN, device: str | torch.device = "cpu", batch: int = 8) -> None:
-        self.net = net.eval().requires_grad_(False)  # eval: BatchNorm uses its running statistics
-        self.device = torch.device(device)
-        self.net.to(self.device)
+        # eval (in the base class): BatchNorm uses its running statistics
+        super().__init__(net.requires_grad_(False), device)
         self.batch = batch
-
-    # ---------------------------------------------------------------- construction and storage
-    @classmethod
-    def init(cls, config: AlphaWGANConfig, seed: int = 0, device: str | torch.device = "cpu") -> AlphaWGANModel:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            net = AlphaWGAN(config)
-        return cls(net, device)
-
-    @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> AlphaWGANModel:
-        return cls(load_net(path), device)
-
-    def save_pretrained(self, path: str | os.PathLike, extra_files: dict[str, bytes] | None = None) -> Path:
-        return save_model_dir(path, self.config.to_dict(), self.net.state_dict(), extra_files)
-
-    # ---------------------------------------------------------------- description
-    @property
-    def config(self) -> AlphaWGANConfig:
-        return self.net.config
-
-    @property
-    def latent_dim(self) -> int:
-        return self.config.latent_dim
-
-    @property
-    def output_shape(self) -> tuple[int, int, int]:
-        return self.config.output_shape
-
-    @property
-    def spacing(self) -> tuple[float, float, float]:
-        return self.config.spacing
-
-    @property
-    def modality(self) -> str:
-        return self.config.modality
-
-    @property
-    def class_names(self) -> list[str]:
-        return []
-
-    def info(self) -> dict[str, Any]:
-        return {"config": self.config.to_dict(), "parameters": parameter_counts(self.net)}
-
-    # ---------------------------------------------------------------- latents
-    def sample_latents(self, n: int, seed: int) -> torch.Tensor:
-        """Standard-normal latents (the prior the code discriminator matches) from a CPU generator."""
-        if not (isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**63):
-            raise ValueError(f"seed must be an integer in [0, 2^63), got {seed!r}")
-        if n < 1:
-            raise ValueError("n must be >= 1")
-        g = torch.Generator().manual_seed(seed)
-        return torch.randn(n, self.latent_dim, generator=g)
 
     # ---------------------------------------------------------------- generation and encoding
     @torch.no_grad()

@@ -18,18 +18,14 @@ the paper serves HA-GAN.  Two exact rewrites make them cheaper than the plain ne
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from model.checkpoint import read_config, read_weights, save_model_dir
+from model.base import Progress, VolumeModel
 from model.hagan.config import HAGANConfig
 from model.hagan.networks import HAGAN, parameter_counts
-
-Progress = Callable[[int, int, str], None]
 
 _PARITIES = [(a, b, c) for a in (0, 1) for b in (0, 1) for c in (0, 1)]
 # 3 taps of a conv on the upsampled grid -> 2 taps on the original grid, per output parity
@@ -89,93 +85,24 @@ def _gn_affine(norm: torch.nn.GroupNorm, mean: torch.Tensor, var: torch.Tensor) 
     return scale.float(), shift.float()
 
 
-class HAGANModel:
+class HAGANModel(VolumeModel[HAGANConfig, HAGAN]):
     """A loaded HA-GAN model: the surface the worker and the CLI use.
 
     ``generate(z)`` -> [n, 1, R, R, R] float32 in [-1, 1] on the CPU; ``encode(x)`` -> [n, latent].
     """
 
     family = "hagan"
+    config_class = HAGANConfig
+    net_class = HAGAN
+    count_parameters = staticmethod(parameter_counts)
 
     def __init__(self, net: HAGAN, device: str | torch.device = "cpu") -> None:
-        self.net = net.eval()
-        self.device = torch.device(device)
-        self.net.to(self.device)
+        super().__init__(net, device)
         self._folded: dict[str, Any] | None = None
-
-    # ---------------------------------------------------------------- construction and storage
-    @classmethod
-    def init(cls, config: HAGANConfig, seed: int = 0, device: str | torch.device = "cpu") -> HAGANModel:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            net = HAGAN(config)
-        return cls(net, device)
-
-    @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> HAGANModel:
-        from model.checkpoint import ModelDirError
-
-        d = read_config(path)
-        try:
-            cfg = HAGANConfig.from_dict(d)
-        except (TypeError, ValueError) as e:
-            raise ModelDirError(f"{Path(path) / 'config.json'}: {e}") from e
-        net = HAGAN(cfg)
-        sd = read_weights(path)
-        ours = net.state_dict()
-        missing = [k for k in ours if k not in sd]
-        unexpected = [k for k in sd if k not in ours]
-        wrong = [
-            f"{k} {list(sd[k].shape)} != {list(v.shape)}" for k, v in ours.items() if k in sd and sd[k].shape != v.shape
-        ]
-        if missing or unexpected or wrong:
-            raise ModelDirError(
-                f"{Path(path) / 'model.safetensors'}: does not match config.json "
-                f"(missing {missing[:3]}, unexpected {unexpected[:3]}, wrong shapes {wrong[:3]})"
-            )
-        net.load_state_dict(sd)
-        return cls(net, device)
-
-    def save_pretrained(self, path: str | os.PathLike, extra_files: dict[str, bytes] | None = None) -> Path:
-        return save_model_dir(path, self.config.to_dict(), self.net.state_dict(), extra_files)
-
-    # ---------------------------------------------------------------- description
-    @property
-    def config(self) -> HAGANConfig:
-        return self.net.config
-
-    @property
-    def latent_dim(self) -> int:
-        return self.config.latent_dim
-
-    @property
-    def output_shape(self) -> tuple[int, int, int]:
-        return self.config.output_shape
-
-    @property
-    def spacing(self) -> tuple[float, float, float]:
-        return self.config.spacing
-
-    @property
-    def modality(self) -> str:
-        return self.config.modality
 
     @property
     def class_names(self) -> list[str]:
         return list(self.config.class_names)
-
-    def info(self) -> dict[str, Any]:
-        return {"config": self.config.to_dict(), "parameters": parameter_counts(self.net)}
-
-    # ---------------------------------------------------------------- latents
-    def sample_latents(self, n: int, seed: int) -> torch.Tensor:
-        """Standard-normal latents from a CPU generator: the same on every device."""
-        if not (isinstance(seed, int) and 0 <= seed < 2**63):
-            raise ValueError(f"seed must be an integer in [0, 2^63), got {seed!r}")
-        if n < 1:
-            raise ValueError("n must be >= 1")
-        g = torch.Generator().manual_seed(seed)
-        return torch.randn(n, self.latent_dim, generator=g)
 
     # ---------------------------------------------------------------- generation
     def _fold(self) -> dict[str, Any]:

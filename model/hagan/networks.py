@@ -199,7 +199,7 @@ class GA(_Layout):
         for conv, norm, up in zip(self.convs, self.norms, self.upsample_before, strict=True):
             h = self.lay(h)
             h = up_conv(h, conv, self.fused_upconv) if up else conv(h)
-            h = F.relu(norm(h))
+            h = F.relu(norm(h), inplace=True)
         return h
 
 
@@ -216,7 +216,7 @@ class GL(_Layout):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         for i, conv in enumerate(self.convs):
             h = conv(self.lay(h))
-            h = F.relu(self.norms[i](h)) if i < len(self.norms) else torch.tanh(h)
+            h = F.relu(self.norms[i](h), inplace=True) if i < len(self.norms) else torch.tanh(h)
         return h
 
 
@@ -239,7 +239,7 @@ class GH(_Layout):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         for i, conv in enumerate(self.convs):
             h = up_conv(self.lay(h), conv, self.fused_upconv)
-            h = F.relu(self.norms[i](h)) if i < len(self.norms) else torch.tanh(h)
+            h = F.relu(self.norms[i](h), inplace=True) if i < len(self.norms) else torch.tanh(h)
         return h
 
 
@@ -278,7 +278,7 @@ class DH(_Layout):
     def forward(self, x: torch.Tensor, r: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         h = x
         for conv in self.convs:
-            h = F.leaky_relu(conv(self.lay(h)), 0.2)
+            h = F.leaky_relu(conv(self.lay(h)), 0.2, inplace=True)
         h = h.flatten(1)  # batch of one works (the authors' squeeze() does not)
         pos = torch.as_tensor(r, dtype=h.dtype, device=h.device).reshape(-1, 1) / self.r_scale
         h = torch.cat([h, pos.expand(h.shape[0], 1)], dim=1)
@@ -302,7 +302,7 @@ class DL(_Layout):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         h = x
         for conv in self.convs:
-            h = F.leaky_relu(conv(self.lay(h)), 0.2)
+            h = F.leaky_relu(conv(self.lay(h)), 0.2, inplace=True)
         h = self.out(self.lay(h)).flatten(1)
         return h[:, :1], (h[:, 1:] if self.num_classes > 0 else None)
 
@@ -328,7 +328,7 @@ class EH(_Layout):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x
         for conv, norm in zip(self.convs, self.norms, strict=True):
-            h = F.relu(norm(conv(self.lay(h))))
+            h = F.relu(norm(conv(self.lay(h))), inplace=True)
         return h
 
 
@@ -347,7 +347,7 @@ class EG(_Layout):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         for conv, norm in zip(self.convs, self.norms, strict=True):
-            h = F.relu(norm(conv(self.lay(h))))
+            h = F.relu(norm(conv(self.lay(h))), inplace=True)
         return self.out(self.lay(h)).flatten(1)
 
 

@@ -12,32 +12,30 @@ the CPU (it is tiny), so a seed gives the same w on every device.
 from __future__ import annotations
 
 import copy
-import os
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from model.checkpoint import ModelDirError, read_config, read_weights, save_model_dir
+from model.base import Progress, VolumeModel, seeded_normal
 from model.stylegan3d.config import StyleGAN3DConfig
 from model.stylegan3d.data import resample
 from model.stylegan3d.networks import MappingNetwork, StyleGAN3D, parameter_counts
 from model.stylegan3d.project import Projection, project, style_mix
 
-Progress = Callable[[int, int, str], None]
 
+class StyleGAN3DModel(VolumeModel[StyleGAN3DConfig, StyleGAN3D]):
+    """``generate(w)`` -> [n, 1, D, H, W] float32 in model space ([-1, 1]) on the CPU.
 
-class StyleGAN3DModel:
-    """``generate(w)`` -> [n, 1, D, H, W] float32 in model space ([-1, 1]) on the CPU."""
+    ``latent_dim`` is the config's, which is ``w_dim``: the served latent is w."""
 
     latent_space = "w"
     latent_space_of_encode = "w"
+    config_class = StyleGAN3DConfig
+    net_class = StyleGAN3D
+    count_parameters = staticmethod(parameter_counts)
 
     def __init__(self, net: StyleGAN3D, device: str | torch.device = "cpu") -> None:
-        self.net = net.eval().requires_grad_(False)
-        self.device = torch.device(device)
-        self.net.to(self.device)
+        super().__init__(net.requires_grad_(False), device)
         self.family = net.config.family
         self._mapping_cpu: MappingNetwork | None = None
 
@@ -48,74 +46,14 @@ class StyleGAN3DModel:
             self._mapping_cpu = copy.deepcopy(self.net.G.mapping).cpu().float()
         return self._mapping_cpu
 
-    # ---------------------------------------------------------------- construction and storage
-    @classmethod
-    def init(cls, config: StyleGAN3DConfig, seed: int = 0, device: str | torch.device = "cpu") -> StyleGAN3DModel:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            net = StyleGAN3D(config)
-        return cls(net, device)
-
-    @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> StyleGAN3DModel:
-        d = read_config(path)
-        try:
-            cfg = StyleGAN3DConfig.from_dict(d)
-        except (TypeError, ValueError) as e:
-            raise ModelDirError(f"{Path(path) / 'config.json'}: {e}") from e
-        net = StyleGAN3D(cfg)
-        sd = read_weights(path)
-        ours = net.state_dict()
-        missing = [k for k in ours if k not in sd]
-        unexpected = [k for k in sd if k not in ours]
-        wrong = [
-            f"{k} {list(sd[k].shape)} != {list(v.shape)}" for k, v in ours.items() if k in sd and sd[k].shape != v.shape
-        ]
-        if missing or unexpected or wrong:
-            raise ModelDirError(
-                f"{Path(path) / 'model.safetensors'}: does not match config.json "
-                f"(missing {missing[:3]}, unexpected {unexpected[:3]}, wrong shapes {wrong[:3]})"
-            )
-        net.load_state_dict(sd)
-        return cls(net, device)
-
-    def save_pretrained(self, path: str | os.PathLike, extra_files: dict[str, bytes] | None = None) -> Path:
-        return save_model_dir(path, self.config.to_dict(), self.net.state_dict(), extra_files)
-
     # ---------------------------------------------------------------- description
-    @property
-    def config(self) -> StyleGAN3DConfig:
-        return self.net.config
-
-    @property
-    def latent_dim(self) -> int:
-        """The served latent is w."""
-        return self.config.w_dim
-
     @property
     def w_dim(self) -> int:
         return self.config.w_dim
 
-    @property
-    def output_shape(self) -> tuple[int, int, int]:
-        return self.config.output_shape
-
-    @property
-    def spacing(self) -> tuple[float, float, float]:
-        return self.config.spacing
-
-    @property
-    def modality(self) -> str:
-        return self.config.modality
-
-    @property
-    def class_names(self) -> list[str]:
-        return []
-
     def info(self) -> dict[str, Any]:
         return {
-            "config": self.config.to_dict(),
-            "parameters": parameter_counts(self.net),
+            **super().info(),
             "variant": self.config.variant,
             "latent_space": self.latent_space,
             "latent_space_of_encode": self.latent_space_of_encode,
@@ -124,12 +62,7 @@ class StyleGAN3DModel:
     # ---------------------------------------------------------------- latents
     def sample_z(self, n: int, seed: int) -> torch.Tensor:
         """Standard-normal z [n, z_dim] from a CPU generator: the same on every device."""
-        if not (isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**63):
-            raise ValueError(f"seed must be an integer in [0, 2^63), got {seed!r}")
-        if n < 1:
-            raise ValueError("n must be >= 1")
-        g = torch.Generator().manual_seed(seed)
-        return torch.randn(n, self.config.z_dim, generator=g)
+        return seeded_normal(n, seed, self.config.z_dim)
 
     @torch.no_grad()
     def sample_latents(self, n: int, seed: int, *, truncation_psi: float = 1.0) -> torch.Tensor:

@@ -1,0 +1,146 @@
+"""What the loaded-model classes of every family share (``HAGANModel``, ``StyleGAN3DModel``,
+``AlphaWGANModel``): seeded construction, loading and saving model directories, the properties
+read from the config, ``info`` and seeded standard-normal latents.
+
+A family sets ``config_class`` (with ``from_dict`` / ``to_dict``), ``net_class`` (built from a
+config, with the config as ``net.config``) and ``count_parameters``, and adds its own generation
+and encoding (the surface ``model.registry.GenerativeModel`` describes)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
+
+import torch
+
+from model.checkpoint import ModelDirError, read_config, read_weights, save_model_dir
+
+Progress = Callable[[int, int, str], None]
+
+
+class ModelConfig(Protocol):
+    """What the shared code reads from a family's config."""
+
+    @property
+    def latent_dim(self) -> int: ...
+    @property
+    def output_shape(self) -> tuple[int, int, int]: ...
+    @property
+    def spacing(self) -> tuple[float, float, float]: ...
+    @property
+    def modality(self) -> str: ...
+    def to_dict(self) -> dict[str, Any]: ...
+
+
+ConfigT = TypeVar("ConfigT", bound=ModelConfig)
+NetT = TypeVar("NetT", bound=torch.nn.Module)
+M = TypeVar("M", bound="VolumeModel[Any, Any]")
+
+
+def check_seed(n: int, seed: int) -> None:
+    """Refuses a seed outside [0, 2^63) (or not an integer) and n < 1."""
+    if not (isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**63):
+        raise ValueError(f"seed must be an integer in [0, 2^63), got {seed!r}")
+    if n < 1:
+        raise ValueError("n must be >= 1")
+
+
+def seeded_normal(n: int, seed: int, dim: int) -> torch.Tensor:
+    """Standard-normal [n, dim] from a CPU generator seeded with ``seed``: the same on every device."""
+    check_seed(n, seed)
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, dim, generator=g)
+
+
+def load_state_dict_checked(net: torch.nn.Module, sd: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """``net.load_state_dict(sd)`` after checking key by key that ``sd`` (the weights of the model
+    directory ``path``) has exactly the network's keys and shapes; ``ModelDirError`` otherwise."""
+    ours = net.state_dict()
+    missing = [k for k in ours if k not in sd]
+    unexpected = [k for k in sd if k not in ours]
+    wrong = [
+        f"{k} {list(sd[k].shape)} != {list(v.shape)}" for k, v in ours.items() if k in sd and sd[k].shape != v.shape
+    ]
+    if missing or unexpected or wrong:
+        raise ModelDirError(
+            f"{Path(path) / 'model.safetensors'}: does not match config.json "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]}, wrong shapes {wrong[:3]})"
+        )
+    net.load_state_dict(sd)
+
+
+class VolumeModel(Generic[ConfigT, NetT]):
+    """A loaded model: ``net`` (in eval mode) on ``device``, described by ``net.config``."""
+
+    family: str
+    config_class: ClassVar[Any]
+    net_class: ClassVar[Callable[[Any], torch.nn.Module]]
+    count_parameters: ClassVar[Callable[[Any], dict[str, int]]]
+
+    def __init__(self, net: NetT, device: str | torch.device = "cpu") -> None:
+        self.net = net.eval()
+        self.device = torch.device(device)
+        self.net.to(self.device)
+
+    # ---------------------------------------------------------------- construction and storage
+    @classmethod
+    def init(cls: type[M], config: Any, seed: int = 0, device: str | torch.device = "cpu") -> M:
+        """Freshly initialised networks from ``config``, the same for a seed whatever the global RNG."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            net = cls.net_class(config)
+        return cls(net, device)
+
+    @classmethod
+    def load_net(cls, path: str | os.PathLike) -> NetT:
+        """The networks of a model directory (config.json + model.safetensors), checked key by key."""
+        d = read_config(path)
+        try:
+            cfg = cls.config_class.from_dict(d)
+        except (TypeError, ValueError) as e:
+            raise ModelDirError(f"{Path(path) / 'config.json'}: {e}") from e
+        net = cls.net_class(cfg)
+        load_state_dict_checked(net, read_weights(path), path)
+        return net  # type: ignore[return-value]
+
+    @classmethod
+    def from_pretrained(cls: type[M], path: str | os.PathLike, device: str | torch.device = "cpu") -> M:
+        return cls(cls.load_net(path), device)
+
+    def save_pretrained(self, path: str | os.PathLike, extra_files: dict[str, bytes] | None = None) -> Path:
+        return save_model_dir(path, self.config.to_dict(), self.net.state_dict(), extra_files)
+
+    # ---------------------------------------------------------------- description
+    @property
+    def config(self) -> ConfigT:
+        return self.net.config  # type: ignore[return-value]
+
+    @property
+    def latent_dim(self) -> int:
+        return self.config.latent_dim
+
+    @property
+    def output_shape(self) -> tuple[int, int, int]:
+        return self.config.output_shape
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        return self.config.spacing
+
+    @property
+    def modality(self) -> str:
+        return self.config.modality
+
+    @property
+    def class_names(self) -> list[str]:
+        return []
+
+    def info(self) -> dict[str, Any]:
+        return {"config": self.config.to_dict(), "parameters": self.count_parameters(self.net)}
+
+    # ---------------------------------------------------------------- latents
+    def sample_latents(self, n: int, seed: int) -> torch.Tensor:
+        """Standard-normal latents [n, latent_dim] from a CPU generator: the same on every device."""
+        return seeded_normal(n, seed, self.latent_dim)
