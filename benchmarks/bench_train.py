@@ -19,9 +19,9 @@ Paths:
          - channels_last (CPU): channels-last 3D inputs on grids of >= 16^3 voxels, the standard
            layout on smaller ones (same values up to summation order)
          - fused_adam: Adam's fused kernel (same update rule)
-         - tune_malloc (CPU, glibc): large blocks from the reusable heap (no page-fault storm)
+         - (tune_malloc, glibc: large blocks from the reusable heap; off by default, an --ablation row)
          - amp (CUDA): bf16 autocast
-  --ablation adds "voxgen, X off" cells: voxgen with one speed-up turned off.
+  --ablation adds "voxgen, X off" cells (voxgen with one speed-up turned off) and "voxgen, tune_malloc on".
 Every path frees each group's gradients right after its optimizer step.
 The first iteration of each cell is a warm-up and not counted.  CPU time (all threads of the process)
 is printed beside wall time: on a shared machine it is the fairer comparison.
@@ -45,11 +45,12 @@ from pathlib import Path
 SPEEDUPS = ("fused_upconv", "channels_last", "fused_adam", "tune_malloc", "amp")
 PATHS: dict[str, dict[str, str | bool]] = {
     "plain": {k: (False if k == "fused_upconv" else "off") for k in SPEEDUPS},
-    "voxgen": {k: (True if k == "fused_upconv" else "auto") for k in SPEEDUPS},
+    "voxgen": {k: (True if k == "fused_upconv" else "auto") for k in SPEEDUPS} | {"tune_malloc": "off"},
 }
-# --ablation: voxgen with one speed-up off at a time
-for _k in SPEEDUPS[:-1]:
+# --ablation: voxgen with one speed-up off at a time, and with the optional malloc tuning on
+for _k in ("fused_upconv", "channels_last", "fused_adam"):
     PATHS[f"voxgen, {_k} off"] = PATHS["voxgen"] | {_k: PATHS["plain"][_k]}
+PATHS["voxgen, tune_malloc on"] = PATHS["voxgen"] | {"tune_malloc": "on"}
 
 
 def _peak_rss_mib() -> float:

@@ -208,3 +208,10 @@ def test_mixed_precision_iterations_run_and_learn(dataset: Path, tmp_path: Path)
     assert off.amp_dtype is None  # auto: fp32 on the CPU
     with pytest.raises(ValueError, match="amp"):
         Trainer(OPTS | {"data": str(dataset), "output": str(tmp_path / "bad"), "amp": "fp8"})
+
+
+def test_bad_speed_options_are_refused(dataset: Path, tmp_path: Path) -> None:
+    """The trainer's tuning options take only their documented values, with a message naming them."""
+    for key, bad in (("tune_malloc", "auto"), ("channels_last", "yes"), ("fused_adam", 1), ("amp", "fp16")):
+        with pytest.raises(ValueError, match=key):
+            Trainer(OPTS | {"data": str(dataset), "output": str(tmp_path / key), key: bad})

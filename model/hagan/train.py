@@ -63,10 +63,11 @@ DEFAULTS: dict[str, Any] = {
     # Adam's fused kernel (one pass over each parameter's state; torch >= 2.4 on CPU and CUDA):
     # auto = on, on | off.  Same update rule; the last bits can differ from the unfused loop.
     "fused_adam": "auto",
-    # glibc's allocator on the CPU (tune_malloc): large blocks from the reusable heap instead of fresh
-    # mmaps, which the kernel zero-fills page by page on every use: auto = on when training on the
-    # CPU under glibc, on | off.  Process-wide; no effect on the values.
-    "tune_malloc": "auto",
+    # glibc's allocator (tune_malloc): large blocks from the reusable heap instead of fresh mmaps,
+    # which the kernel zero-fills page by page on every use: on | off (default).  Process-wide; no
+    # effect on the values.  At 128^3 it saved 0-10% of the time for ~0.2 GiB more peak memory in
+    # benchmarks/RESULTS.md, so it is off unless asked for.
+    "tune_malloc": "off",
 }
 
 # glibc mallopt parameters (malloc.h)
@@ -166,11 +167,9 @@ class Trainer:
         self.slabs_per_call: int | None = int(self.o["batch"])
         self.amp_dtype = amp_dtype(str(self.o["amp"]), self.device)
         fused = use_fused_adam(str(self.o["fused_adam"]), self.device)
-        if str(self.o["tune_malloc"]) not in ("auto", "on", "off"):
-            raise ValueError(f"tune_malloc must be auto, on or off, got {self.o['tune_malloc']!r}")
-        self.malloc_tuned = False
-        if self.o["tune_malloc"] == "on" or (self.o["tune_malloc"] == "auto" and self.device.type == "cpu"):
-            self.malloc_tuned = tune_malloc()
+        if str(self.o["tune_malloc"]) not in ("on", "off"):
+            raise ValueError(f"tune_malloc must be on or off, got {self.o['tune_malloc']!r}")
+        self.malloc_tuned = self.o["tune_malloc"] == "on" and tune_malloc()
         self.opts = {
             k: torch.optim.Adam(
                 _params(self.net, v),
