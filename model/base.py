@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, ClassVar, Generic, Protocol, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import torch
 
@@ -20,21 +20,7 @@ from model.checkpoint import ModelDirError, read_config, read_weights, save_mode
 Progress = Callable[[int, int, str], None]
 
 
-class ModelConfig(Protocol):
-    """What the shared code reads from a family's config."""
-
-    @property
-    def latent_dim(self) -> int: ...
-    @property
-    def output_shape(self) -> tuple[int, int, int]: ...
-    @property
-    def spacing(self) -> tuple[float, float, float]: ...
-    @property
-    def modality(self) -> str: ...
-    def to_dict(self) -> dict[str, Any]: ...
-
-
-ConfigT = TypeVar("ConfigT", bound=ModelConfig)
+ConfigT = TypeVar("ConfigT")  # the family's config class (latent_dim, output_shape, spacing, modality, to_dict)
 NetT = TypeVar("NetT", bound=torch.nn.Module)
 M = TypeVar("M", bound="VolumeModel[Any, Any]")
 

@@ -93,9 +93,8 @@ def _gn(ch: int) -> nn.GroupNorm:
 # Memory layout per convolution on the CPU (``HAGAN.set_mixed_layout``): channels-last 3D when the
 # input grid has at least this many voxels (16^3), where oneDNN's channels-last kernels are faster;
 # the standard layout below it, where the layer is dominated by its weights and channels-last would
-# reorder them (and their gradients) on every call.  Measured per layer at 128^3, batch 2
-# (benchmarks/RESULTS.md): e.g. G^A's 512->512 up-convolution at 4^3 takes 1.8x as long channels-last,
-# its 128->64 convolution at 32^3 0.75x.
+# reorder them (and their gradients) on every call.  The end-to-end effect is the "channels_last
+# off" row of the ablation in benchmarks/RESULTS.md.
 CL_MIN_VOXELS = 4096
 
 
@@ -453,7 +452,9 @@ class HAGAN(nn.Module):
             raise ValueError(f"depth {depth} is not a multiple of the sub-volume depth {d}")
         n = depth // d
         slabs = x.unflatten(2, (n, d)).transpose(1, 2).flatten(0, 1)  # [b*n, C, d, H, W]
-        if channels_last if channels_last is not None else x.device.type == "cpu":
+        if self.eh.mixed_layout:
+            pass  # E^H lays out its own inputs (set_mixed_layout)
+        elif channels_last if channels_last is not None else x.device.type == "cpu":
             slabs = slabs.contiguous(memory_format=torch.channels_last_3d)
         k = max(1, slabs_per_call or len(slabs))
         f = torch.cat([self.eh(slabs[i : i + k]) for i in range(0, len(slabs), k)])

@@ -65,7 +65,7 @@ DEFAULTS: dict[str, Any] = {
     "fused_adam": "auto",
     # glibc's allocator (tune_malloc): large blocks from the reusable heap instead of fresh mmaps,
     # which the kernel zero-fills page by page on every use: on | off (default).  Process-wide; no
-    # effect on the values.  At 128^3 it saved 0-10% of the time for ~0.2 GiB more peak memory in
+    # effect on the values.  At 128^3 it saved 0-11% of the time for ~0.2 GiB more peak memory in
     # benchmarks/RESULTS.md, so it is off unless asked for.
     "tune_malloc": "off",
 }
@@ -77,9 +77,9 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 def tune_malloc(mmap_threshold: int = 256 << 20, trim_threshold: int = 1 << 30) -> bool:
     """Keep blocks up to ``mmap_threshold`` bytes on glibc's heap and keep up to ``trim_threshold``
     bytes of freed heap mapped, so each iteration's activations reuse memory that is already paged
-    in.  By default glibc maps every block above 32 MiB afresh and unmaps it on free; a training
-    iteration at 128^3 then spends ~12% of its CPU time in the kernel's page faults.  Returns False
-    (and changes nothing) where the C library is not glibc."""
+    in.  By default glibc maps every block above 32 MiB afresh and unmaps it on free, and every
+    use of such a block costs page faults.  Returns False (and changes nothing) where the C library
+    is not glibc."""
     import ctypes
 
     try:
