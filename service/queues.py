@@ -61,6 +61,7 @@ class EmbeddedQueue:
                         self.settings.models_dir,
                         device=self.settings.device,
                         lease_seconds=self.settings.job_lease_seconds,
+                        threads=self.settings.threads,
                     )
                 except Exception:  # execute records job failures itself; this thread must outlive anything
                     log.exception("job crashed outside its own error handling")

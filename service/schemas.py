@@ -130,6 +130,10 @@ class JobStatus(BaseModel):
     attempt: int = 1
     worker: str | None = None
     device: str | None = None
+    threads: int | None = Field(
+        None,
+        description="CPU threads the job ran on (VOXGEN_THREADS): part of what makes a seed reproducible",
+    )
     gpu_peak_bytes: int | None = Field(None, description="peak CUDA memory of the run (CUDA workers only)")
     created: float | None = None
     started: float | None = None

@@ -4,6 +4,7 @@ resampling, middle slices, the embedding's fitted ellipses, MedicalNet and Incep
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +21,12 @@ from model.metrics.plots import ellipse, pca_2d
 
 
 @pytest.fixture(autouse=True)
-def _one_thread() -> None:
+def _one_thread() -> Iterator[None]:
+    """Small networks run faster on one thread; the thread count is restored for the next module."""
+    n = torch.get_num_threads()
     torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def _g(seed: int = 0) -> torch.Generator:

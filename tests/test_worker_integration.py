@@ -18,6 +18,7 @@ from fastapi.testclient import TestClient
 from service.app import create_app
 from service.settings import Settings
 from tests.conftest import SERVICE_LATENT, service_nifti_upload, service_wait
+from worker.settings import job_threads
 
 
 class Workers:
@@ -81,6 +82,9 @@ def test_celery_generate_same_volume_as_embedded(celery: TestClient, embedded: T
     )
     assert a["state"] == b["state"] == "succeeded", (a, b)
     assert a["worker"] != b["worker"]  # really ran in another process
+    # both queues pin the thread count (VOXGEN_THREADS, default: the CPUs the process may use),
+    # whatever the calling process had set: the README's promise is bit for bit at equal threads
+    assert a["threads"] == b["threads"] == job_threads(0)
     va = np.load(io.BytesIO(celery.get(f"/jobs/{a['job_id']}/files/volume_000.npy").content))
     vb = np.load(io.BytesIO(embedded.get(f"/jobs/{b['job_id']}/files/volume_000.npy").content))
     assert np.array_equal(va, vb)

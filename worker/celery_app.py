@@ -54,6 +54,7 @@ def run_job(job_id: str, attempt: int) -> None:
             s.models_dir,
             device=s.device,
             lease_seconds=s.job_lease_seconds,
+            threads=s.threads,
         )
         rec = records.get(job_id) or {}
         log.info(

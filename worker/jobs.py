@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from worker.settings import job_threads
 from worker.store import TERMINAL, Storage
 
 Progress = Callable[[int, int, str], None]
@@ -205,12 +206,22 @@ def execute(
     models_dir: str | os.PathLike,
     device: str = "auto",
     lease_seconds: float = 30.0,
+    threads: int = 0,
 ) -> None:
     """Run one delivery of a job: claim the record, hold a lease with a heartbeat, report progress
     into the record, publish the results atomically.  The lease protocol is described in
-    worker/store.py: a delivery runs only if it claims a ``queued`` record of the same attempt."""
+    worker/store.py: a delivery runs only if it claims a ``queued`` record of the same attempt.
+
+    The job's CPU arithmetic runs on ``job_threads(threads)`` torch threads, set here in the thread
+    that runs the job (torch's intra-op thread count is per calling thread): the float summation
+    order of the CPU kernels follows the thread count on some CPUs (Intel AVX-512 / AMX), so the
+    embedded queue and every Celery worker pin it to give the same volume for the same seed."""
+    import torch
+
     from model.registry import resolve_device
 
+    n_threads = job_threads(threads)
+    torch.set_num_threads(n_threads)
     dev = str(resolve_device(device))
     _gpu_peak(dev, reset=True)
     now = time.time()
@@ -221,6 +232,7 @@ def execute(
         lease_until=now + lease_seconds,
         worker=worker_name(),
         device=dev,
+        threads=n_threads,
         started=now,
         progress={"done": 0, "total": 1, "stage": "loading model"},
     )

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import tempfile
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_MODELS = Path(__file__).resolve().parent.parent / "models"
@@ -26,6 +28,10 @@ class Settings(BaseSettings):
     # training run).  Lost jobs come back much sooner through the lease (worker/store.py).
     visibility_timeout_hours: float = 72.0
     device: str = "auto"
+    # CPU threads for a job's arithmetic (torch intra-op threads), pinned by the embedded queue and
+    # every Celery worker before each job: same model, seed, device and thread count -> the same
+    # volume, bit for bit.  0 = every CPU this process may run on (its affinity mask).
+    threads: int = Field(default=0, ge=0)
     max_n: int = 16
     # Shared object storage for several machines: s3://bucket/prefix (results and uploads go there;
     # storage_dir is then only this machine's spool for uploads in flight, scratch and training runs).
@@ -40,6 +46,17 @@ class Settings(BaseSettings):
     # the container health check / liveness probe reads its age (a solo-pool worker busy with a long
     # job cannot answer `celery inspect ping`, and must not be restarted for that)
     heartbeat_file: Path = Path(tempfile.gettempdir()) / "voxgen-worker.alive"
+
+
+def job_threads(threads: int = 0) -> int:
+    """The CPU thread count a job runs with: ``threads`` if positive, else the CPUs this process may
+    use (``os.sched_getaffinity``; ``os.cpu_count`` where that does not exist)."""
+    if threads > 0:
+        return int(threads)
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS
+        return max(1, os.cpu_count() or 1)
 
 
 @lru_cache

@@ -13,7 +13,19 @@ from worker.store import TERMINAL
 
 router = APIRouter(tags=["jobs"])
 
-_FIELDS = ("kind", "model", "state", "progress", "result", "error", "attempt", "worker", "device", "gpu_peak_bytes")
+_FIELDS = (
+    "kind",
+    "model",
+    "state",
+    "progress",
+    "result",
+    "error",
+    "attempt",
+    "worker",
+    "device",
+    "threads",
+    "gpu_peak_bytes",
+)
 _MEDIA = {".gz": "application/gzip", ".png": "image/png", ".json": "application/json", ".jsonl": "application/json"}
 
 
