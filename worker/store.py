@@ -165,9 +165,13 @@ class Storage(_LocalSpool):
         return self._cleanup_local(time.time() - ttl_seconds, keep or set())
 
     def ping(self) -> bool:
-        probe = self.root / f".ready.{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
+        """The directory takes a write: a file of this probe's own (concurrent probes of one
+        process never share a name, so one probe's unlink cannot fail another's), then removed."""
+        probe = self.root / f".ready.{os.getpid()}.{uuid.uuid4().hex}"
+        try:
+            probe.write_text("ok")
+        finally:
+            probe.unlink(missing_ok=True)
         return True
 
     def describe(self) -> str:
