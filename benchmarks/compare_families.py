@@ -94,32 +94,33 @@ def _params(model_dir: str) -> int | None:
 
 
 def _row(fam: str, res: dict[str, Any], rep: dict[str, Any] | None, extra: str | None) -> str:
-    """One table row; ``extra`` names a second feature set (reference encoder, MedicalNet) or None."""
-    n_metric = 6 + (2 if extra else 0)
+    """One table row; ``extra`` names a further feature set (reference encoder, MedicalNet) or None."""
+    n_metric = 7 + (1 if extra else 0)
     if rep is None:
         return f"| {fam} | - | - | - | - | {res['status']} |" + " - |" * (n_metric - 1)
-    mt = rep["metrics"]
+    mt, d = rep["metrics"], rep["distances"]
 
     def f(v: Any) -> str:
         return "-" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))
 
-    feats = mt["features"]
+    h = rep["headline"]
     cells = [
         fam,
         f(res.get("params")),
         f(res["iterations"]),
         f"{res['cpu_s']:.0f}",
         "x".join(map(str, rep["model"]["output_shape"])),
-        f(feats["pooled8"]["mmd2"]),
-        f(feats["pooled8"]["frechet"]),
+        f"{f(h['value'])} ({f(h['z'])} sd)",
+        f(d["texture"]["kid"]),
+        f(d["pooled8"]["fd"]),
     ]
     if extra:
-        cells += [f(feats[extra]["mmd2"]), f(feats[extra]["frechet"])]
+        cells += [f(d[extra]["fd"])]
     cells += [
-        f(mt["slicewise"]["average"]["frechet"]),
-        f(mt["bmmd2"].get("mean")),
-        f((mt["ms_ssim"]["generated"] or {}).get("mean")),
-        f((mt["reconstruction"] or {}).get("mae")),
+        f(mt["slicewise"]["average"]["fd"]),
+        f(rep["diversity"]["ms_ssim_generated"]),
+        f((mt["reconstruction"] or {}).get("ratio_to_constant")),
+        "; ".join(w.split(":")[0] for w in rep["warnings"]) or "-",
     ]
     return "| " + " | ".join(cells) + " |"
 
@@ -172,11 +173,13 @@ def main() -> None:
             reports[fam] = rep
         results[fam] = res
     primary = next(iter(reports.values()))["primary_features"] if reports else None
-    extra = primary if primary and primary != "pooled8" else None
-    head = "| family | parameters | iterations | CPU s | output | MMD^2 pooled8 | FD pooled8 |"
+    extra = next(
+        (k for k in next(iter(reports.values()))["features"] if k.startswith(("encoder-", "medicalnet"))), None
+    )
+    head = "| family | parameters | iterations | CPU s | output | fd_texture (z) | KID texture | FD pooled8 |"
     if extra:
-        head += f" MMD^2 {extra} | FD {extra} |"
-    head += " slice FD avg | bMMD^2 | MS-SSIM gen | recon MAE |"
+        head += f" FD {extra} |"
+    head += " slice FD avg | MS-SSIM gen | recon MAE / constant | warnings |"
     lines = [
         f"Same data (`{a.data}`), {a.budget_s:.0f} CPU s of training per family ({a.threads} threads), "
         f"evaluated on a {a.grid}^3 grid with n = {a.n} generated volumes (seed {a.seed}).",
@@ -188,13 +191,12 @@ def main() -> None:
         lines.append(_row(fam, results[fam], reports.get(fam), extra))
     if reports:
         any_rep = next(iter(reports.values()))
-        rr = any_rep["real_vs_real"]["features"]
-        div = any_rep["metrics"]["ms_ssim"]["real"] or {}
+        fl, d = any_rep["floor"], any_rep["diversity"]
         lines += [
             "",
-            f"Real vs real (two halves of {any_rep['real']['n']} real volumes): MMD^2 pooled8 "
-            f"{rr['pooled8']['mmd2']:.4g}, FD pooled8 {rr['pooled8']['frechet']:.4g}; "
-            f"MS-SSIM among real volumes {div.get('mean', float('nan')):.4g}.",
+            f"Real-vs-real floor of fd_texture at {fl['n']} vs {fl['n']}: {fl['mean']:.4g} +- {fl['sd']:.4g} "
+            f"({fl['splits']} random splits of {any_rep['real']['n']} real volumes); MS-SSIM among real volumes "
+            f"{(d['ms_ssim_real'] or float('nan')):.4g}.",
             "",
             "Training options: " + "; ".join(f"{f}: {results[f]['options']}" for f in families),
         ]

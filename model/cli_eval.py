@@ -25,6 +25,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         a.model,
         a.real,
         a.output,
+        samples=a.samples,
         n=a.n,
         n_real=a.n_real,
         seed=a.seed,
@@ -34,20 +35,19 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         medicalnet=a.medicalnet,
         inception=a.inception,
         ms_ssim_pairs=a.ms_ssim_pairs,
+        floor_splits=a.floor_splits,
         device=a.device,
         progress=_progress_printer("evaluate"),
     )
-    mt = r["metrics"]
     summary = {
         "report": f"{a.output}/report.json",
+        "headline": r["headline"],
+        "floor": r["floor"],
         "n_generated": r["generated"]["n"],
         "n_real": r["real"]["n"],
-        "features": {k: v for k, v in mt["features"].items()},
-        "slicewise_average": mt["slicewise"]["average"],
-        "slice_features": mt["slice_feature_name"],
-        "bmmd2": mt["bmmd2"].get("mean"),
-        "ms_ssim_generated": (mt["ms_ssim"]["generated"] or {}).get("mean"),
-        "ms_ssim_real": (mt["ms_ssim"]["real"] or {}).get("mean"),
+        "distances": {k: {s: v[s] for s in ("fd", "kid", "kid_sd")} for k, v in r["distances"].items()},
+        "diversity": {k: r["diversity"][k] for k in ("ms_ssim_generated", "ms_ssim_real", "pooled_spread_ratio")},
+        "warnings": r["warnings"],
     }
     print(json.dumps(summary, indent=1))
     return 0
@@ -56,16 +56,30 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction, commands: dict[str, Callable]) -> None:
     s = sub.add_parser(
         "evaluate",
-        help="compare a model's volumes with a prepared real dataset (MMD, Frechet, MS-SSIM, slice-wise, plots)",
+        help="score a model's volumes, or a folder of volumes, against a prepared real dataset (texture FD headline, "
+        "FD and KID beside a same-size real-vs-real floor, MS-SSIM diversity, collapse warnings, plots)",
     )
-    s.add_argument("--model", required=True, help="model directory")
+    what = s.add_mutually_exclusive_group(required=True)
+    what.add_argument("--model", help="model directory")
+    what.add_argument(
+        "--samples",
+        metavar="FOLDER",
+        help="a folder of volumes to score instead of a model (NIfTI, NRRD, MHA, DICOM series, zip, or .npy "
+        "model-space arrays); read with the real set's preprocessing",
+    )
     s.add_argument("--real", required=True, help="a prepared dataset (voxgen prepare)")
-    s.add_argument("--n", type=int, default=64, help="generated volumes (default 64)")
-    s.add_argument("--n-real", type=int, help="real volumes (default: all; else a seeded random subset)")
+    s.add_argument("--n", type=int, default=64, help="generated volumes (default 64; --samples: every file)")
+    s.add_argument(
+        "--n-real", type=int, help="real volumes (default: all; else a seeded random subset); 2n for a same-size floor"
+    )
+    s.add_argument("--floor-splits", type=int, default=20, help="random real-vs-real splits for the floor (default 20)")
     s.add_argument("--seed", type=int, default=0, help="latents: model.sample_latents(n, seed); real subset order")
     s.add_argument("--batch", type=int, default=8, help="chunk size: MS-SSIM pairs and batch MMD^2 (default 8)")
     s.add_argument("--grid", type=_shape, help="evaluation grid D or DxHxW (default: the model's output shape)")
-    s.add_argument("--reference", help="a trained hagan/alphawgan model directory whose encoder gives 3D features")
+    s.add_argument(
+        "--reference",
+        help="a trained hagan/alphawgan model directory whose encoder gives extra 3D features (never the judged model)",
+    )
     s.add_argument("--medicalnet", help="MedicalNet (Med3D ResNet) weights: .pth state dict or .safetensors")
     s.add_argument(
         "--inception",

@@ -277,3 +277,53 @@ def test_inception_torchvision_weights_load_and_bad_files_are_refused(
     torch.save({"Conv2d_1a_3x3.conv.weight": Payload()}, tmp_path / "evil.pth")
     with pytest.raises(ValueError, match="weights-only"):
         InceptionSlices(tmp_path / "evil.pth", device="cpu")
+
+
+def test_kid_is_the_unbiased_polynomial_mmd_and_grows_with_a_shift() -> None:
+    from model.metrics.mmd import kid
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(30, 5, generator=g), torch.randn(40, 5, generator=g)
+    k = lambda a, b: (a.double() @ b.double().T / 5 + 1) ** 3  # noqa: E731
+    kxx, kyy = k(x, x), k(y, y)
+    want = (kxx.sum() - kxx.trace()) / (30 * 29) + (kyy.sum() - kyy.trace()) / (40 * 39) - 2 * k(x, y).mean()
+    assert kid(x, y) == pytest.approx(float(want), rel=1e-12)
+    same = [kid(torch.randn(20, 5, generator=g), torch.randn(20, 5, generator=g)) for _ in range(200)]
+    assert abs(np.mean(same)) < 3 * np.std(same) / np.sqrt(len(same))  # unbiased: mean 0 within its error
+    assert kid(x + 2.0, y) > kid(x + 1.0, y) > float(np.percentile(same, 99))
+    with pytest.raises(ValueError, match="at least 2"):
+        kid(x[:1], y)
+
+
+def test_texture_features_see_blur_blocks_and_contrast() -> None:
+    """Each group of the texture bank moves the way its docstring says: blur lowers fine gradients,
+    band energy and the top of the spectrum; 2x nearest-neighbour blocks raise the block ratios;
+    an intensity shift moves the foreground mean; a larger ellipsoid has a larger foreground."""
+    from model.metrics.calibration import degrade
+    from model.metrics.texture import TextureBank, names
+
+    g = torch.Generator().manual_seed(0)
+    lin = torch.linspace(-1, 1, 32)
+    z, y, x = torch.meshgrid(lin, lin, lin, indexing="ij")
+    inside = (z**2 + y**2 + x**2) < 0.7
+    pattern = 0.3 * torch.sin(9 * x) * torch.cos(7 * y) + 0.05 * torch.randn(32, 32, 32, generator=g)
+    v = torch.where(inside, pattern, -1)
+    vols = v[None, None].clamp(-1, 1)
+    big = torch.where((z**2 + y**2 + x**2) < 0.85, v.clamp(-1, 1) * 0 + 0.3, -1.0)[None, None]
+    f = dict(
+        zip(
+            names(),
+            TextureBank()(
+                torch.cat([vols, degrade(vols, "blur1"), degrade(vols, "blocky"), degrade(vols, "shift"), big])
+            ).T,
+            strict=True,
+        )
+    )
+    assert len(names()) == 52
+    assert f["grad_s0_p90"][1] < 0.6 * f["grad_s0_p90"][0] and f["band_0_1"][1] < 0.5 * f["band_0_1"][0]
+    assert f["laplacian"][1] < 0.5 * f["laplacian"][0]
+    assert f["spectrum_band7"][1] < f["spectrum_band7"][0] - 1  # a decade less power in the top band
+    for ax in "dhw":
+        assert f[f"block2_{ax}"][2] > 1.0 > 0.2 > abs(f[f"block2_{ax}"][0])
+    assert float(f["fg_mean"][3]) == pytest.approx(float(f["fg_mean"][0]) + 0.2, abs=0.02)
+    assert f["fg_fraction"][4] > 1.1 * f["fg_fraction"][0] and f["extent_1"][4] > f["extent_1"][0]

@@ -1,27 +1,29 @@
-"""``voxgen evaluate``: how close a model's volumes are to a real prepared dataset.
+"""``voxgen evaluate``: how close a model's volumes (or a folder of anyone's volumes) are to a real
+prepared dataset, with a real-vs-real floor taken at the same sample size.
 
-The real set and the generated set are streamed in chunks of ``batch`` volumes, each brought to
-the evaluation grid (the model's output shape unless ``grid`` says otherwise), so memory follows
-the chunk size, not the number of samples.  From each chunk the evaluation keeps the features of
-every extractor, the middle slices' 2D features, the MS-SSIM of every pair inside the chunk, the
+The real set and the scored set are streamed in chunks of ``batch`` volumes, each brought to the
+evaluation grid (the model's output shape, or the dataset's cube, unless ``grid`` says
+otherwise), so memory follows the chunk size.  From each chunk the evaluation keeps the features
+of every extractor, the middle slices' 2D features, the MS-SSIM of every pair inside the chunk, the
 chunk's mean volume (for the batch-wise MMD^2) and a few middle slices for the montage.
 
-Figures (see the modules for the formulas):
+Figures:
 
-* MMD^2 (Gaussian kernel, median-heuristic bandwidth from the real set, unbiased) and Frechet
-  distance on each 3D feature set;
-* batch-wise MMD^2 with the dot-product kernel (Kwon et al.; 3D-StyleGAN's bMMD^2) on the
-  volumes themselves, batch = ``batch`` (8 as in Kwon et al.), on the evaluation grid
-  area-averaged to at most 64 voxels per axis;
-* slice-wise Frechet distance and MMD^2 on the middle axial, coronal and sagittal slices and their
-  average, as Split&Shuffle reports FID-ax/-cor/-sag/-avg.  With ``inception`` (InceptionV3
-  weights the user supplies, model/metrics/inception.py) the slice features are InceptionV3's
-  2048-d pool3 features and the Frechet distances are FIDs; by default they are fixed pooled-pixel
-  features (16 x 16), so the distances are not FIDs and the report says which;
-* diversity: mean pairwise 3D MS-SSIM among generated and among real volumes;
-* the same distances between two random halves of the real set (the floor a perfect model would
-  reach with that many samples);
-* reconstruction MAE through the model's own encoder, for families that have an amortised one.
+* the **headline**: the Frechet distance on the fixed texture bank (model/metrics/texture.py,
+  standardised by the real set), ``fd_texture``; features never come from the model judged;
+* for every feature set (texture, pooled voxels, optional reference encoder / MedicalNet, the
+  middle slices of each plane) the Frechet distance and KID (unbiased polynomial-kernel MMD^2);
+* the **floor**: both statistics between two disjoint random subsets of the real set of the same
+  size m as the scored set, over ``floor_splits`` random splits (mean and standard deviation);
+  the scored set is compared with the first subset of each split, so every distance and its
+  floor are taken at m vs m (m = n when the real set has at least 2n volumes) and the reported
+  distance is the mean over the splits, its ``_sd`` the spread over them;
+* batch-wise MMD^2 with the dot-product kernel (Kwon et al.; 3D-StyleGAN's bMMD^2);
+* diversity: mean pairwise 3D MS-SSIM among scored and among real volumes, and the spread of the
+  scored texture features relative to the real ones; ``warnings`` says "collapse" when the scored
+  volumes are clearly more alike than real ones;
+* reconstruction MAE through the model's own encoder (families with an amortised one), beside the
+  MAE of the best constant volume (the voxel-wise median of the same real volumes).
 """
 
 from __future__ import annotations
@@ -48,17 +50,27 @@ from model.metrics.features import (
 )
 from model.metrics.frechet import frechet_distance
 from model.metrics.inception import InceptionSlices
-from model.metrics.mmd import batch_mmd2_from_means, median_bandwidth, mmd2
+from model.metrics.mmd import batch_mmd2_from_means, kid
 from model.metrics.msssim import pairwise_ms_ssim
+from model.metrics.texture import TextureBank
 
 Progress = Callable[[int, int, str], None]
 BMMD_MAX_SIDE = 64
 _FID_SUFFIX = {"axial": "ax", "coronal": "cor", "sagittal": "sag", "average": "avg"}  # Split&Shuffle's names
 MONTAGE_ROWS = 8
+HEADLINE = ("texture", "fd")  # feature set, statistic
+FLOOR_SPLITS = 20
+# collapse: scored volumes more alike than real ones by this much mean MS-SSIM, or their texture
+# features spread (total variance, standardised) under this fraction of the real set's
+COLLAPSE_MS_SSIM_MARGIN = 0.05
+COLLAPSE_SPREAD = 0.5
+Z_CLIP = 10.0
+POOLED = 8
+SAMPLE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".npy", ".zip")
 
 
 class _SetStats:
-    """What the evaluation keeps of one set (real or generated), chunk by chunk."""
+    """What the evaluation keeps of one set (real or scored), chunk by chunk."""
 
     def __init__(
         self,
@@ -95,10 +107,9 @@ class _SetStats:
         self.chunk_means.append((x.shape[0], small.flatten(1).double().mean(0)))
 
     def features(self) -> dict[str, torch.Tensor]:
-        return {k: torch.cat(v) for k, v in self.feats.items()}
-
-    def slice_feats(self) -> dict[str, torch.Tensor]:
-        return {p: torch.cat(v) for p, v in self.slices.items()}
+        """Every feature set, the middle slices' as ``<slice features>-<plane>``."""
+        out = {k: torch.cat(v) for k, v in self.feats.items()}
+        return out | {f"{self.slice_features.name}-{p}": torch.cat(v) for p, v in self.slices.items()}
 
 
 def _real_chunks(
@@ -123,29 +134,111 @@ def _generated_chunks(
             progress(min(n, s + batch), n, "generate")
 
 
+def find_samples(folder: str | os.PathLike) -> list[Path]:
+    """The volumes of a samples folder: files ``encode`` reads (NIfTI, NRRD, MHA, a zip of a DICOM
+    series), ``.npy`` model-space arrays (``voxgen generate -o x.npy``) and DICOM series folders."""
+    from model.data.datasets import find_scans
+
+    root = Path(folder)
+    if not root.is_dir():
+        raise ValueError(f"{root}: --samples must be a folder of volumes")
+    files = [p for p in find_scans(root) if p.is_dir() or p.name.lower().endswith(SAMPLE_SUFFIXES)]
+    files += sorted(p for p in root.rglob("*") if p.is_file() and p.name.lower().endswith((".npy", ".zip")))
+    files = sorted(set(files))
+    if len(files) < 4:
+        raise ValueError(f"{root}: needs at least 4 volumes to score, found {len(files)}")
+    return files
+
+
+def _load_sample(path: Path, config: Any) -> np.ndarray:
+    """One sample in model space: a ``.npy`` array as it is (3D, values in [-1, 1]); anything else
+    through the same reading and preprocessing as the real set (``prepare``)."""
+    from model.data.volumes import VolumeError, read_volume, to_model_space
+
+    if path.is_file() and path.name.lower().endswith(".npy"):
+        try:
+            a = np.load(path, allow_pickle=False)
+        except (ValueError, OSError) as e:
+            raise VolumeError(f"{path.name}: not a readable .npy array ({e})") from None
+        a = np.squeeze(np.asarray(a, np.float32))
+        if a.ndim != 3 or min(a.shape) < 4:
+            raise VolumeError(f"{path.name}: expected a 3D model-space array, got shape {list(a.shape)}")
+        if not np.isfinite(a).all():
+            raise VolumeError(f"{path.name}: contains NaN or infinite values")
+        return np.clip(a, -1.0, 1.0)
+    arr, spacing = read_volume(path)
+    return to_model_space(arr, spacing, config)
+
+
+def _sample_chunks(
+    files: list[Path], config: Any, grid: tuple[int, int, int], batch: int, progress: Progress | None
+) -> Iterator[torch.Tensor]:
+    from model.data.volumes import VolumeError
+
+    for s in range(0, len(files), batch):
+        vols = []
+        for p in files[s : s + batch]:
+            try:
+                v = torch.from_numpy(_load_sample(p, config))[None, None]
+            except VolumeError as e:
+                raise ValueError(f"--samples: {p.name}: {e}") from None
+            vols.append(resample(v, grid))
+        yield torch.cat(vols)
+        if progress:
+            progress(min(len(files), s + batch), len(files), "samples")
+
+
 def _summary(vals: list[float]) -> dict[str, float | int]:
     t = torch.tensor(vals, dtype=torch.float64)
     return {"mean": float(t.mean()), "std": float(t.std()) if len(t) > 1 else 0.0, "n": len(vals)}
 
 
-def _distances(
-    a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], sigmas: dict[str, float]
-) -> dict[str, dict[str, float]]:
-    """MMD^2 (fixed bandwidths) and Frechet distance for each feature set; ``b`` is the real side."""
-    out = {}
-    for k in a:
-        m, _ = mmd2(a[k], b[k], bandwidth=sigmas[k])
-        out[k] = {"mmd2": m, "frechet": frechet_distance(a[k], b[k])}
-    return out
+def _mean_sd(vals: list[float]) -> dict[str, float]:
+    t = torch.tensor(vals, dtype=torch.float64)
+    return {"mean": float(t.mean()), "sd": float(t.std()) if len(t) > 1 else 0.0}
 
 
-def _slicewise(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], sigmas: dict[str, float]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for p in PLANES:
-        m, _ = mmd2(a[p], b[p], bandwidth=sigmas[p])
-        out[p] = {"frechet": frechet_distance(a[p], b[p]), "mmd2": m}
-    out["average"] = {k: float(np.mean([out[p][k] for p in PLANES])) for k in ("frechet", "mmd2")}
-    return out
+def standardise(real: torch.Tensor, *others: torch.Tensor) -> list[torch.Tensor]:
+    """Winsorised z-scores by the real set's per-feature mean and standard deviation: the sd is
+    floored at 1e-3 (the features are O(0.01-1); a feature that hardly varies among the real
+    volumes, such as an empty histogram bin, must not turn a small change into an astronomic
+    score) and scores are clipped at +-Z_CLIP real standard deviations, so no single feature can
+    dominate a distance: a feature that far out counts as far, however far."""
+    mu, sd = real.double().mean(0), real.double().std(0).clamp_min(1e-3)
+    return [((x.double() - mu) / sd).clamp(-Z_CLIP, Z_CLIP).float() for x in (real, *others)]
+
+
+def split_distances(
+    scored: dict[str, torch.Tensor], real: dict[str, torch.Tensor], m: int, splits: int, seed: int
+) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, dict[str, float]]]]:
+    """Distances at m vs m with their real-vs-real floor, over ``splits`` random splits.
+
+    Each split draws two disjoint subsets A and B of m real volumes (and m of the scored volumes
+    when there are more); per feature set it takes FD and KID of (scored, A) and of (A, B).
+    Returns ``distances[k] = {fd, fd_sd, kid, kid_sd}`` (mean and spread over the splits) and
+    ``floor[k] = {fd: {mean, sd}, kid: {mean, sd}}``."""
+    n_real = len(next(iter(real.values())))
+    n_scored = len(next(iter(scored.values())))
+    if m < 2 or 2 * m > n_real or m > n_scored:
+        raise ValueError(f"cannot split {n_real} real and {n_scored} scored volumes at m = {m}")
+    rng = np.random.default_rng(seed)
+    vals: dict[str, dict[str, list[float]]] = {k: {"fd": [], "kid": [], "ffd": [], "fkid": []} for k in real}
+    for _ in range(splits):
+        perm = rng.permutation(n_real)
+        a, b = torch.from_numpy(perm[:m]), torch.from_numpy(perm[m : 2 * m])
+        g = torch.from_numpy(rng.permutation(n_scored)[:m]) if n_scored > m else torch.arange(n_scored)
+        for k, r in real.items():
+            ra, rb, sg = r[a], r[b], scored[k][g]
+            vals[k]["fd"].append(frechet_distance(sg, ra))
+            vals[k]["kid"].append(kid(sg, ra))
+            vals[k]["ffd"].append(frechet_distance(ra, rb))
+            vals[k]["fkid"].append(kid(ra, rb))
+    distances, floor = {}, {}
+    for k, v in vals.items():
+        fd, kd = _mean_sd(v["fd"]), _mean_sd(v["kid"])
+        distances[k] = {"fd": fd["mean"], "fd_sd": fd["sd"], "kid": kd["mean"], "kid_sd": kd["sd"]}
+        floor[k] = {"fd": _mean_sd(v["ffd"]), "kid": _mean_sd(v["fkid"])}
+    return distances, floor
 
 
 def load_model(model: Any, device: str | torch.device | None = None) -> tuple[Any, str | None]:
@@ -157,11 +250,45 @@ def load_model(model: Any, device: str | torch.device | None = None) -> tuple[An
     return model, None
 
 
+def _dataset_config(ds: Any) -> Any:
+    """The preprocessing of the real set (resolution, modality, intensity) as a config object."""
+    from types import SimpleNamespace
+
+    from model.hagan.config import Intensity
+
+    mf = ds.manifest
+    modality = str(mf.get("modality", "ct"))
+    inten = Intensity(**mf["intensity"]) if mf.get("intensity") else Intensity.for_modality(modality)
+    return SimpleNamespace(resolution=int(mf["resolution"]), modality=modality, intensity=inten)
+
+
+def _collapse_warnings(div: dict[str, Any]) -> list[str]:
+    """Collapse is judged on anatomy, not texture: the spread (total variance) of the scored
+    volumes' pooled voxels against the real set's.  Blur leaves that spread alone but raises MS-SSIM
+    among volumes, so an MS-SSIM excess alone is reported as low diversity, not as collapse."""
+    out = []
+    g, r, spread = div["ms_ssim_generated"], div["ms_ssim_real"], div["pooled_spread_ratio"]
+    if spread is not None and spread < COLLAPSE_SPREAD:
+        out.append(
+            f"mode collapse: the scored volumes vary {spread:.2f}x as much as the real ones (total variance of "
+            f"their voxels pooled to {POOLED // 2}^3; under {COLLAPSE_SPREAD}); MS-SSIM among them "
+            + (f"{g:.3f} vs {r:.3f} among real volumes" if g is not None and r is not None else "not measured")
+        )
+    elif g is not None and r is not None and g - r > COLLAPSE_MS_SSIM_MARGIN:
+        out.append(
+            f"low diversity: the scored volumes are more alike than real ones by MS-SSIM ({g:.3f} vs {r:.3f}; "
+            f"more than {COLLAPSE_MS_SSIM_MARGIN} apart), though their anatomy varies as much (MS-SSIM also "
+            "rises when volumes are blurred: see the texture distances)"
+        )
+    return out
+
+
 def evaluate(
     model: Any,
     real: str | os.PathLike,
     output: str | os.PathLike | None = None,
     *,
+    samples: str | os.PathLike | None = None,
     n: int = 64,
     n_real: int | None = None,
     seed: int = 0,
@@ -171,56 +298,80 @@ def evaluate(
     medicalnet: str | os.PathLike | None = None,
     inception: str | os.PathLike | None = None,
     ms_ssim_pairs: int | None = None,
+    floor_splits: int = FLOOR_SPLITS,
     device: str | None = None,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """Evaluate ``model`` (directory or loaded model) against the prepared dataset ``real``.
+    """Evaluate ``model`` (directory or loaded model), or the volumes in the folder ``samples`` (with
+    ``model=None``), against the prepared dataset ``real``.
 
-    ``n`` generated volumes from ``model.sample_latents(n, seed)``; ``n_real`` real volumes (all by
-    default; a seeded random subset otherwise).  With ``output`` the report (JSON + Markdown), the
-    embedding plot and the montages are written there.  ``ms_ssim_pairs`` caps the MS-SSIM pairs
-    per chunk (default: all ``batch * (batch - 1) / 2``; each pair costs about 1 s at 128^3 on one
-    CPU core, 8x that at 256^3).  ``inception``: InceptionV3 weights (pytorch-fid's
-    ``pt_inception-2015-12-05`` .pth, torchvision's ``inception_v3`` .pth, or .safetensors) for
-    slice-wise FIDs; without it the slice-wise figures use pooled pixels.  Returns the report as a
-    dict.
+    ``n`` generated volumes from ``model.sample_latents(n, seed)``, or every volume in ``samples``
+    (read like ``encode`` reads a scan, with the real set's preprocessing; ``.npy`` files are taken
+    as model-space arrays).  ``n_real`` real volumes (all by default; a seeded random subset
+    otherwise): at least twice the scored count for a floor at the same size.  With ``output`` the
+    report (JSON + Markdown), the embedding plot and the montages are written there.
+    ``ms_ssim_pairs`` caps the MS-SSIM pairs per chunk (default: all ``batch * (batch - 1) / 2``;
+    each pair costs about 1 s at 128^3 on one CPU core).  ``inception``: InceptionV3 weights for
+    slice-wise FIDs; without it the slice-wise figures use pooled pixels.  Returns the report.
     """
     from model.data.datasets import VolumeDataset
 
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
-    m, model_path = load_model(model, device)
-    shape = tuple(int(s) for s in m.output_shape)
-    if min(shape) < 4:
-        raise ValueError(f"the model's output {shape} is not a volume (a 2D model?); evaluate needs 3D volumes")
+    if (model is None) == (samples is None):
+        raise ValueError("give a model or a samples folder (exactly one)")
+    ds = VolumeDataset(real)
+    if len(ds) < 4:
+        raise ValueError(f"{real}: the real set needs at least 4 volumes, it has {len(ds)}")
+    files: list[Path] = []
+    m, model_path = (None, None)
+    if samples is not None:
+        files = find_samples(samples)
+        shape = (ds.resolution,) * 3
+        n = len(files)
+    else:
+        m, model_path = load_model(model, device)
+        shape = tuple(int(s) for s in m.output_shape)
+        if min(shape) < 4:
+            raise ValueError(f"the model's output {shape} is not a volume (a 2D model?); evaluate needs 3D volumes")
+        if n < 4:
+            raise ValueError("n must be >= 4 generated volumes")
     grid = tuple(int(s) for s in (grid or shape))
     if len(grid) != 3 or min(grid) < 4:
         raise ValueError(f"grid must be three sizes >= 4, got {grid}")
     if batch < 2:
         raise ValueError("batch must be >= 2 (MS-SSIM pairs and batch MMD^2 are taken within a chunk)")
-    if n < 4:
-        raise ValueError("n must be >= 4 generated volumes")
-    ds = VolumeDataset(real)
-    if len(ds) < 4:
-        raise ValueError(f"{real}: the real set needs at least 4 volumes, it has {len(ds)}")
+    if floor_splits < 2:
+        raise ValueError("floor_splits must be >= 2")
     rng = np.random.default_rng(seed)
     order = [int(i) for i in rng.permutation(len(ds))]
     if n_real is not None:
         if n_real < 4:
             raise ValueError("n_real must be >= 4")
         order = order[:n_real]
+    warnings: list[str] = []
+    size = min(n, len(order) // 2)
+    if size < n:
+        warnings.append(
+            f"the real set has {len(order)} volumes: distances and their floor are taken at {size} vs {size} "
+            f"(scoring all {n} at {n} vs {n} needs {2 * n} real volumes)"
+        )
 
-    extractors: list[Any] = [PooledIntensity(8)]
+    extractors: list[Any] = [TextureBank(), PooledIntensity(POOLED)]
     ref_info = None
     if reference is not None:
         ref, _ = load_model(reference, device)
         extractors.append(EncoderFeatures(ref, reference))
         ref_info = {"path": str(reference), "family": ref.family, "latent_dim": ref.latent_dim}
+        if model_path is not None and Path(reference).resolve() == Path(model_path).resolve():
+            warnings.append(
+                "the reference encoder is the model being judged: its features favour its own samples; "
+                "compare models with one fixed reference, or rely on the texture headline"
+            )
     if medicalnet is not None:
         from model.metrics.medicalnet import MedicalNetFeatures
 
         extractors.append(MedicalNetFeatures(medicalnet, device=device))
-    primary = extractors[-1].name
     slice_fx = InceptionSlices(inception, device=device) if inception is not None else PooledSlices(16)
 
     # ---- real set
@@ -230,28 +381,45 @@ def evaluate(
         real_stats.add(x)
     timings["real_s"] = time.perf_counter() - t0
 
-    # ---- generated set
+    # ---- scored set
     t0 = time.perf_counter()
     gen_stats = _SetStats(extractors, slice_fx, MONTAGE_ROWS, ms_ssim_pairs)
-    z = m.sample_latents(n, seed)
-    for x in _generated_chunks(m, z, grid, batch, progress):
+    if m is not None:
+        z = m.sample_latents(n, seed)
+        chunks = _generated_chunks(m, z, grid, batch, progress)
+    else:
+        chunks = _sample_chunks(files, _dataset_config(ds), grid, batch, progress)
+    for x in chunks:
         gen_stats.add(x)
     timings["generate_and_features_s"] = time.perf_counter() - t0
 
-    # ---- distances
+    # ---- distances at the same sample size, with their floor
     t0 = time.perf_counter()
     rf, gf = real_stats.features(), gen_stats.features()
-    rs, gs = real_stats.slice_feats(), gen_stats.slice_feats()
-    sig = {k: median_bandwidth(v) for k, v in rf.items()}
-    sig_s = {p: median_bandwidth(v) for p, v in rs.items()}
-    dist = _distances(gf, rf, sig)
-    slicewise = _slicewise(gs, rs, sig_s)
-    half = len(order) // 2
-    floor = {
-        "features": _distances({k: v[:half] for k, v in rf.items()}, {k: v[half:] for k, v in rf.items()}, sig),
-        "slicewise": _slicewise({p: v[:half] for p, v in rs.items()}, {p: v[half:] for p, v in rs.items()}, sig_s),
-        "halves": [half, len(order) - half],
+    for e in extractors:
+        if getattr(e, "standardise", False):
+            rf[e.name], gf[e.name] = standardise(rf[e.name], gf[e.name])
+    distances, floors = split_distances(gf, rf, size, floor_splits, seed)
+    for k in distances:
+        distances[k]["floor"] = floors[k]
+    slice_keys = {p: f"{slice_fx.name}-{p}" for p in PLANES}
+    slicewise: dict[str, Any] = {p: distances[k] | {"features": k} for p, k in slice_keys.items()}
+    slicewise["average"] = {
+        st: float(np.mean([distances[k][st] for k in slice_keys.values()])) for st in ("fd", "kid")
+    } | {"floor_fd": float(np.mean([floors[k]["fd"]["mean"] for k in slice_keys.values()]))}
+
+    hf, hs = HEADLINE
+    hfl = floors[hf][hs]
+    headline = {
+        "name": f"{hs}_{hf}",
+        "value": distances[hf][hs],
+        "floor_mean": hfl["mean"],
+        "floor_sd": hfl["sd"],
+        "z": (distances[hf][hs] - hfl["mean"]) / hfl["sd"] if hfl["sd"] > 0 else None,
+        "n": size,
     }
+    floor = {"name": headline["name"], "mean": hfl["mean"], "sd": hfl["sd"], "n": size, "splits": floor_splits}
+
     full_g = [mu for b, mu in gen_stats.chunk_means if b == batch]
     full_r = [mu for b, mu in real_stats.chunk_means if b == batch]
     bmmd: dict[str, Any] = {"batch_size": batch, "grid": [min(s, BMMD_MAX_SIDE) for s in grid]}
@@ -262,33 +430,63 @@ def evaluate(
             rr = batch_mmd2_from_means((full_r[i], full_r[i + 1]) for i in range(0, len(full_r) - 1, 2))
             bmmd["real_vs_real"] = _summary(rr)
     else:
-        bmmd["note"] = f"needs at least {batch} generated and {batch} real volumes"
+        bmmd["note"] = f"needs at least {batch} scored and {batch} real volumes"
+    def spread(g: torch.Tensor, r: torch.Tensor) -> float:
+        return float(g.double().var(0).sum() / r.double().var(0).sum().clamp_min(1e-12))
+
+    def coarse(f: torch.Tensor) -> torch.Tensor:  # pooled 8^3 -> 4^3: gross anatomy only
+        return torch.nn.functional.avg_pool3d(f.view(-1, 1, POOLED, POOLED, POOLED), 2).flatten(1)
+
+
     diversity = {
-        "generated": _summary(gen_stats.ms_ssim) if gen_stats.ms_ssim else None,
-        "real": _summary(real_stats.ms_ssim) if real_stats.ms_ssim else None,
+        "ms_ssim_generated": float(np.mean(gen_stats.ms_ssim)) if gen_stats.ms_ssim else None,
+        "ms_ssim_real": float(np.mean(real_stats.ms_ssim)) if real_stats.ms_ssim else None,
+        "ms_ssim_generated_sd": float(np.std(gen_stats.ms_ssim, ddof=1)) if len(gen_stats.ms_ssim) > 1 else None,
+        "ms_ssim_real_sd": float(np.std(real_stats.ms_ssim, ddof=1)) if len(real_stats.ms_ssim) > 1 else None,
+        "pairs_generated": len(gen_stats.ms_ssim),
+        "pairs_real": len(real_stats.ms_ssim),
+        "pooled_spread_ratio": spread(coarse(gf[f"pooled{POOLED}"]), coarse(rf[f"pooled{POOLED}"])),
+        "texture_spread_ratio": spread(gf[hf], rf[hf]),
         "pairs": (
             f"every pair within each chunk of {batch} consecutive volumes"
             if ms_ssim_pairs is None
             else f"up to {ms_ssim_pairs} pairs (nearest indices first) within each chunk of {batch} volumes"
         ),
     }
+    warnings += _collapse_warnings(diversity)
     timings["distances_s"] = time.perf_counter() - t0
 
-    # ---- reconstruction through the model's own encoder
+    # ---- reconstruction through the model's own encoder, beside the best constant volume
     recon = None
-    if m.family in AMORTISED_ENCODERS:
+    if m is not None and m.family in AMORTISED_ENCODERS:
         t0 = time.perf_counter()
         k = min(8, len(order))
         x = torch.from_numpy(np.stack([np.asarray(ds.volume(i), np.float32) for i in order[:k]]))[:, None]
         x = resample(x, shape)
         rec = m.generate(m.encode(x))
-        recon = {"mae": float((rec - x).abs().mean()), "n": k, "space": "model space [-1, 1], output grid"}
+        mae = float((rec - x).abs().mean())
+        const = float((x.median(0, keepdim=True).values - x).abs().mean())
+        recon = {
+            "mae": mae,
+            "mae_constant": const,
+            "ratio_to_constant": mae / const if const > 0 else None,
+            "n": k,
+            "space": "model space [-1, 1], output grid",
+            "constant": "the voxel-wise median of the same real volumes (the best single volume for L1)",
+        }
         timings["reconstruction_s"] = time.perf_counter() - t0
 
-    cfg = m.config.to_dict() if hasattr(m.config, "to_dict") else {}
+    cfg = m.config.to_dict() if m is not None and hasattr(m.config, "to_dict") else {}
     report: dict[str, Any] = {
-        "voxgen_evaluate": 1,
-        "model": {
+        "voxgen_evaluate": 2,
+        "headline": headline,
+        "floor": floor,
+        "distances": distances,
+        "diversity": diversity,
+        "warnings": warnings,
+        "model": None
+        if m is None
+        else {
             "path": model_path,
             "family": m.family,
             "output_shape": list(shape),
@@ -296,6 +494,7 @@ def evaluate(
             "modality": m.modality,
             "description": cfg.get("description", ""),
         },
+        "samples": None if samples is None else {"path": str(samples), "n": n, "files": [p.name for p in files]},
         "real": {
             "path": str(real),
             "n": len(order),
@@ -307,34 +506,31 @@ def evaluate(
         },
         "generated": {
             "n": n,
-            "seed": seed,
-            "latents": f"model.sample_latents({n}, {seed})",
+            "seed": seed if m is not None else None,
+            "latents": f"model.sample_latents({n}, {seed})" if m is not None else f"the files of {samples}",
             "resampled_to": list(grid),
             "value_range": gen_stats.value_range,
         },
         "grid": list(grid),
         "batch": batch,
-        "features": {e.name: e.description for e in extractors},
-        "primary_features": primary,
+        "features": {e.name: e.description for e in extractors} | {slice_fx.name: slice_fx.description},
+        "primary_features": HEADLINE[0],
         "reference_encoder": ref_info,
         "kernels": {
-            "mmd2": "Gaussian exp(-|a-b|^2 / (2 sigma^2)), sigma = median pairwise distance among the real features; "
-            "unbiased estimator (can be slightly negative); saturates for models far from the real set",
+            "fd": "Frechet distance: Gaussian fit (mean, covariance) of each feature set; the FID formula",
+            "kid": "KID: unbiased MMD^2 with the polynomial kernel (a.b / d + 1)^3 (Binkowski et al. 2018)",
+            "floor": f"FD and KID between two disjoint random subsets of {size} real volumes, over {floor_splits} "
+            f"random splits; each scored distance is against the first subset of every split (mean, sd)",
             "bmmd2": "dot-product kernel on flattened volumes, batch-wise, Kwon et al. 2019 (a sum over voxels)",
-            "frechet": "Gaussian fit (mean, covariance) of each feature set; FID formula",
             "ms_ssim": "3D MS-SSIM, Gaussian window 11 (sigma 1.5), up to 5 scales, data range 2",
         },
-        "bandwidths": {**sig, **{f"slice-{p}": v for p, v in sig_s.items()}},
         "metrics": {
-            "features": dist,
             "slicewise": slicewise,
             "slice_features": slice_fx.description,
             "slice_feature_name": slice_fx.name,
             "bmmd2": bmmd,
-            "ms_ssim": diversity,
             "reconstruction": recon,
         },
-        "real_vs_real": floor,
         "timings": timings,
         "environment": {
             "torch": torch.__version__,
@@ -344,26 +540,34 @@ def evaluate(
     }
     report["timings"]["total_s"] = time.perf_counter() - t_start
     if output is not None:
-        write_report(report, Path(output), real_stats, gen_stats, primary)
+        write_report(report, Path(output), rf, gf, real_stats, gen_stats)
     return report
 
 
-def write_report(report: dict[str, Any], out: Path, real: _SetStats, gen: _SetStats, primary: str) -> None:
+def write_report(
+    report: dict[str, Any],
+    out: Path,
+    real_feats: dict[str, torch.Tensor],
+    gen_feats: dict[str, torch.Tensor],
+    real: _SetStats,
+    gen: _SetStats,
+) -> None:
     """report.json, report.md, embedding.png, montage_generated.png, montage_real.png and
-    features.npz (the feature arrays, keys ``real/<name>`` and ``generated/<name>``) in ``out``."""
+    features.npz (the feature arrays as scored, keys ``real/<name>`` and ``generated/<name>``)."""
     from model.metrics.plots import embedding_plot, pca_2d, slice_montage
 
+    primary = report["primary_features"]
     out.mkdir(parents=True, exist_ok=True)
-    pts, expl = pca_2d({"real": real.features()[primary].numpy(), "generated": gen.features()[primary].numpy()})
+    pts, expl = pca_2d({"real": real_feats[primary].numpy(), "generated": gen_feats[primary].numpy()})
     embedding_plot(
         pts,
         out / "embedding.png",
-        title=f"PCA of {primary} features: real vs generated",
+        title=f"PCA of {primary} features: real vs scored",
         axis_labels=(f"PC1 ({100 * expl[0]:.0f}%)", f"PC2 ({100 * expl[1]:.0f}%)"),
     )
     slice_montage(gen.montage, out / "montage_generated.png")
-    arrays = {f"real/{k}": v.numpy() for k, v in real.features().items()}
-    arrays |= {f"generated/{k}": v.numpy() for k, v in gen.features().items()}
+    arrays = {f"real/{k}": v.numpy() for k, v in real_feats.items()}
+    arrays |= {f"generated/{k}": v.numpy() for k, v in gen_feats.items()}
     np.savez(out / "features.npz", **arrays)  # plain arrays: np.load(..., allow_pickle=False)
     slice_montage(real.montage, out / "montage_real.png")
     report["files"] = {
@@ -373,7 +577,7 @@ def write_report(report: dict[str, Any], out: Path, real: _SetStats, gen: _SetSt
         "features": "features.npz",
         "report_md": "report.md",
     }
-    report["embedding"] = {"method": "PCA of standardised features (real and generated together)", "explained": expl}
+    report["embedding"] = {"method": "PCA of standardised features (real and scored together)", "explained": expl}
     (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     (out / "report.md").write_text(markdown(report))
 
@@ -387,48 +591,62 @@ def _f(v: Any, digits: int = 4) -> str:
 
 
 def markdown(r: dict[str, Any]) -> str:
-    """The report as Markdown: settings, then one table per figure."""
-    mt, g, rl = r["metrics"], r["generated"], r["real"]
-    lines = [
-        f"# voxgen evaluate: {r['model']['path'] or r['model']['family']}",
-        "",
-        f"- model: family `{r['model']['family']}`, output {'x'.join(map(str, r['model']['output_shape']))}, "
-        f"latent {r['model']['latent_dim']}, {r['model']['modality']}",
-        f"- generated: n = {g['n']}, seed {g['seed']} (`{g['latents']}`)",
+    """The report as Markdown: the headline and its floor, warnings, then one table per figure."""
+    mt, g, rl, h = r["metrics"], r["generated"], r["real"], r["headline"]
+    what = (
+        f"model `{r['model']['path'] or r['model']['family']}`" if r["model"] else f"samples `{r['samples']['path']}`"
+    )
+    lines = [f"# voxgen evaluate: {what}", ""]
+    if r["model"]:
+        md = r["model"]
+        lines.append(
+            f"- model: family `{md['family']}`, output {'x'.join(map(str, md['output_shape']))}, "
+            f"latent {md['latent_dim']}, {md['modality']}"
+        )
+    lines += [
+        f"- scored: n = {g['n']} ({g['latents']})",
         f"- real: n = {rl['n']} of {rl['of']} from `{rl['path']}` (prepared at {rl['resolution']}^3)",
         f"- evaluation grid: {'x'.join(map(str, r['grid']))} ({rl['resampling']}); chunk size {r['batch']}",
         "",
-        "## Distribution distances on 3D features (lower is closer)",
+        f"**Headline: {h['name']} = {_f(h['value'])}**; real-vs-real floor {_f(h['floor_mean'])} +- "
+        f"{_f(h['floor_sd'])} at the same size ({h['n']} vs {h['n']}, {r['floor']['splits']} splits)"
+        + (f"; {h['z']:.1f} floor standard deviations above it" if h["z"] is not None else ""),
         "",
-        "| features | MMD^2 | Frechet | real-vs-real MMD^2 | real-vs-real Frechet |",
-        "|---|---|---|---|---|",
     ]
-    for k, v in mt["features"].items():
-        fl = r["real_vs_real"]["features"][k]
-        lines.append(f"| {k} | {_f(v['mmd2'])} | {_f(v['frechet'])} | {_f(fl['mmd2'])} | {_f(fl['frechet'])} |")
-    h = r["real_vs_real"]["halves"]
+    if r["warnings"]:
+        lines += ["## Warnings", ""] + [f"- {w}" for w in r["warnings"]] + [""]
     lines += [
+        "## Distances (lower is closer), each beside its real-vs-real floor",
         "",
-        f"Real vs real: two random halves of the real set ({h[0]} and {h[1]} volumes), the floor a perfect model "
-        "would reach; with fewer samples per side it is a somewhat pessimistic floor for the Frechet distance.",
+        "| features | FD | FD sd | floor FD | floor sd | KID | KID sd | floor KID | floor sd |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    lines += ["", "Features:"] + [f"- `{k}`: {d}" for k, d in r["features"].items()]
+    for k, v in r["distances"].items():
+        fl = v["floor"]
+        lines.append(
+            f"| {k} | {_f(v['fd'])} | {_f(v['fd_sd'])} | {_f(fl['fd']['mean'])} | {_f(fl['fd']['sd'])} | "
+            f"{_f(v['kid'])} | {_f(v['kid_sd'])} | {_f(fl['kid']['mean'])} | {_f(fl['kid']['sd'])} |"
+        )
+    lines += ["", f"Floor and sd: {r['kernels']['floor']}.", "", "Features:"]
+    lines += [f"- `{k}`: {d}" for k, d in r["features"].items()]
     fid = mt.get("slice_feature_name") == "slice-inception"
-    fd = "FID" if fid else "Frechet"
+    fd = "FID" if fid else "FD"
     lines += [
         "",
-        "## Slice-wise FID and MMD^2 (middle slices, InceptionV3 features)" if fid else "## Slice-wise (middle slices)",
+        "## Slice-wise (middle slices" + (", InceptionV3 features: FIDs)" if fid else ", pooled pixels: not FIDs)"),
         "",
-        f"| plane | {fd} | MMD^2 | real-vs-real {fd} | real-vs-real MMD^2 |",
-        "|---|---|---|---|---|",
+        f"| plane | {fd} | floor {fd} | KID |",
+        "|---|---|---|---|",
     ]
-    for p in (*PLANES, "average"):
-        v, fl = mt["slicewise"][p], r["real_vs_real"]["slicewise"][p]
-        row = f"{p} (FID-{_FID_SUFFIX[p]})" if fid else p
-        lines.append(f"| {row} | {_f(v['frechet'])} | {_f(v['mmd2'])} | {_f(fl['frechet'])} | {_f(fl['mmd2'])} |")
-    lines += ["", f"Slice features: {mt['slice_features']}.", ""]
+    for p in PLANES:
+        v = mt["slicewise"][p]
+        row = f"{p} ({fd}-{_FID_SUFFIX[p]})" if fid else p
+        lines.append(f"| {row} | {_f(v['fd'])} | {_f(v['floor']['fd']['mean'])} | {_f(v['kid'])} |")
+    av = mt["slicewise"]["average"]
+    row = f"average ({fd}-avg)" if fid else "average"
+    lines.append(f"| {row} | {_f(av['fd'])} | {_f(av['floor_fd'])} | {_f(av['kid'])} |")
     b = mt["bmmd2"]
-    lines += ["## Batch-wise MMD^2 (Kwon et al.)", ""]
+    lines += ["", "## Batch-wise MMD^2 (Kwon et al.)", ""]
     if "mean" in b:
         rr = b.get("real_vs_real")
         lines.append(
@@ -438,23 +656,31 @@ def markdown(r: dict[str, Any]) -> str:
         )
     else:
         lines.append(f"not computed: {b['note']}")
-    d = mt["ms_ssim"]
+    d = r["diversity"]
     lines += [
         "",
-        "## Diversity: mean pairwise 3D MS-SSIM (lower is more diverse)",
+        "## Diversity (lower MS-SSIM is more diverse)",
         "",
-        "| set | MS-SSIM | std | pairs |",
+        "| set | mean pairwise MS-SSIM | sd | pairs |",
         "|---|---|---|---|",
+        f"| scored | {_f(d['ms_ssim_generated'])} | {_f(d['ms_ssim_generated_sd'])} | {d['pairs_generated']} |",
+        f"| real | {_f(d['ms_ssim_real'])} | {_f(d['ms_ssim_real_sd'])} | {d['pairs_real']} |",
+        "",
+        f"Pairs: {d['pairs']}. Spread of the scored set against the real set's (total variance): pooled voxels "
+        f"{_f(d['pooled_spread_ratio'])}x, texture features {_f(d['texture_spread_ratio'])}x.",
     ]
-    for k in ("generated", "real"):
-        if d[k]:
-            lines.append(f"| {k} | {_f(d[k]['mean'])} | {_f(d[k]['std'])} | {d[k]['n']} |")
-    lines.append(f"\nPairs: {d['pairs']}.")
     if mt["reconstruction"]:
         rc = mt["reconstruction"]
-        lines += ["", f"## Reconstruction\n\nMAE of G(E(x)) on {rc['n']} real volumes: {_f(rc['mae'])} ({rc['space']})"]
-    lines += ["", "## Kernels and estimators", ""] + [f"- {k}: {v}" for k, v in r["kernels"].items()]
+        lines += [
+            "",
+            "## Reconstruction",
+            "",
+            f"MAE of G(E(x)) on {rc['n']} real volumes: {_f(rc['mae'])} ({rc['space']}); the best constant volume "
+            f"({rc['constant']}): {_f(rc['mae_constant'])}; ratio {_f(rc['ratio_to_constant'])}.",
+        ]
+    lines += ["", "## Estimators", ""] + [f"- {k}: {v}" for k, v in r["kernels"].items()]
     if "files" in r:
-        lines += ["", "## Figures", "", "![embedding](embedding.png)", "", "![generated](montage_generated.png)"]
+        lines += ["", "## Figures", "", "![embedding](embedding.png)", "", "![scored](montage_generated.png)"]
+        lines += ["", "![real](montage_real.png)"]
     lines += ["", f"Timings (s): {', '.join(f'{k} {v:.1f}' for k, v in r['timings'].items())}", ""]
     return "\n".join(lines)

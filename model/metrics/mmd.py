@@ -85,3 +85,21 @@ def batch_mmd2_from_means(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) ->
     """Batch MMD^2 values from (mean of the generated batch, mean of the real batch) pairs:
     ``||mean(g) - mean(r)||^2`` equals the dot-product form above, with memory for two vectors."""
     return [float(((mg.double() - mr.double()) ** 2).sum()) for mg, mr in pairs]
+
+
+def kid(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Kernel Inception Distance's estimator (Binkowski et al., ICLR 2018) on any features: the
+    unbiased MMD^2 with the polynomial kernel ``k(a, b) = (a.b / d + 1)^3`` between the rows of
+    ``x`` [m, d] and ``y`` [n, d] (m, n >= 2).  Unbiased at every sample size: its expectation is 0
+    for two samples of one distribution, so small sets do not inflate it as they do the Frechet
+    distance; it can be slightly negative."""
+    x, y = torch.as_tensor(x).flatten(1).double(), torch.as_tensor(y).flatten(1).double()
+    if x.shape[1] != y.shape[1]:
+        raise ValueError(f"feature sizes differ: {x.shape[1]} vs {y.shape[1]}")
+    m, n, d = len(x), len(y), x.shape[1]
+    if m < 2 or n < 2:
+        raise ValueError(f"KID needs at least 2 samples per set, got {m} and {n}")
+    kxx, kyy, kxy = ((a @ b.T / d + 1.0) ** 3 for a, b in ((x, x), (y, y), (x, y)))
+    txx = (kxx.sum() - kxx.diagonal().sum()) / (m * (m - 1))
+    tyy = (kyy.sum() - kyy.diagonal().sum()) / (n * (n - 1))
+    return float(txx + tyy - 2.0 * kxy.mean())
