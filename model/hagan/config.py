@@ -51,6 +51,14 @@ class HAGANConfig:
     intensity: Intensity = field(default_factory=Intensity)
     description: str = ""
     family: str = "hagan"
+    # GroupNorm keeps at least this many channels per group (1: the authors' layers, which turn into
+    # instance norm at reduced width)
+    norm_min_group: int = 1
+    # the one preprocessing path (model/data/preprocess.py): {"mode": "physical", ...}; older
+    # configs (the authors' recipe) read as {"mode": "stretch"}
+    preprocess: dict[str, Any] = field(default_factory=dict)
+    # how the weights were trained (recipe, departures from the paper), for the record
+    training: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if isinstance(self.intensity, dict):
@@ -83,6 +91,11 @@ class HAGANConfig:
             raise ValueError(f"spacing must be three positive numbers (mm), got {self.spacing}")
         if self.intensity.hi <= self.intensity.lo:
             raise ValueError("intensity.hi must exceed intensity.lo")
+        if not (isinstance(self.norm_min_group, int) and 1 <= self.norm_min_group <= 8):
+            raise ValueError(f"norm_min_group must be an integer in 1..8, got {self.norm_min_group!r}")
+        mode = (self.preprocess or {}).get("mode", "stretch")
+        if mode not in ("stretch", "physical"):
+            raise ValueError(f"preprocess.mode must be 'stretch' or 'physical', got {mode!r}")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

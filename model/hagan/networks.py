@@ -85,9 +85,24 @@ def _conv3(cin: int, cout: int) -> nn.Conv3d:
     return nn.Conv3d(cin, cout, kernel_size=3, stride=1, padding=1, bias=True)
 
 
-def _gn(ch: int) -> nn.GroupNorm:
-    """GroupNorm with 8 groups, as the authors; fewer where a reduced-width model has < 8 channels."""
-    return nn.GroupNorm(min(8, ch), ch)
+def _gn(ch: int, min_group: int = 1) -> nn.GroupNorm:
+    """GroupNorm with 8 groups, as the authors; fewer where a reduced-width model has fewer than
+    8 * ``min_group`` channels, so each group keeps at least ``min_group`` channels (the authors'
+    layers at width 0.25 with ``min_group = 1`` become one channel per group: instance norm)."""
+    return nn.GroupNorm(max(1, min(8, ch // max(1, min_group))), ch)
+
+
+def group_norm_with(h: torch.Tensor, norm: nn.GroupNorm, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+    """``norm(h)`` with given per-(sample, group) statistics [B, G] instead of ``h``'s own (no
+    gradient through them): a slab normalised as it is within the whole volume."""
+    b, c = h.shape[:2]
+    g = norm.num_groups
+    shape = (b, g, c // g) + (1,) * (h.ndim - 2)
+    hg = h.reshape(b, g, c // g, *h.shape[2:])
+    rstd = torch.rsqrt(var.to(h.dtype) + norm.eps).reshape(shape)
+    out = ((hg - mean.to(h.dtype).reshape(shape)) * rstd).reshape(h.shape)
+    bshape = (1, c) + (1,) * (h.ndim - 2)
+    return out * norm.weight.reshape(bshape) + norm.bias.reshape(bshape)
 
 
 # Memory layout per convolution on the CPU (``HAGAN.set_mixed_layout``): channels-last 3D when the
@@ -188,7 +203,7 @@ class GA(_Layout):
         self.fc = nn.Linear(cfg.latent_dim + cfg.num_classes, 4 * 4 * 4 * 16 * c)
         chans = [16 * c, 16 * c, 16 * c, 8 * c, 4 * c, 2 * c]
         self.convs = nn.ModuleList(_conv3(chans[i], chans[i + 1]) for i in range(5))
-        self.norms = nn.ModuleList(_gn(chans[i + 1]) for i in range(5))
+        self.norms = nn.ModuleList(_gn(chans[i + 1], cfg.norm_min_group) for i in range(5))
         # which convs are preceded by a x2 nearest upsample (the 128^3 model stops at 32^3)
         n_up = 3 if cfg.resolution == 128 else 4
         self.upsample_before = [False] + [True] * n_up + [False] * (4 - n_up)
@@ -210,7 +225,7 @@ class GL(_Layout):
         c = Widths.of(cfg).c
         chans = [2 * c, c, c // 2, 1]
         self.convs = nn.ModuleList(_conv3(chans[i], chans[i + 1]) for i in range(3))
-        self.norms = nn.ModuleList(_gn(chans[i + 1]) for i in range(2))
+        self.norms = nn.ModuleList(_gn(chans[i + 1], cfg.norm_min_group) for i in range(2))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         for i, conv in enumerate(self.convs):
@@ -229,17 +244,36 @@ class GH(_Layout):
         c = Widths.of(cfg).c
         chans = [2 * c, c, 1] if cfg.resolution in (128, 256) else [2 * c, c, c // 2, 1]
         self.convs = nn.ModuleList(_conv3(chans[i], chans[i + 1]) for i in range(len(chans) - 1))
-        self.norms = nn.ModuleList(_gn(chans[i + 1]) for i in range(len(chans) - 2))
+        self.norms = nn.ModuleList(_gn(chans[i + 1], cfg.norm_min_group) for i in range(len(chans) - 2))
 
     @property
     def scale(self) -> int:
         return 2 ** len(self.convs)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, stats: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
+        """``stats``: GroupNorm statistics per norm layer (``group_stats`` of the whole feature map),
+        so a training slab is normalised as the whole volume is at inference; None: its own."""
         for i, conv in enumerate(self.convs):
             h = up_conv(self.lay(h), conv, self.fused_upconv)
-            h = F.relu(self.norms[i](h), inplace=True) if i < len(self.norms) else torch.tanh(h)
+            if i < len(self.norms):
+                h = self.norms[i](h) if stats is None else group_norm_with(h, self.norms[i], *stats[i])
+                h = F.relu(h, inplace=True)
+            else:
+                h = torch.tanh(h)
         return h
+
+    @torch.no_grad()
+    def group_stats(self, h: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per-(sample, group) mean and variance [B, G] of every GroupNorm input when G^H runs on
+        the whole feature map ``h`` (what inference normalises with); no gradient."""
+        out = []
+        for i, norm in enumerate(self.norms):
+            h = up_conv(self.lay(h), self.convs[i], self.fused_upconv)
+            g = h.float().reshape(h.shape[0], norm.num_groups, -1)
+            mean, var = g.mean(-1), g.var(-1, unbiased=False)
+            out.append((mean, var))
+            h = F.relu(group_norm_with(h, norm, mean, var))
+        return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -322,7 +356,7 @@ class EH(_Layout):
             specs.append((1, c // 2, 4, 2, 1))
         specs += [(specs[-1][1] if specs else 1, c, 4, 2, 1), (c, c, 3, 1, 1), (c, 2 * c, 4, 2, 1)]
         self.convs = nn.ModuleList(nn.Conv3d(i, o, kernel_size=k, stride=s, padding=p) for i, o, k, s, p in specs)
-        self.norms = nn.ModuleList(_gn(o) for _, o, *_ in specs)
+        self.norms = nn.ModuleList(_gn(o, cfg.norm_min_group) for _, o, *_ in specs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x
@@ -341,7 +375,7 @@ class EG(_Layout):
         self.convs = nn.ModuleList(
             nn.Conv3d(chans[i], chans[i + 1], kernel_size=4, stride=2, padding=1) for i in range(len(chans) - 1)
         )
-        self.norms = nn.ModuleList(_gn(chans[i + 1]) for i in range(len(chans) - 1))
+        self.norms = nn.ModuleList(_gn(chans[i + 1], cfg.norm_min_group) for i in range(len(chans) - 1))
         self.out = nn.Conv3d(8 * c, cfg.latent_dim, kernel_size=4, stride=1, padding=0)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
@@ -417,15 +451,23 @@ class HAGAN(nn.Module):
         return self.ga(self.latent_input(z, label))
 
     def generate_train(
-        self, z: torch.Tensor, r: int, label: torch.Tensor | None = None
+        self, z: torch.Tensor, r: int, label: torch.Tensor | None = None, whole_stats: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Training forward: (high-res sub-volume starting at slice r, low-res whole volume)."""
+        """Training forward: (high-res sub-volume of ``sub_depth`` slices starting at slice r, low-res
+        whole volume).  A start r that is not a multiple of the feature scale takes one more feature
+        slice and crops G^H's output to the sub-volume.  ``whole_stats``: G^H's GroupNorm uses the
+        statistics of the whole feature map (as inference does) instead of the slab's own."""
         f = self.features(z, label)
-        s = self.feat_scale
-        if r % s:
-            raise ValueError(f"r={r} must be a multiple of {s}")
-        slab = f[:, :, r // s : r // s + self.sub_depth // s]
-        return self.gh(slab), self.gl(f)
+        s, d = self.feat_scale, self.sub_depth
+        if not 0 <= r <= self.config.resolution - d:
+            raise ValueError(f"r={r} must be in 0..{self.config.resolution - d}")
+        lo, hi = r // s, -(-(r + d) // s)
+        stats = self.gh.group_stats(f) if whole_stats else None
+        out = self.gh(f[:, :, lo:hi], stats)
+        off = r - lo * s
+        if off or out.shape[2] != d:
+            out = out[:, :, off : off + d]
+        return out, self.gl(f)
 
     def discriminate(
         self, x_high: torch.Tensor, x_low: torch.Tensor, r: int

@@ -26,39 +26,17 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
+
+from model.data.preprocess import gaussian_blur
 
 FOREGROUND = -0.95
+__all__ = ["TextureBank", "gaussian_blur", "names"]
 GRAD_SIGMAS = (0.0, 1.0, 2.0)
 DOG_SIGMAS = (0.0, 1.0, 2.0, 4.0)
 SPECTRUM_BANDS = 8
 HIST_BINS = 16
 BLOCK_PERIODS = (2, 4)
 _QUANTILE_MAX = 1 << 22  # torch.quantile's input limit is 2^24; larger sets are strided
-
-
-def _kernel(sigma: float) -> torch.Tensor:
-    r = max(1, math.ceil(3 * sigma))
-    t = torch.arange(-r, r + 1, dtype=torch.float32)
-    k = torch.exp(-(t * t) / (2 * sigma * sigma))
-    return k / k.sum()
-
-
-def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian smoothing of [N, 1, D, H, W] by ``sigma`` voxels (replicated borders);
-    sigma 0 returns ``x``."""
-    if sigma <= 0:
-        return x
-    k = _kernel(sigma).to(x.device)
-    r = (len(k) - 1) // 2
-    y = x.float()
-    for axis in range(3):
-        shape = [1, 1, 1, 1, 1]
-        shape[2 + axis] = len(k)
-        pad = [0, 0, 0, 0, 0, 0]
-        pad[2 * (2 - axis)] = pad[2 * (2 - axis) + 1] = r
-        y = F.conv3d(F.pad(y, pad, mode="replicate"), k.view(shape))
-    return y
 
 
 def names() -> list[str]:
