@@ -11,12 +11,11 @@ import threading
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, HTTPException, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi import FastAPI, HTTPException
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service import metrics
+from service import errors, metrics
 from service.routes import ROUTERS
 from service.routes.common import list_models
 from service.settings import Settings, get_settings
@@ -138,10 +137,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodyLimit, upload_bytes=settings.max_upload_mb * 2**20)
     app.add_middleware(LogScope)  # outermost: a 413 from BodyLimit is logged in the request's scope
 
-    @app.exception_handler(RequestValidationError)
-    async def bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errs = [{"loc": list(e.get("loc", [])), "msg": e.get("msg")} for e in exc.errors()]
-        return JSONResponse(status_code=422, content={"detail": errs})
+    errors.install(app)  # every error body in its documented shape (service/errors.py)
 
     for router in ROUTERS:
         app.include_router(router)

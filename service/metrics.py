@@ -94,7 +94,13 @@ def make_registry(jobs: Any) -> CollectorRegistry:
     return reg
 
 
-@router.get("/metrics", response_class=Response)
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={
+        200: {"description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}}
+    },
+)
 def metrics(request: Request) -> Response:
     """Prometheus metrics: job counts by kind and model, durations, queue depth, worker GPU peaks
     (service/metrics.py says what is counted where).  503 when the record store cannot be read."""

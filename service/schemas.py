@@ -3,15 +3,35 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, field_validator
 
 # Latent codes are drawn from N(0, 1); a value far outside that is a mistake, and an enormous one
 # would overflow inside the network (NaN volumes) instead of being refused here with a 4xx.
 LATENT_LIMIT = 1000.0
 ALPHA_LIMIT = 1e4
 MODEL_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+# Request bodies are validated strictly, as the published schema reads: a number where it says
+# number, a string where it says string.  Without it pydantic would take ``"seed": true`` as seed 1
+# and ``"n": "2"`` as 2.  An integer is still taken where a number is asked, and -- JSON Schema's
+# integer being any whole number -- 5.0 where an integer is (``Int``); 5.5, true and "5" are not.
+STRICT = ConfigDict(strict=True)
+SEED_MAX = 2**63 - 1
+
+
+def _json_integer(v: Any) -> Any:
+    return int(v) if isinstance(v, float) and v.is_integer() else v
+
+
+Int = Annotated[int, BeforeValidator(_json_integer)]
+# (constraints before the validator, or pydantic cannot state them in the schema of an optional)
+Seed = Annotated[int, Field(ge=0, le=SEED_MAX), BeforeValidator(_json_integer)]
+Batch = Annotated[int, Field(ge=1, le=64), BeforeValidator(_json_integer)]
+LatentDim = Annotated[int, Field(ge=1, le=8192), BeforeValidator(_json_integer)]
+# the limits the validators below check, stated in the schema too (their messages stay theirs)
+LatentValue = Annotated[float, WithJsonSchema({"type": "number", "minimum": -LATENT_LIMIT, "maximum": LATENT_LIMIT})]
+Alpha = Annotated[float, WithJsonSchema({"type": "number", "minimum": -ALPHA_LIMIT, "maximum": ALPHA_LIMIT})]
 
 
 def _check_values(values: list[float], what: str, limit: float) -> None:
@@ -23,13 +43,15 @@ def _check_values(values: list[float], what: str, limit: float) -> None:
 
 
 class GenerateRequest(BaseModel):
+    model_config = STRICT
+
     model: str = Field(description="a served model's name (GET /models)")
-    n: int = Field(1, ge=1, description="number of volumes (ignored when latent gives several rows)")
-    seed: int | None = Field(None, ge=0, lt=2**63, description="random seed; drawn and returned when absent")
-    latent: list[float] | list[list[float]] | None = Field(
+    n: Int = Field(1, ge=1, description="number of volumes (ignored when latent gives several rows)")
+    seed: Seed | None = Field(None, description="random seed; drawn and returned when absent")
+    latent: list[LatentValue] | list[list[LatentValue]] | None = Field(
         None, description="one latent code, or one per volume, instead of a seed"
     )
-    label: str | int | None = Field(None, description="class name or index, for class-conditional models")
+    label: str | Int | None = Field(None, description="class name or index, for class-conditional models")
     format: Literal["nifti", "npy"] = Field("nifti", description="nifti: .nii.gz in physical units; npy: model space")
 
     @field_validator("latent")
@@ -42,15 +64,17 @@ class GenerateRequest(BaseModel):
 
 
 class TraverseRequest(BaseModel):
+    model_config = STRICT
+
     model: str
-    seed: int | None = Field(None, ge=0, lt=2**63)
-    latent: list[float] | None = None
+    seed: Seed | None = None
+    latent: list[LatentValue] | None = None
     job_id: str | None = Field(None, description="a succeeded encode job whose latent to start from")
-    direction: str | list[float] = Field(description="a stored direction's name (GET /models/{name}) or a vector")
-    steps: list[float] | None = Field(None, min_length=1, max_length=32, description="alphas along the unit direction")
+    direction: str | list[LatentValue] = Field(description="a stored direction's name (GET /models/{name}) or a vector")
+    steps: list[Alpha] | None = Field(None, min_length=1, max_length=32, description="alphas along the unit direction")
     target: float | None = Field(None, description="attribute value to reach (named directions only)")
-    n_steps: int = Field(5, ge=1, le=32, description="volumes between the start and the target")
-    label: str | int | None = None
+    n_steps: Int = Field(5, ge=1, le=32, description="volumes between the start and the target")
+    label: str | Int | None = None
     format: Literal["nifti", "npy"] = "nifti"
 
     @field_validator("latent", "direction")
@@ -76,19 +100,21 @@ class TraverseRequest(BaseModel):
 
 
 class TrainRequest(BaseModel):
+    model_config = STRICT
+
     family: Literal["hagan", "splitshuffle", "stylegan3d", "alphawgan"] = "hagan"
     data: str = Field(description="a dataset folder made by `voxgen prepare`, as the worker sees it")
     name: str = Field(pattern=MODEL_NAME, description="the new model's served name")
-    resolution: Literal[128, 256, 512] | None = None
-    iterations: int = Field(1000, ge=1, le=10_000_000)
-    batch: int | None = Field(None, ge=1, le=64, description="default: the family's (hagan 2)")
+    resolution: Annotated[Literal[128, 256, 512] | None, BeforeValidator(_json_integer)] = None
+    iterations: Int = Field(1000, ge=1, le=10_000_000)
+    batch: Batch | None = Field(None, description="default: the family's (hagan 2)")
     width: float | None = Field(None, gt=0, le=4, description="hagan: channel width multiplier (default 1.0)")
-    latent_dim: int | None = Field(None, ge=1, le=8192, description="hagan 1024, alphawgan 1000 by default")
-    seed: int = Field(0, ge=0, lt=2**63)
+    latent_dim: LatentDim | None = Field(None, description="hagan 1024, alphawgan 1000 by default")
+    seed: Seed = 0
     lr: float | None = Field(None, gt=0, le=1, description="learning rate (default: the paper's)")
     shape: str | None = Field(None, pattern=r"^\d{1,4}x\d{1,4}x\d{1,4}$", description="stylegan: DxHxW grid")
     variant: str | None = Field(None, max_length=32, description="stylegan: the paper's architecture variant")
-    dims: Literal[2, 3] = 3
+    dims: Annotated[Literal[2, 3], BeforeValidator(_json_integer)] = 3
     init_from: str | None = Field(None, description="stylegan: a 2D run or model directory to inflate from")
     inflate: str = Field("inflate-1", max_length=32)
     inflate_parts: Literal["g", "d", "gd"] = "gd"
@@ -138,6 +164,26 @@ class JobStatus(BaseModel):
     created: float | None = None
     started: float | None = None
     finished: float | None = None
+
+
+class JobDeleted(JobStatus):
+    """DELETE /jobs/{id}: the job as it stands after the call, and what the call did."""
+
+    action: Literal["cancelled", "deleted"] = Field(
+        description="cancelled: the job was queued or running and is now cancelled (its record stays "
+        "until the TTL); deleted: the job had finished, and its result files and record are deleted"
+    )
+
+
+class Readiness(BaseModel):
+    """GET /health/ready: 200 with ready true, or 503 with ready false and the failing check."""
+
+    ready: bool
+    backend: Literal["embedded", "celery"]
+    queue: bool
+    storage: bool
+    queue_error: str | None = None
+    storage_error: str | None = None
 
 
 class ModelInfo(BaseModel):

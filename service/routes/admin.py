@@ -3,13 +3,14 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, HTTPException, Request
 
 from service.auth import require_admin
+from service.errors import error_responses
 from service.routes.common import models, submit
 from service.schemas import JobAccepted, TrainRequest
 
 router = APIRouter(tags=["admin"], dependencies=[Depends(require_admin)])
 
 
-@router.post("/admin/train", status_code=202)
+@router.post("/admin/train", status_code=202, responses=error_responses(400, 401, 403, 409, 413, 422))
 def admin_train(request: Request, req: TrainRequest) -> JobAccepted:
     """Queue a training run on the ``train`` queue; when it succeeds the model is served under
     ``name``.  Bearer token: VOXGEN_ADMIN_TOKEN."""

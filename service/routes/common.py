@@ -9,6 +9,7 @@ from typing import Any
 
 from fastapi import HTTPException, Request
 
+from service.errors import invalid
 from service.schemas import JobAccepted
 from worker.store import new_job_id, new_record
 
@@ -102,17 +103,17 @@ def check_label(cfg: dict[str, Any], label: str | int | None) -> str | int | Non
     names = cfg.get("class_names") or []
     if label is None or label == "":
         if names:
-            raise HTTPException(422, f"this model is class-conditional: give label, one of {names}")
+            raise invalid(f"this model is class-conditional: give label, one of {names}", "label")
         return None
     if not names:
-        raise HTTPException(422, "this model is not class-conditional; do not give a label")
+        raise invalid("this model is not class-conditional; do not give a label", "label")
     if isinstance(label, str) and label in names:
         return label
     if isinstance(label, str) and label.isdigit():
         label = int(label)
     if isinstance(label, int) and 0 <= label < len(names):
         return names[label]
-    raise HTTPException(422, f"unknown label {label!r}; this model's classes: {names} (or their index)")
+    raise invalid(f"unknown label {label!r}; this model's classes: {names} (or their index)", "label")
 
 
 def submit(request: Request, kind: str, params: dict[str, Any], job_id: str | None = None) -> JobAccepted:

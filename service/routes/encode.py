@@ -6,6 +6,7 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, HTTPException, Request, UploadFile
 from starlette.concurrency import run_in_threadpool
 
+from service.errors import error_responses
 from service.routes.common import check_label, model_or_404, submit
 from service.schemas import JobAccepted
 from worker.store import new_job_id
@@ -15,10 +16,10 @@ router = APIRouter(tags=["jobs"])
 _SAFE_FILENAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._()+-]{0,199}$")
 
 
-@router.post("/encode", status_code=202)
+@router.post("/encode", status_code=202, responses=error_responses(400, 404, 413, 422))
 async def encode(
     request: Request,
-    model: Annotated[str, Form(description="a served model's name")],
+    model: Annotated[str, Form(min_length=1, description="a served model's name")],
     file: Annotated[
         UploadFile,
         File(description="a 3D NIfTI (.nii, .nii.gz), NRRD (.nrrd), MetaImage (.mha), or a .zip of one DICOM series"),

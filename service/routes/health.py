@@ -3,6 +3,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from service.schemas import Readiness
+
 router = APIRouter(tags=["health"])
 
 
@@ -12,7 +14,12 @@ def live() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/health/ready")
+@router.get(
+    "/health/ready",
+    response_model=Readiness,
+    response_model_exclude_none=True,
+    responses={503: {"model": Readiness, "description": "the queue back end or the storage does not answer"}},
+)
 def ready(request: Request) -> JSONResponse:
     """200 only when the queue back end (Redis, or the embedded worker thread) and storage answer."""
     jobs, storage = request.app.state.jobs, request.app.state.storage

@@ -6,8 +6,9 @@ from typing import Any
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import Response
 
+from service.errors import error_responses
 from service.routes.common import job_record
-from service.schemas import JobStatus
+from service.schemas import JobDeleted, JobStatus
 from service.storage import file_response
 from worker.store import TERMINAL
 
@@ -33,14 +34,26 @@ def status(rec: dict[str, Any]) -> JobStatus:
     return JobStatus(job_id=rec["id"], **{k: rec.get(k) for k in (*_FIELDS, "created", "started", "finished")})
 
 
-@router.get("/jobs/{job_id}", response_model_exclude_none=True)
+@router.get("/jobs/{job_id}", response_model_exclude_none=True, responses=error_responses(404, 422))
 def job_status(request: Request, job_id: str) -> JobStatus:
     """State, progress and, once succeeded, the result: files (complete once listed) and small
     inline values (an encode job's latent, a traverse job's steps)."""
     return status(job_record(request, job_id))
 
 
-@router.get("/jobs/{job_id}/files/{name}", response_class=Response)
+_FILE_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "the file's bytes",
+        "content": {
+            m: {"schema": {"type": "string", "format": "binary"}}
+            for m in sorted({*_MEDIA.values(), "application/octet-stream"})
+        },
+    },
+    **error_responses(404, 422),
+}
+
+
+@router.get("/jobs/{job_id}/files/{name}", response_class=Response, responses=_FILE_RESPONSES)
 def job_file(request: Request, job_id: str, name: str) -> Response:
     """Stream one of the job's listed result files (from the local directory or the S3 store)."""
     rec = job_record(request, job_id)
@@ -52,12 +65,20 @@ def job_file(request: Request, job_id: str, name: str) -> Response:
     return resp
 
 
-@router.delete("/jobs/{job_id}", response_model_exclude_none=True)
-def cancel(request: Request, job_id: str) -> JobStatus:
-    """Cancel a queued or running job (a running one stops at its next progress step); a finished
-    job is left as it is."""
-    job_record(request, job_id)
-    request.app.state.jobs.records.update_if(
+@router.delete("/jobs/{job_id}", response_model_exclude_none=True, responses=error_responses(404, 422))
+def cancel_or_delete(request: Request, job_id: str) -> JobDeleted:
+    """A queued or running job is cancelled (a running one stops at its next progress step; its
+    record stays, state ``cancelled``): ``action: "cancelled"``.  A finished job (succeeded, failed
+    or cancelled) has its result files and its record deleted at once, before the TTL:
+    ``action: "deleted"``, with the job as it was; GET /jobs/{id} answers 404 afterwards."""
+    rec = job_record(request, job_id)
+    records, storage = request.app.state.jobs.records, request.app.state.storage
+    cancelled = records.update_if(
         job_id, lambda r: r["state"] not in TERMINAL, state="cancelled", finished=time.time(), lease_until=None
     )
-    return status(job_record(request, job_id))
+    if cancelled is not None:
+        return JobDeleted(**status(cancelled).model_dump(), action="cancelled")
+    rec = records.get(job_id) or rec  # finished meanwhile, or already: as it is now
+    storage.delete_job(job_id)  # result files (and an encode job's upload) first, then the record
+    records.delete(job_id)
+    return JobDeleted(**status(rec).model_dump(), action="deleted")

@@ -4,13 +4,14 @@ import secrets
 
 from fastapi import APIRouter, HTTPException, Request
 
+from service.errors import error_responses, invalid
 from service.routes.common import JOB_ID, check_label, model_or_404, read_direction, submit
 from service.schemas import JobAccepted, TraverseRequest
 
 router = APIRouter(tags=["jobs"])
 
 
-@router.post("/traverse", status_code=202)
+@router.post("/traverse", status_code=202, responses=error_responses(400, 404, 413, 422))
 def traverse(request: Request, req: TraverseRequest) -> JobAccepted:
     """Volumes along a latent direction from a seed, a latent or an encode job's latent: either at
     the given ``steps`` (alphas along the unit direction) or until the direction's fitted
@@ -22,9 +23,9 @@ def traverse(request: Request, req: TraverseRequest) -> JobAccepted:
     params["label"] = check_label(cfg, req.label)
     latent_dim = int(cfg.get("latent_dim") or 0)
     if sum(x is not None for x in (req.seed, req.latent, req.job_id)) > 1:
-        raise HTTPException(422, "give at most one of seed, latent, job_id")
+        raise invalid("give at most one of seed, latent, job_id")
     if (req.steps is None) == (req.target is None):
-        raise HTTPException(422, "give either steps (a list of alphas) or target (an attribute value)")
+        raise invalid("give either steps (a list of alphas) or target (an attribute value)")
     if isinstance(req.direction, str):
         d = read_direction(settings.models_dir / req.model, req.direction)
         if d is None:
@@ -32,21 +33,21 @@ def traverse(request: Request, req: TraverseRequest) -> JobAccepted:
             raise HTTPException(404, f"model {req.model!r} has no direction {req.direction!r}; stored: {stored}")
     else:
         if len(req.direction) != latent_dim or not any(req.direction):
-            raise HTTPException(422, f"a direction vector needs {latent_dim} values, not all zero")
+            raise invalid(f"a direction vector needs {latent_dim} values, not all zero", "direction")
         if req.target is not None:
-            raise HTTPException(422, "target needs a named (fitted) direction; a raw vector takes steps")
+            raise invalid("target needs a named (fitted) direction; a raw vector takes steps", "target")
         d = {"name": "vector", "attribute": None, "vector": req.direction, "intercept": 0.0}
     params["direction"] = d
     if req.job_id is not None:
         src = request.app.state.jobs.records.get(req.job_id) if JOB_ID.fullmatch(req.job_id) else None
         if src is None or src["kind"] != "encode" or src["state"] != "succeeded":
-            raise HTTPException(422, f"job_id {req.job_id!r} is not a succeeded encode job")
+            raise invalid(f"job_id {req.job_id!r} is not a succeeded encode job", "job_id")
         if src["model"] != req.model:
-            raise HTTPException(422, f"job {req.job_id} encoded with model {src['model']!r}, not {req.model!r}")
+            raise invalid(f"job {req.job_id} encoded with model {src['model']!r}, not {req.model!r}", "job_id")
         params["latent"] = src["result"]["latent"]
     elif req.latent is not None:
         if len(req.latent) != latent_dim:
-            raise HTTPException(422, f"latent must have {latent_dim} values")
+            raise invalid(f"latent must have {latent_dim} values", "latent")
     elif req.seed is None:
         params["seed"] = secrets.randbelow(2**63)
     return submit(request, "traverse", params)
