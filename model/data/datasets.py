@@ -57,6 +57,11 @@ def prepare_dataset(
     (out / "volumes").mkdir(parents=True, exist_ok=True)
     table = _read_labels(Path(labels_csv) if labels_csv else None)
     scans = find_scans(src)
+    from model.data import preprocess as pp
+
+    mode = pp.options(config)["mode"]
+    if mode == pp.PHYSICAL and getattr(config, "spacing", None) in (None, "auto"):
+        config.spacing = _auto_spacing(scans, config, progress)
     items, skipped = [], []
     for i, p in enumerate(scans):
         rel = str(p.relative_to(src))
@@ -86,11 +91,23 @@ def prepare_dataset(
         if progress:
             progress(i + 1, len(scans), "prepare")
     class_names = sorted({it["label"] for it in items if it["label"]})
+    prep: dict[str, Any] = {"mode": mode}
+    if mode == pp.PHYSICAL:
+        sp = [float(s) for s in config.spacing]
+        prep |= {
+            "spacing": sp,
+            "field_of_view_mm": [s * config.resolution for s in sp],
+            "centre": "foreground",
+            "foreground": pp.options(config).get("foreground", pp.FOREGROUND.get(config.modality, -0.9)),
+            "orientation": "RAS",
+            "resampling": "trilinear, Gaussian anti-alias sigma (factor - 1) / 2 where it shrinks",
+        }
     manifest = {
         "created": time.time(),
         "source": str(src.resolve()),
         "resolution": config.resolution,
         "modality": config.modality,
+        "preprocess": prep,
         "intensity": config.to_dict()["intensity"],
         "dtype": "float16",
         "class_names": class_names,
@@ -102,6 +119,27 @@ def prepare_dataset(
     if not items:
         raise ValueError(f"{src}: no readable scans ({len(skipped)} skipped; see {out / 'report.json'})")
     return report
+
+
+def _auto_spacing(scans: list[Path], config: Any, progress: Callable[[int, int, str], None] | None) -> list[float]:
+    """A first pass over the scans: the isotropic spacing whose field of view holds the largest
+    foreground (``preprocess.auto_spacing``)."""
+    from model.data import preprocess as pp
+
+    thr = pp.options(config).get("foreground", pp.FOREGROUND.get(config.modality, -0.9))
+    extents = []
+    for i, p in enumerate(scans):
+        try:
+            arr, spacing = read_volume(p)
+            extents.append(pp.foreground_extent_mm(pp.window(arr, config), spacing, thr))
+        except VolumeError:
+            pass  # reported by the main pass
+        if progress:
+            progress(i + 1, len(scans), "measure")
+    if not extents or max(max(e) for e in extents) == 0:
+        raise ValueError("no readable scan with a foreground to size the field of view; give --spacing")
+    s = pp.auto_spacing(extents, int(config.resolution))
+    return [s, s, s]
 
 
 class VolumeDataset:
@@ -124,8 +162,13 @@ class VolumeDataset:
         return np.load(self.root / self.items[i]["file"], mmap_mode="r")
 
     def grid_spacing(self) -> tuple[float, float, float] | None:
-        """The median voxel size (x, y, z mm) of the prepared cubes, or None for a dataset prepared
-        before it was recorded.  A model trained on the dataset writes its volumes with it."""
+        """The voxel size (x, y, z mm) of the prepared cubes: the model's spacing for a dataset
+        prepared in physical units, else the median of the stretched cubes' voxel sizes (None for a
+        dataset prepared before it was recorded).  A model trained on the dataset writes its
+        volumes with it."""
+        prep = self.manifest.get("preprocess") or {}
+        if prep.get("mode") == "physical":
+            return tuple(float(v) for v in prep["spacing"])  # type: ignore[return-value]
         rows = [it["grid_spacing"] for it in self.items if it.get("grid_spacing")]
         if not rows:
             return None

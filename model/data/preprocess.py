@@ -64,20 +64,21 @@ def options(config: Any) -> dict[str, Any]:
     return {"mode": STRETCH} | dict(p)
 
 
-def window(array: np.ndarray, config: Any) -> np.ndarray:
-    """Physical units -> model space [-1, 1] (float32, a new array), NaN to the background."""
+def window(array: np.ndarray, config: Any, copy: bool = True) -> np.ndarray:
+    """Physical units -> model space [-1, 1] (float32), NaN to the background; a new array, or
+    ``array`` itself overwritten when it is float32 and ``copy`` is False."""
     from model.data.volumes import VolumeError
 
     a = np.asarray(array, dtype=np.float32)
     if config.modality == "ct":
         lo, hi = float(config.intensity.lo), float(config.intensity.hi)
-        v = np.nan_to_num(a, nan=lo, posinf=hi, neginf=lo)
+        v = np.nan_to_num(a, copy=copy, nan=lo, posinf=hi, neginf=lo)
         np.clip(v, lo, hi, out=v)
         v -= lo
         v *= 2.0 / (hi - lo)
         v -= 1.0
         return v
-    v = np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0)
+    v = np.nan_to_num(a, copy=copy, nan=0.0, posinf=0.0, neginf=0.0)
     np.clip(v, 0.0, None, out=v)
     pos = v[v > 0]
     if pos.size == 0:
@@ -112,6 +113,28 @@ def foreground_centre(v: np.ndarray, threshold: float) -> tuple[float, float, fl
     return centre[0], centre[1], centre[2]
 
 
+def foreground_extent_mm(v: np.ndarray, spacing: tuple[float, float, float], threshold: float) -> list[float]:
+    """The foreground's extent in mm along x, y, z (0.5th to 99.5th percentile of its coordinates)."""
+    fg = v > threshold
+    ext = []
+    for axis, sp in zip((2, 1, 0), spacing, strict=True):
+        other = tuple(a for a in range(3) if a != axis)
+        counts = fg.sum(axis=other).astype(np.float64)
+        if counts.sum() == 0:
+            return [0.0, 0.0, 0.0]
+        cdf = np.cumsum(counts) / counts.sum()
+        ext.append(float(np.searchsorted(cdf, 0.995) - np.searchsorted(cdf, 0.005) + 1) * float(sp))
+    return ext
+
+
+def auto_spacing(extents_mm: list[list[float]], resolution: int, margin: float = 1.25) -> float:
+    """An isotropic voxel size whose field of view (resolution x spacing) holds the largest
+    foreground extent of the data times ``margin`` (room for the training augmentation's scale of
+    up to 1.15 and shifts), rounded up to 0.05 mm."""
+    largest = max(max(e) for e in extents_mm)
+    return math.ceil(largest * margin / resolution * 20) / 20
+
+
 def _resample_axis(x: torch.Tensor, axis: int, pos: torch.Tensor, fill: float) -> torch.Tensor:
     """Linear interpolation of ``x`` [D, H, W] along ``axis`` at fractional indices ``pos``;
     positions outside [0, n - 1] take ``fill``."""
@@ -130,18 +153,23 @@ def _positions(n_out: int, centre_out: float, centre_in: float, ratio: float) ->
 
 
 def physical(
-    array: np.ndarray, spacing: tuple[float, float, float], config: Any, info: dict[str, Any] | None = None
+    array: np.ndarray,
+    spacing: tuple[float, float, float],
+    config: Any,
+    info: dict[str, Any] | None = None,
+    copy: bool = True,
 ) -> np.ndarray:
     """A RAS scan (z, y, x) with voxel size ``spacing`` (x, y, z mm) -> the model grid (R, R, R)
     float32 in [-1, 1]: window, anti-alias, resample to the config's spacing, centre the field of
     view on the foreground and crop / pad (see the module docstring).  ``info`` receives
-    ``grid_spacing``, the centre (input voxel index), the input shape and spacing."""
+    ``grid_spacing``, the centre (input voxel index), the input shape and spacing.  ``copy=False``
+    lets the windowing overwrite a float32 ``array`` (no second full-size copy)."""
     from model.data.volumes import VolumeError
 
     a = np.asarray(array)
     if a.ndim != 3 or a.size == 0:
         raise VolumeError(f"expected a non-empty 3D array (z, y, x), got shape {a.shape}")
-    v = window(a, config)
+    v = window(a, config, copy=copy)
     opts = options(config)
     thr = float(opts.get("foreground", FOREGROUND.get(config.modality, -0.9)))
     centre = foreground_centre(v, thr)

@@ -97,7 +97,7 @@ def group_norm_with(h: torch.Tensor, norm: nn.GroupNorm, mean: torch.Tensor, var
     gradient through them): a slab normalised as it is within the whole volume."""
     b, c = h.shape[:2]
     g = norm.num_groups
-    shape = (b, g, c // g) + (1,) * (h.ndim - 2)
+    shape = (b, g) + (1,) * (h.ndim - 1)  # broadcast over the group's channels and voxels
     hg = h.reshape(b, g, c // g, *h.shape[2:])
     rstd = torch.rsqrt(var.to(h.dtype) + norm.eps).reshape(shape)
     out = ((hg - mean.to(h.dtype).reshape(shape)) * rstd).reshape(h.shape)

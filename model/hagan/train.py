@@ -12,14 +12,27 @@ high-resolution crop and the generated one cover the same slices) and runs, as t
 
 Adam (0, 0.999), lr 1e-4 for G and the encoders, 4e-4 for D.  Checkpoints are model directories
 plus optimizer and RNG state in safetensors/JSON (no pickles); ``resume`` continues bit for bit.
+
+``recipe: small-data`` (``RECIPES``) turns on what a few real volumes need, each also an option
+of its own: the real volumes augmented afresh every iteration (``augment``, model/data/augment.py),
+DiffAugment on every input of D (``diffaug``), an exponential moving average of G that is served
+and that the encoders learn to invert (``ema``), G^H normalised with whole-volume GroupNorm
+statistics as at inference (``whole_stats``), sub-volumes starting at any slice (``any_start``),
+the low-resolution real volume average-pooled instead of nearest-sampled (``lowres``), GroupNorm
+groups of at least two channels (``norm_min_group``), and for the encoder a latent reconstruction
+term on generated volumes and a prior on its codes (``lambda_latent``, ``lambda_prior``).
+``monitor_every`` runs the evaluation's texture distance on a few EMA samples (``monitor``) and keeps
+the best model in RUN/best.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import shutil
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -36,6 +49,7 @@ from model.checkpoint import (
     save_tensors_atomic,
     write_json_atomic,
 )
+from model.data.augment import RandomAugment, diff_augment
 from model.data.datasets import VolumeDataset
 from model.hagan.config import HAGANConfig, Intensity
 from model.hagan.networks import HAGAN
@@ -68,7 +82,38 @@ DEFAULTS: dict[str, Any] = {
     # effect on the values.  At 128^3 it saved 0-11% of the time for ~0.2 GiB more peak memory in
     # benchmarks/RESULTS.md, so it is off unless asked for.
     "tune_malloc": "off",
+    # ---- the small-data recipe's parts (see RECIPES and the module docstring)
+    "recipe": "authors",
+    "augment": "off",
+    "diffaug": "off",
+    "ema": 0.0,  # EMA decay of G (0: off); ramped up as min(ema, (1 + it) / (10 + it))
+    "whole_stats": "off",
+    "any_start": "off",
+    "lowres": "nearest",  # how the real low-resolution volume is made: nearest (the authors') | average
+    "norm_min_group": 1,
+    "lambda_latent": 0.0,  # E^G: L1 between z and E(G(z)) for generated volumes
+    "lambda_prior": 0.0,  # E^G: its codes' per-sample mean 0 and mean square 1
+    "monitor_every": 0,  # quality monitor every N iterations (0: off)
+    "monitor_n": 8,
+    "keep_checkpoints": 3,  # the newest K checkpoints are kept (0: all); RUN/best is kept apart
 }
+
+RECIPES: dict[str, dict[str, Any]] = {
+    "authors": {},
+    "small-data": {
+        "augment": "on",
+        "diffaug": "on",
+        "ema": 0.999,
+        "whole_stats": "on",
+        "any_start": "on",
+        "lowres": "average",
+        "norm_min_group": 2,
+        "lambda_latent": 1.0,
+        "lambda_prior": 0.1,
+        "monitor_every": 100,
+    },
+}
+_SWITCHES = ("augment", "diffaug", "whole_stats", "any_start")
 
 # glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
@@ -136,7 +181,18 @@ class Trainer:
     def __init__(self, options: dict[str, Any], progress: Callable[[int, int, str], None] | None = None) -> None:
         from model.registry import resolve_device
 
-        self.o = DEFAULTS | {k: v for k, v in options.items() if v is not None}
+        given = {k: v for k, v in options.items() if v is not None}
+        recipe = str(given.get("recipe", DEFAULTS["recipe"]))
+        if recipe not in RECIPES:
+            raise ValueError(f"recipe must be one of {', '.join(RECIPES)}, got {recipe!r}")
+        self.o = DEFAULTS | RECIPES[recipe] | given
+        for k in _SWITCHES:
+            if self.o[k] not in ("on", "off"):
+                raise ValueError(f"{k} must be on or off, got {self.o[k]!r}")
+        if self.o["lowres"] not in ("nearest", "average"):
+            raise ValueError(f"lowres must be nearest or average, got {self.o['lowres']!r}")
+        if not 0.0 <= float(self.o["ema"]) < 1.0:
+            raise ValueError(f"ema must be a decay in [0, 1), got {self.o['ema']!r}")
         self.run = Path(self.o["output"])
         self.data = VolumeDataset(self.o["data"])
         if len(self.data) == 0:
@@ -157,7 +213,12 @@ class Trainer:
             intensity=Intensity(**mf["intensity"]),
             spacing=spacing or (1.0, 1.0, 1.0),
             description=f"HA-GAN trained by voxgen train on {mf.get('source', '?')}",
+            norm_min_group=int(self.o["norm_min_group"]),
+            preprocess=dict(mf.get("preprocess") or {}),
+            training={k: self.o[k] for k in ("recipe", *RECIPES["small-data"], "width", "latent_dim", "batch")},
         )
+        if self.cfg.preprocess.get("mode") == "physical":
+            self.cfg.spacing = tuple(float(v) for v in self.cfg.preprocess["spacing"])  # type: ignore[assignment]
         torch.manual_seed(int(self.o["seed"]))
         self.net = HAGAN(self.cfg).to(self.device).train()
         self.channels_last = use_channels_last(str(self.o["channels_last"]), self.device)
@@ -184,6 +245,13 @@ class Trainer:
         self.rng = np.random.default_rng(int(self.o["seed"]) + 2)  # batches and r
         self.iteration = 0
         self.fixed_z = torch.randn(4, self.cfg.latent_dim, generator=torch.Generator().manual_seed(1234))
+        self.aug_gen = torch.Generator().manual_seed(int(self.o["seed"]) + 3)  # augmentations (CPU)
+        self.augment = RandomAugment() if self.o["augment"] == "on" else None
+        self.ema: HAGAN | None = None
+        if float(self.o["ema"]) > 0:
+            self.ema = copy.deepcopy(self.net).requires_grad_(False)
+        self.best: dict[str, Any] | None = None
+        self._monitor_real: dict[str, torch.Tensor] | None = None
         if self.o["resume"]:
             self._load_latest()
 
@@ -220,26 +288,42 @@ class Trainer:
             return F.cross_entropy(logits.float(), labels)
 
         x, labels = self._batch()
+        if self.augment is not None:
+            x = self.augment(x, self.aug_gen)
         b = x.shape[0]
         s, depth = net.feat_scale, net.sub_depth
-        r = int(self.rng.integers(0, (self.cfg.resolution - depth) // s + 1)) * s
+        if self.o["any_start"] == "on":
+            r = int(self.rng.integers(0, self.cfg.resolution - depth + 1))
+        else:
+            r = int(self.rng.integers(0, (self.cfg.resolution - depth) // s + 1)) * s
         x_crop = x[:, :, r : r + depth]
-        x_low = F.interpolate(x, scale_factor=1 / s)  # nearest, as the authors' code
+        if self.o["lowres"] == "average":
+            x_low = F.avg_pool3d(x, s)
+        else:
+            x_low = F.interpolate(x, scale_factor=1 / s)  # nearest, as the authors' code
+        ws = self.o["whole_stats"] == "on"
+        gen = self.ema if self.ema is not None else net  # the G the encoders learn to invert
         ones, zeros = torch.ones(b, 1, device=self.device), torch.zeros(b, 1, device=self.device)
         losses: dict[str, float] = {}
 
         def z() -> torch.Tensor:
             return torch.randn(b, self.cfg.latent_dim, generator=self.gen).to(self.device)
 
+        def d_of(hi: torch.Tensor, lo: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+            if self.o["diffaug"] == "on":  # depth stays put in the sub-volume: D^H is told where it starts
+                hi = diff_augment(hi, self.aug_gen, axes=(3, 4))
+                lo = diff_augment(lo, self.aug_gen)
+            return net.discriminate(hi, lo, r)
+
         # 1. D
         _requires_grad(net, OPTIMIZERS["d"], True)
         self.opts["d"].zero_grad(set_to_none=True)
         with ac():
-            logit, cls = net.discriminate(x_crop, x_low, r)
+            logit, cls = d_of(x_crop, x_low)
             d_real = bce(logit, ones) + (ce(cls, labels) if cls is not None else 0.0)
             with torch.no_grad():
-                fake_hi, fake_lo = net.generate_train(z(), r, labels)
-            logit, _ = net.discriminate(fake_hi, fake_lo, r)
+                fake_hi, fake_lo = net.generate_train(z(), r, labels, ws)
+            logit, _ = d_of(fake_hi, fake_lo)
             d_fake = bce(logit, zeros)
         (d_real + d_fake).backward()
         self._update("d")
@@ -249,13 +333,14 @@ class Trainer:
         _requires_grad(net, OPTIMIZERS["d"], False)
         self.opts["g"].zero_grad(set_to_none=True)
         with ac():
-            fake_hi, fake_lo = net.generate_train(z(), r, labels)
-            logit, cls = net.discriminate(fake_hi, fake_lo, r)
+            fake_hi, fake_lo = net.generate_train(z(), r, labels, ws)
+            logit, cls = d_of(fake_hi, fake_lo)
             g_loss = bce(logit, ones)
             if cls is not None:
                 g_loss = g_loss + self.o["lambda_class"] * ce(cls, labels)
         g_loss.backward()
         self._update("g")
+        self._ema_update()
         losses["g"] = float(g_loss.detach())
         del fake_hi, fake_lo
 
@@ -263,7 +348,7 @@ class Trainer:
         _requires_grad(net, OPTIMIZERS["g"], False)
         self.opts["eh"].zero_grad(set_to_none=True)
         with ac():
-            e_loss = l1(net.gh(net.eh(x_crop)), x_crop)
+            e_loss = l1(gen.gh(net.eh(x_crop)), x_crop)
         e_loss.backward()
         self._update("eh")
         losses["e_h"] = float(e_loss.detach())
@@ -273,14 +358,98 @@ class Trainer:
             feats = net.encode_features(x, self.slabs_per_call, self.channels_last)
         self.opts["eg"].zero_grad(set_to_none=True)
         with ac():
-            rec_hi, rec_lo = net.generate_train(net.eg(feats), r, labels)
+            z_e = net.eg(feats)
+            rec_hi, rec_lo = gen.generate_train(z_e, r, labels, ws)
             eg_loss = (l1(rec_hi, x_crop) + l1(rec_lo, x_low)) / 2
+            losses["e_g"] = float(eg_loss.detach())
+            if self.o["lambda_prior"]:
+                ze = z_e.float()
+                prior = (ze.mean(1) ** 2 + (ze.square().mean(1) - 1) ** 2).mean()
+                eg_loss = eg_loss + float(self.o["lambda_prior"]) * prior
+                losses["e_prior"] = float(prior.detach())
+            if self.o["lambda_latent"]:
+                with torch.no_grad():
+                    zf = z()
+                    fake = gen.gh(gen.features(zf, labels))  # whole volumes, as a user would encode them
+                    ffeats = net.encode_features(fake, self.slabs_per_call, self.channels_last)
+                    del fake
+                lat = (net.eg(ffeats).float() - zf).abs().mean()
+                eg_loss = eg_loss + float(self.o["lambda_latent"]) * lat
+                losses["e_latent"] = float(lat.detach())
         eg_loss.backward()
         self._update("eg")
         _requires_grad(net, OPTIMIZERS["g"], True)
-        losses["e_g"] = float(eg_loss.detach())
         self.iteration += 1
         return losses
+
+    def _ema_update(self) -> None:
+        """EMA of G's weights (G^A, G^L, G^H), decay ramped up as min(ema, (1 + it) / (10 + it))."""
+        if self.ema is None:
+            return
+        decay = min(float(self.o["ema"]), (1 + self.iteration) / (10 + self.iteration))
+        with torch.no_grad():
+            for name in OPTIMIZERS["g"]:
+                pairs = zip(getattr(self.ema, name).parameters(), getattr(self.net, name).parameters(), strict=True)
+                for pe, p in pairs:
+                    pe.lerp_(p, 1.0 - decay)
+
+    def served_state(self) -> dict[str, torch.Tensor]:
+        """The weights a model directory holds: G from the EMA when there is one, the rest live."""
+        sd = self.net.state_dict()
+        if self.ema is not None:
+            esd = self.ema.state_dict()
+            sd = {k: (esd[k] if k.split(".")[0] in OPTIMIZERS["g"] else v) for k, v in sd.items()}
+        return sd
+
+    # ------------------------------------------------------------------ quality monitor
+    @torch.no_grad()
+    def monitor(self) -> dict[str, float]:
+        """The evaluation's texture distance (fd_texture) of ``monitor_n`` volumes from the served G
+        against up to 2 * monitor_n real volumes of the training set (not augmented), on a 64^3
+        grid, beside its real-vs-real floor at the same size, and the coarse-anatomy spread ratio
+        that flags collapse.  Keeps the best model (lowest fd_texture) in RUN/best."""
+        from model.metrics.evaluate import COLLAPSE_SPREAD, split_distances, standardise
+        from model.metrics.features import PooledIntensity, resample
+        from model.metrics.texture import TextureBank
+
+        n = int(self.o["monitor_n"])
+        grid = (min(64, self.cfg.resolution),) * 3
+        extract = {"texture": TextureBank(), "pooled": PooledIntensity(4)}
+        if self._monitor_real is None:
+            k = min(len(self.data), 2 * n)
+            idx = np.random.default_rng(0).permutation(len(self.data))[:k]
+            x = torch.from_numpy(np.stack([np.asarray(self.data.volume(int(i)), np.float32) for i in idx]))[:, None]
+            x = resample(x, grid)
+            self._monitor_real = {name: e(x) for name, e in extract.items()}
+        g = self.ema if self.ema is not None else self.net
+        g.eval()
+        zs = torch.randn(n, self.cfg.latent_dim, generator=torch.Generator().manual_seed(4321)).to(self.device)
+        labels = torch.zeros(2, dtype=torch.long, device=self.device) if self.cfg.num_classes else None
+        vols = [resample(g.gh(g.features(zs[i : i + 2], labels)).float().cpu(), grid) for i in range(0, n, 2)]
+        g.train()
+        fake = torch.cat(vols)
+        gf = {name: e(fake) for name, e in extract.items()}
+        rf = dict(self._monitor_real)
+        rf["texture"], gf["texture"] = standardise(rf["texture"], gf["texture"])
+        m = min(n, len(rf["texture"]) // 2)
+        dist, floor = split_distances({"texture": gf["texture"][:m]}, {"texture": rf["texture"]}, m, 10, 0)
+        spread = float(gf["pooled"].double().var(0).sum() / rf["pooled"].double().var(0).sum().clamp_min(1e-12))
+        out = {
+            "q_fd_texture": dist["texture"]["fd"],
+            "q_floor": floor["texture"]["fd"]["mean"],
+            "q_floor_sd": floor["texture"]["fd"]["sd"],
+            "q_spread": spread,
+        }
+        if spread < COLLAPSE_SPREAD:
+            sys.stderr.write(
+                f"[{self.iteration}] quality monitor: mode collapse? the samples' coarse anatomy varies "
+                f"{spread:.2f}x as much as the real volumes'\n"
+            )
+        if self.best is None or out["q_fd_texture"] < self.best["q_fd_texture"]:
+            self.best = {"iteration": self.iteration, **out}
+            save_model_dir(self.run / "best", self.cfg.to_dict(), self.served_state())
+            write_json_atomic(self.run / "best" / "best.json", self.best)
+        return out
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> Path:
@@ -292,13 +461,18 @@ class Trainer:
             "optimizers": meta,
             "numpy_rng": self.rng.bit_generator.state,
         }
-        save_model_dir(ck, self.cfg.to_dict(), self.net.state_dict())
+        state["best"] = self.best
+        served = self.served_state()
+        save_model_dir(ck, self.cfg.to_dict(), served)
         tensors["rng.torch_latents"] = self.gen.get_state()
         tensors["rng.torch_global"] = torch.get_rng_state()
+        tensors["rng.torch_augment"] = self.aug_gen.get_state()
+        if self.ema is not None:  # the served G is the EMA; the live G goes with the optimizer state
+            tensors |= {f"live.{k}": v for k, v in self.net.state_dict().items() if k.split(".")[0] in OPTIMIZERS["g"]}
         save_tensors_atomic(ck / "optim.safetensors", tensors)
         write_json_atomic(ck / "state.json", state)
         write_json_atomic(self.run / "latest.json", {"checkpoint": ck.name, "iteration": self.iteration})
-        save_model_dir(self.run / "model", self.cfg.to_dict(), self.net.state_dict())
+        save_model_dir(self.run / "model", self.cfg.to_dict(), served)
         return ck
 
     def _load_latest(self) -> None:
@@ -307,10 +481,19 @@ class Trainer:
             raise ValueError(f"{self.run}: nothing to resume (no latest.json)")
         ck = self.run / "checkpoints" / json.loads(ptr.read_text())["checkpoint"]
         state = json.loads((ck / "state.json").read_text())
-        self.net.load_state_dict(read_weights(ck))
+        served = read_weights(ck)
         tensors = read_weights(ck, "optim.safetensors")
+        live = {k[len("live.") :]: tensors.pop(k) for k in list(tensors) if k.startswith("live.")}
+        if self.ema is not None:
+            self.ema.load_state_dict(served)
+            if not live:
+                raise ValueError(f"{ck}: this run trains with an EMA of G but the checkpoint has no live G")
+        self.net.load_state_dict(served | live)
         self.gen.set_state(tensors.pop("rng.torch_latents"))
         torch.set_rng_state(tensors.pop("rng.torch_global"))
+        if "rng.torch_augment" in tensors:
+            self.aug_gen.set_state(tensors.pop("rng.torch_augment"))
+        self.best = state.get("best")
         load_optimizer_tensors(self.opts, tensors, state["optimizers"])
         self.rng.bit_generator.state = state["numpy_rng"]
         self.iteration = int(state["iteration"])
@@ -320,11 +503,12 @@ class Trainer:
     def preview(self) -> Path:
         from PIL import Image
 
-        self.net.eval()
+        g = self.ema if self.ema is not None else self.net
+        g.eval()
         z = self.fixed_z.to(self.device)
         labels = torch.zeros(len(z), dtype=torch.long, device=self.device) if self.cfg.num_classes else None
-        vols = self.net.gh(self.net.features(z, labels)).float().cpu().numpy()[:, 0]
-        self.net.train()
+        vols = g.gh(g.features(z, labels)).float().cpu().numpy()[:, 0]
+        g.train()
         rows = []
         for v in vols:
             c = [s // 2 for s in v.shape]

@@ -1,0 +1,171 @@
+"""The one preprocessing path in physical units (prepare = encode loader; size kept; the way back
+onto the input's grid) and the small-data training recipe (augmentation, DiffAugment, EMA,
+encoder terms, quality monitor, best model, pruned checkpoints, exact resume)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from model.data.augment import RandomAugment, diff_augment
+from model.data.datasets import VolumeDataset, prepare_dataset
+from model.data.preprocess import foreground_centre, to_input_grid, window
+from model.data.volumes import load_for_model, read_volume, to_model_space
+from model.hagan.config import HAGANConfig, Intensity
+from model.hagan.train import Trainer
+from model.registry import from_pretrained
+
+SPACING = (2.0, 2.0, 2.0)
+
+
+def _brain(shape: tuple[int, int, int] = (60, 72, 56), seed: int = 0) -> np.ndarray:
+    """A T1-like head (z, y, x): an off-centre ellipsoid with a darker core and noise, on 0."""
+    z, y, x = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
+    r = ((z - 0.1) / 0.6) ** 2 + ((y + 0.05) / 0.7) ** 2 + ((x - 0.1) / 0.55) ** 2
+    v = np.where(r < 1, 600.0 + 200 * np.cos(6 * x) * np.sin(5 * y), 0.0)
+    v[r < 0.2] = 300.0
+    return (v + np.random.default_rng(seed).normal(0, 5, shape) * (r < 1)).astype(np.float32)
+
+
+def _config(resolution: int = 128, spacing: tuple[float, float, float] = SPACING) -> HAGANConfig:
+    return HAGANConfig(
+        resolution=resolution,
+        modality="mri",
+        intensity=Intensity.for_modality("mri"),
+        spacing=spacing,
+        preprocess={"mode": "physical"},
+    )
+
+
+def _save(arr: np.ndarray, path: Path, zooms: tuple[float, float, float] = (1.5, 1.5, 1.5)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(arr.transpose(2, 1, 0).copy(), np.diag([*zooms, 1.0])), path)
+    return path
+
+
+def test_prepare_and_the_encode_loader_give_the_same_model_space_array(tmp_path: Path) -> None:
+    src = _save(_brain(), tmp_path / "src" / "a.nii.gz")
+    prepare_dataset(tmp_path / "src", tmp_path / "ds", _config())
+    ds = VolumeDataset(tmp_path / "ds")
+    stored = np.asarray(ds.volume(0))
+    served = load_for_model(src, _config())
+    assert stored.dtype == np.float16 and served.dtype == np.float32 and served.shape == (128, 128, 128)
+    assert np.array_equal(stored, served.astype(np.float16))  # identical, up to the dataset's float16 storage
+    prep = ds.manifest["preprocess"]
+    assert prep["mode"] == "physical" and prep["spacing"] == [2.0, 2.0, 2.0] and prep["field_of_view_mm"][0] == 256
+    assert ds.grid_spacing() == (2.0, 2.0, 2.0)
+
+
+def test_a_scan_scaled_by_1_1_is_1_1_times_larger_in_model_space(tmp_path: Path) -> None:
+    """Physical size is kept: the same array with 1.1x larger voxels gives a foreground 1.1x larger
+    along every axis (the authors' stretch to the cube gives the same array for both)."""
+    arr = _brain()
+    cfg = _config()
+
+    def extent(zooms: tuple[float, float, float]) -> np.ndarray:
+        a, sp = read_volume(_save(arr, tmp_path / f"{zooms[0]}.nii.gz", zooms))
+        v = to_model_space(a, sp, cfg)
+        fg = v > -0.9
+        return np.array(
+            [np.ptp(np.nonzero(fg.any(axis=tuple(b for b in range(3) if b != ax)))[0]) + 1 for ax in range(3)]
+        )
+
+    ratio = extent((1.65, 1.65, 1.65)) / extent((1.5, 1.5, 1.5))
+    assert ratio == pytest.approx([1.1, 1.1, 1.1], abs=0.04)
+
+
+def test_the_field_of_view_is_centred_on_the_foreground(tmp_path: Path) -> None:
+    a, sp = read_volume(_save(_brain(), tmp_path / "b.nii.gz"))
+    v = to_model_space(a, sp, _config())
+    assert np.array(foreground_centre(v, -0.9)) == pytest.approx([63.5, 63.5, 63.5], abs=1.5)
+
+
+def test_the_way_back_overlays_the_input(tmp_path: Path) -> None:
+    """A model-grid volume mapped back onto the input's grid covers the input's foreground."""
+    a, sp = read_volume(_save(_brain(), tmp_path / "c.nii.gz"))
+    cfg, info = _config(), {}
+    v = to_model_space(a, sp, cfg, info=info)
+    back = to_input_grid(v, info, cfg)
+    assert back.shape == a.shape
+    fa, fb = window(a, cfg) > -0.5, back > -0.5  # both on the model's intensity scale
+    dice = 2 * (fa & fb).sum() / (fa.sum() + fb.sum())
+    assert dice > 0.95
+
+
+def test_augmentation_keeps_the_background_and_is_seeded() -> None:
+    x = torch.full((2, 1, 32, 32, 32), -1.0)
+    x[:, :, 8:24, 8:24, 8:24] = 0.3
+    a = RandomAugment()(x, torch.Generator().manual_seed(0))
+    b = RandomAugment()(x, torch.Generator().manual_seed(0))
+    assert torch.equal(a, b) and a.shape == x.shape
+    assert (a[:, :, :3] == -1).all() and a.min() >= -1 and a.max() <= 1  # far corners stay background
+    assert not torch.equal(a[0], a[1])  # every volume its own draw
+    fg = (a > -1).float().mean(dim=(1, 2, 3, 4))
+    assert ((fg > 0.05) & (fg < 0.3)).all()  # the cube moved and scaled, not lost
+    y = x.clone().requires_grad_(True)
+    diff_augment(y, torch.Generator().manual_seed(1)).sum().backward()
+    assert y.grad is not None and y.grad.abs().sum() > 0  # differentiable
+
+
+@pytest.fixture(scope="module")
+def brain_ds(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("recipe")
+    for i in range(4):
+        _save(_brain(seed=i), root / "src" / f"s{i}.nii.gz", zooms=(1.5 + 0.05 * i,) * 3)
+    prepare_dataset(root / "src", root / "ds", _config())
+    return root / "ds"
+
+
+SMALL = {"iterations": 2, "batch": 1, "width": 0.25, "latent_dim": 16, "device": "cpu", "seed": 3}
+SMALL |= {"recipe": "small-data", "checkpoint_every": 1, "preview_every": 100, "monitor_every": 1, "monitor_n": 2}
+
+
+def test_small_data_recipe_trains_serves_the_ema_and_keeps_the_best(brain_ds: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    t = Trainer(SMALL | {"data": str(brain_ds), "output": str(run), "iterations": 4, "keep_checkpoints": 2})
+    assert t.augment is not None and t.ema is not None and t.o["whole_stats"] == "on"
+    t.fit()
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [1, 2, 3, 4]
+    for r in rows:
+        assert {"e_latent", "e_prior", "q_fd_texture", "q_floor", "q_spread"} <= set(r)
+        assert all(np.isfinite(v) for k, v in r.items() if k != "time")
+    # the newest two checkpoints are kept; the best model by the monitor is kept apart
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["iter_0000003", "iter_0000004"]
+    best = json.loads((run / "best" / "best.json").read_text())
+    assert best["q_fd_texture"] == min(r["q_fd_texture"] for r in rows)
+    # the served model is the EMA of G (not the live G) and records its recipe and preprocessing
+    m = from_pretrained(run / "model")
+    assert m.config.norm_min_group == 2 and m.config.preprocess["mode"] == "physical"
+    assert m.config.training["recipe"] == "small-data" and m.spacing == pytest.approx(SPACING)
+    live = t.net.state_dict()
+    served = m.net.state_dict()
+    assert not torch.equal(live["gh.convs.0.weight"], served["gh.convs.0.weight"])
+    assert torch.equal(t.ema.state_dict()["gh.convs.0.weight"], served["gh.convs.0.weight"])
+    assert torch.equal(live["eg.out.weight"], served["eg.out.weight"])
+
+
+def test_small_data_recipe_resumes_exactly(brain_ds: Path, tmp_path: Path) -> None:
+    opts = SMALL | {"data": str(brain_ds), "monitor_every": 0}
+    a = Trainer(opts | {"output": str(tmp_path / "a"), "iterations": 3})
+    a.fit()
+    b = Trainer(opts | {"output": str(tmp_path / "b"), "iterations": 2})
+    b.fit()
+    del b
+    b = Trainer(opts | {"output": str(tmp_path / "b"), "iterations": 3, "resume": True})
+    b.fit()
+    sa, sb = a.net.state_dict(), b.net.state_dict()
+    assert [k for k in sa if not torch.equal(sa[k], sb[k])] == []
+    ea, eb = a.ema.state_dict(), b.ema.state_dict()  # the EMA's G (its D and E copies are not used)
+    assert [k for k in ea if k.split(".")[0] in ("ga", "gl", "gh") and not torch.equal(ea[k], eb[k])] == []
+
+
+def test_recipe_options_are_checked(brain_ds: Path, tmp_path: Path) -> None:
+    for key, bad in (("recipe", "fast"), ("augment", "yes"), ("lowres", "cubic"), ("ema", 1.5)):
+        with pytest.raises(ValueError, match=key):
+            Trainer(SMALL | {"data": str(brain_ds), "output": str(tmp_path / key), key: bad})
