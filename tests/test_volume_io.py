@@ -186,23 +186,54 @@ def test_unknown_and_missing_files(tmp_path: Path) -> None:
 
 
 def test_gzip_bomb_is_refused_by_size_without_inflating(tmp_path: Path) -> None:
-    header = nib.Nifti1Image(np.zeros((1024, 512, 512), np.uint8), np.eye(4)).header
-    bomb = tmp_path / "bomb.nii.gz"
-    with gzip.open(bomb, "wb", compresslevel=6) as f:  # 256 MiB of zeros -> a few hundred kB on disk
-        f.write(header.binaryblock + b"\x00" * 4)
-        chunk = b"\x00" * (1 << 20)
-        for _ in range(256):
-            f.write(chunk)
-    assert bomb.stat().st_size < 2**20
-    with pytest.raises(VolumeError, match="declares"):  # refused by its declared size
-        read_volume(bomb, max_voxels=128**3)
-    # the declared size (ISIZE, modulo 2^32) can lie: the streaming cap refuses it as well
-    data = bytearray(bomb.read_bytes())
-    data[-4:] = (1000).to_bytes(4, "little")
-    liar = tmp_path / "liar.nii.gz"
-    liar.write_bytes(bytes(data))
-    with pytest.raises(VolumeError, match="more than"):  # refused by its actual size, streaming
-        read_volume(liar, max_voxels=128**3)
+    import tracemalloc
+
+    from model.data.volumes import VolumeTooLarge
+
+    def bomb(name: str, shape: tuple[int, int, int], zero_mib: int) -> Path:
+        header = nib.Nifti1Header()  # a header alone: no array of the declared size is made
+        header.set_data_shape(shape)
+        header.set_data_dtype(np.uint8)
+        header["vox_offset"] = 352
+        p = tmp_path / name
+        with gzip.open(p, "wb", compresslevel=6) as f:  # MiBs of zeros -> a few hundred kB on disk
+            f.write(header.binaryblock + b"\x00" * 4)
+            chunk = b"\x00" * (1 << 20)
+            for _ in range(zero_mib):
+                f.write(chunk)
+        assert p.stat().st_size < 2**20
+        return p
+
+    tracemalloc.start()
+    try:
+        # an honest header over the limit is refused by the header, before the stream is inflated
+        with pytest.raises(VolumeTooLarge, match="1024x512x512 = 268435456 voxels, over the limit of 2097152"):
+            read_volume(bomb("big.nii.gz", (1024, 512, 512), 256), max_voxels=128**3)
+        # a header that fits but data that go on (256 MiB behind a 64^3 header): the streaming cap
+        liar = bomb("liar.nii.gz", (64, 64, 64), 256)
+        with pytest.raises(VolumeError, match="declares 268435808 uncompressed bytes, over the limit"):
+            read_volume(liar, max_voxels=128**3)
+        data = bytearray(liar.read_bytes())
+        data[-4:] = (1000).to_bytes(4, "little")  # the declared size (ISIZE, modulo 2^32) can lie
+        (tmp_path / "liar2.nii.gz").write_bytes(bytes(data))
+        with pytest.raises(VolumeError, match="decompresses to more than"):
+            read_volume(tmp_path / "liar2.nii.gz", max_voxels=128**3)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 32 * 2**20  # neither inflated into memory
+
+
+def test_truncated_gzip_is_reported_as_truncated_not_over_the_limit(tmp_path: Path) -> None:
+    p = save_nifti(tmp_path / "t.nii.gz", phantom((40, 48, 48)))
+    data = p.read_bytes()
+    for cut in (len(data) // 2, len(data) - 9, 400):
+        cut_file = tmp_path / f"cut{cut}.nii.gz"
+        # the last four bytes of a cut file are whatever came there: make them declare 4 GiB
+        cut_file.write_bytes(data[:cut] + b"\xff\xff\xff\xff")
+        with pytest.raises(VolumeError, match="truncated|corrupt") as e:
+            read_volume(cut_file, max_voxels=64**3)
+        assert "over the limit" not in str(e.value)
 
 
 def test_zip_with_several_series_or_unsafe_paths_is_refused(tmp_path: Path) -> None:
@@ -220,3 +251,193 @@ def test_zip_with_several_series_or_unsafe_paths_is_refused(tmp_path: Path) -> N
     (tmp_path / "notzip.zip").write_bytes(b"PK\x03\x04garbage")
     with pytest.raises(VolumeError, match="zip"):
         read_volume(tmp_path / "notzip.zip")
+
+
+# ------------------------------------------------------------------------------------ uploads: one file, bounded
+
+
+def _nrrd(tail: str, pad_lines: int = 0) -> bytes:
+    pad = "".join(f"# comment {i:06d} {'x' * 50}\n" for i in range(pad_lines))
+    return f"NRRD0004\ntype: uint8\ndimension: 3\nsizes: 8 8 8\nencoding: raw\n{pad}{tail}".encode()
+
+
+def _mha(tail: str, pad_lines: int = 0) -> bytes:
+    pad = "".join(f"Comment = line {i:06d} {'x' * 50}\n" for i in range(pad_lines))
+    return f"ObjectType = Image\nNDims = 3\nDimSize = 8 8 8\nElementType = MET_UCHAR\n{pad}{tail}".encode()
+
+
+def test_detached_data_are_found_wherever_the_header_names_them(tmp_path: Path) -> None:
+    """The whole header is parsed (not its first 64 KiB): a data file named after 1200 or 12000
+    padding lines is refused outside the folder for local reads, and refused outright for uploads,
+    with a message that names no path."""
+    secret = tmp_path / "secret.raw"
+    secret.write_bytes(bytes(range(256)) * 2)
+    up = tmp_path / "up"
+    up.mkdir()
+    for pad in (0, 1200, 12000):  # up to ~0.85 MB of header
+        for name, data in (
+            ("p.nrrd", _nrrd(f"data file: {secret}\n\n", pad)),
+            ("p.nhdr", _nrrd(f"data file: {secret}\n", pad)),
+            ("p.mha", _mha(f"ElementDataFile = {secret}\n", pad)),
+            ("p.mhd", _mha(f"ElementDataFile: {secret}\n", pad)),
+        ):
+            (up / name).write_bytes(data)
+            with pytest.raises(VolumeError, match="outside its folder"):
+                read_volume(up / name)
+            with pytest.raises(VolumeError, match="refers to a separate data file; upload a single-file") as e:
+                read_volume(up / name, untrusted=True)
+            assert str(tmp_path) not in str(e.value) and "secret" not in str(e.value)
+    # beside the header: a local read takes it, an upload does not
+    (up / "fine.raw").write_bytes(bytes(range(256)) * 2)
+    (up / "fine.mhd").write_bytes(_mha("ElementDataFile = fine.raw\n", 2000))
+    (up / "fine.nhdr").write_bytes(_nrrd("data file: fine.raw\n", 2000))
+    for name in ("fine.mhd", "fine.nhdr"):
+        arr, _ = read_volume(up / name)
+        assert arr.shape == (8, 8, 8) and arr.max() == 255
+        with pytest.raises(VolumeError, match="separate data file"):
+            read_volume(up / name, untrusted=True)
+    # attached data after a long header are fine for both
+    (up / "attached.nrrd").write_bytes(_nrrd("\n", 12000) + bytes(range(256)) * 2)
+    (up / "attached.mha").write_bytes(_mha("ElementDataFile = LOCAL\n", 12000) + bytes(range(256)) * 2)
+    for name in ("attached.nrrd", "attached.mha"):
+        arr, _ = read_volume(up / name, untrusted=True)
+        assert arr.shape == (8, 8, 8) and arr.max() == 255
+
+
+def test_metaimage_lines_metaio_would_read_otherwise_are_refused(tmp_path: Path) -> None:
+    secret = tmp_path / "secret.raw"
+    secret.write_bytes(bytes(512))
+    pad = "Comment = " + "x" * 600 + "\n"  # enough stored bytes for the size check to pass
+    for i, tail in enumerate(
+        (
+            f"Comment\nElementDataFile = LOCAL\nElementDataFile = {secret}\n",  # MetaIO: Comment's value
+            f"Comment =\nElementDataFile = LOCAL\nElementDataFile = {secret}\n",  # the same, empty value
+            f"elementdatafile = LOCAL\nElementDataFile = {secret}\n",  # MetaIO skips an unknown key
+            f"ElementDataFile\x00junk = {secret}\n",  # MetaIO's key ends at the NUL
+            f"Comment = a\rElementDataFile = LOCAL\nElementDataFile = {secret}\n",  # '\r' inside a value
+        )
+    ):
+        p = tmp_path / f"t{i}.mha"
+        p.write_bytes(_mha(pad * 2 + tail) + bytes(512))
+        for untrusted in (False, True):
+            with pytest.raises(VolumeError, match="not a valid header"):
+                read_volume(p, untrusted=untrusted)
+
+
+def test_headers_must_end_within_a_mebibyte(tmp_path: Path) -> None:
+    (tmp_path / "long.nrrd").write_bytes(_nrrd("", 20000) + bytes(2**20))  # no blank line in 1 MiB
+    with pytest.raises(VolumeError, match="no end .* within 1 MiB"):
+        read_volume(tmp_path / "long.nrrd")
+    (tmp_path / "long.mha").write_bytes(_mha("", 20000) + b"ElementDataFile = LOCAL\n" + bytes(512))
+    with pytest.raises(VolumeError, match="no ElementDataFile line within the first 1 MiB"):
+        read_volume(tmp_path / "long.mha")
+    (tmp_path / "magic.nrrd").write_bytes(b"NOT A NRRD\n\n" + bytes(512))
+    with pytest.raises(VolumeError, match="NRRD magic"):
+        read_volume(tmp_path / "magic.nrrd")
+
+
+def test_upload_errors_name_no_server_path(tmp_path: Path) -> None:
+    from model.data.volumes import scrub_paths
+
+    p = tmp_path / "uploads" / "abc" / "upload.mha"
+    msg = f'upload.mha: unreadable (couldn\'t open "{p}" or "/etc/shadow", see C:\\data\\x.raw); 1/2 mm/s'
+    clean = scrub_paths(msg, p)
+    assert clean == 'upload.mha: unreadable (couldn\'t open "upload.mha" or "(a path)", see (a path)); 1/2 mm/s'
+    p.parent.mkdir(parents=True)
+    p.write_bytes(_mha("ElementDataFile = LOCAL\n") + bytes(100))  # 512 bytes declared, 100 held
+    with pytest.raises(VolumeError) as e:
+        read_volume(p, untrusted=True)
+    assert str(tmp_path) not in str(e.value)
+    with pytest.raises(VolumeError) as e:
+        read_volume(tmp_path / "nothere.nii.gz", untrusted=True)
+    assert str(e.value).startswith("nothere.nii.gz: no such file") and str(tmp_path) not in str(e.value)
+
+
+def test_streamed_nifti_reads_what_nibabel_reads(tmp_path: Path) -> None:
+    """Scaling, byte order, NIfTI-2, trailing singleton axes and every axis permutation and flip
+    give the array nibabel's canonical (RAS) image holds."""
+    rng = np.random.default_rng(3)
+    raw = rng.integers(-2000, 2000, (20, 24, 28)).astype(np.int16)  # (x, y, z) as stored
+    perm = np.array([[0, -1.5, 0, 4], [0, 0, 2.0, -3], [-1.25, 0, 0, 7], [0, 0, 0, 1]])
+    cases = {
+        "scaled.nii.gz": nib.Nifti1Image(raw, np.diag([1.0, 1.25, 2.0, 1.0])),
+        "big_endian.nii": nib.Nifti1Image(raw.astype(">f4"), np.diag([-1.0, 1.25, 2.0, 1.0])),
+        "nifti2.nii.gz": nib.Nifti2Image(raw, perm),
+        "single.nii.gz": nib.Nifti1Image(raw[..., None, None], perm),
+        "u8.nii": nib.Nifti1Image((raw % 200).astype(np.uint8), np.diag([2.0, -2.0, -3.0, 1.0])),
+    }
+    cases["scaled.nii.gz"].header.set_slope_inter(0.5, -100.0)
+    for name, img in cases.items():
+        nib.save(img, tmp_path / name)
+        ref = nib.as_closest_canonical(nib.squeeze_image(nib.load(tmp_path / name)))
+        expect = np.asarray(ref.dataobj, dtype=np.float64).transpose(2, 1, 0)
+        arr, sp = read_volume(tmp_path / name)
+        assert arr.dtype == np.float32 and arr.flags.c_contiguous, name
+        assert arr.shape == expect.shape and np.allclose(arr, expect, rtol=0, atol=1e-3), name
+        assert np.allclose(sp, np.sqrt((ref.affine[:3, :3] ** 2).sum(axis=0))), name
+
+
+def test_itk_images_are_reoriented_as_dicom_orient_does(tmp_path: Path) -> None:
+    v = phantom((12, 14, 16))
+    for k, direction in enumerate(
+        ((1, 0, 0, 0, 1, 0, 0, 0, 1), (0, 0, -1, 1, 0, 0, 0, -1, 0), (-1, 0, 0, 0, 0, 1, 0, 1, 0))
+    ):
+        img = sitk.GetImageFromArray(v)
+        img.SetSpacing((1.0, 1.5, 2.5))
+        img.SetDirection(direction)
+        sitk.WriteImage(img, str(tmp_path / f"d{k}.mha"))
+        ref = sitk.DICOMOrient(img, "LPS")
+        expect = sitk.GetArrayFromImage(ref)[:, ::-1, ::-1]  # LPS -> RAS: x and y reversed
+        arr, sp = read_volume(tmp_path / f"d{k}.mha", untrusted=True)
+        assert np.array_equal(arr, expect), direction
+        assert np.allclose(sp, ref.GetSpacing()), direction
+
+
+def test_reading_holds_one_float32_copy(tmp_path: Path) -> None:
+    import tracemalloc
+
+    import torch  # noqa: F401  (imported first: its own allocations are not the reader's)
+
+    from model.data.volumes import load_for_model
+
+    v = np.zeros((256, 256, 256), np.int16)  # (x, y, z)
+    v[30:230, 40:220, 20:240] = 40
+    v[0, 0, 0] = np.int16(-1000)
+    img = nib.Nifti1Image(v, np.diag([-1.0, 1.0, 1.0, 1.0]))
+    img.header.set_slope_inter(1.0, -24.0)  # scaled: float64 happens one slab at a time only
+    nib.save(img, tmp_path / "v.nii.gz")
+    out = 256**3 * 4  # 64 MiB: the old reader held two or three of these
+    tracemalloc.start()
+    try:
+        arr, _ = read_volume(tmp_path / "v.nii.gz", untrusted=True)
+        read_peak = tracemalloc.get_traced_memory()[1]
+        del arr
+        tracemalloc.reset_peak()
+        m = load_for_model(tmp_path / "v.nii.gz", CT, untrusted=True)
+        load_peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert m.shape == (128, 128, 128)
+    assert read_peak < out + 40 * 2**20, read_peak / out  # the float32 array + a few slabs
+    assert load_peak < out + 48 * 2**20, load_peak / out  # + the 128^3 grid: no second copy
+
+
+def test_blank_checks_and_percentiles() -> None:
+    from model.data.volumes import _percentile, check_not_blank
+
+    with pytest.raises(VolumeError, match="every voxel has the value 0"):
+        check_not_blank(np.zeros((8, 8, 8), np.float32), "ct", (-1024, 600))
+    with pytest.raises(VolumeError, match="blank after windowing"):
+        check_not_blank(np.linspace(-3000, -1024, 512, dtype=np.float32).reshape(8, 8, 8), "ct", (-1024, 600))
+    check_not_blank(np.linspace(-3000, -1000, 512, dtype=np.float32).reshape(8, 8, 8), "ct", (-1024, 600))
+    sparse = np.zeros((22, 22, 22), np.float32)  # 10648 voxels: the top 0.1% are 10
+    sparse[0, 0, :10] = 5
+    with pytest.raises(VolumeError, match="99.9th percentile is 0"):
+        check_not_blank(sparse, "mri")
+    sparse[0, 0, :20] = 5
+    check_not_blank(sparse, "mri")
+    big = np.random.default_rng(0).gamma(2.0, 50.0, 260**3).astype(np.float32).reshape(260, 260, 260)
+    exact = float(np.percentile(big, 99.9))
+    assert abs(_percentile(big, 99.9) - exact) < 0.01 * exact  # an even subsample of 2^24 voxels
+    small = big[:200]
+    assert _percentile(small, 99.9) == float(np.percentile(small, 99.9))  # up to 2^24 voxels: exact

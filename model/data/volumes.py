@@ -5,14 +5,21 @@ Conventions: arrays are indexed (z, y, x) = (D, H, W) with z the axial (slice) a
 increase towards Right, Anterior, Superior (NIfTI's RAS+).  Spacing is given as (x, y, z) in mm.
 
 Reading is defensive because uploads are untrusted: sizes are checked from headers before any
-voxel is allocated, gzip and zip payloads are measured by streaming with a cap (never inflated
-into memory first), zip members and detached data files may not point outside their folder, and
-every failure is a ``VolumeError`` whose message says what was wrong and what is accepted.
+voxel is allocated (a NIfTI header is read before its gzip stream is inflated), gzip and zip
+payloads are measured by streaming with a cap (never inflated into memory first), NRRD / MetaImage
+text headers are parsed to their end (at most 1 MiB), zip members and detached data files may not
+point outside their folder, and every failure is a ``VolumeError`` whose message says what was
+wrong and what is accepted.  With ``untrusted=True`` (uploads) an image must be one file: a header
+naming any separate data file is refused, and messages name no path on this machine.
+
+Working memory stays near one float32 copy of the volume: NIfTI voxels are streamed slab by slab
+into the output array, NaN checks and percentiles never make full-size float64 (or boolean) copies.
 """
 
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import re
 import struct
@@ -29,10 +36,18 @@ MIN_SIZE = 8  # voxels along each axis; smaller is not a 3D scan
 DEFAULT_MAX_VOXELS = 1024**3
 MAX_ZIP_MEMBERS = 10_000  # files in a zipped DICOM series
 MAX_DEFLATE_RATIO = 1100  # deflate cannot expand more than 1032:1; more declared means truncated
+MAX_HEADER_BYTES = 1 << 20  # a NRRD / MetaImage text header must end within this many bytes
+SLAB_VOXELS = 1 << 20  # voxels converted at a time (a few MiB of temporaries, whatever the volume)
+PERCENTILE_SAMPLES = 1 << 24  # percentiles of larger volumes come from an even subsample of this size
 
 
 class VolumeError(ValueError):
     """The input is not a usable 3D volume; the message says what is wrong and what is accepted."""
+
+
+class VolumeTooLarge(VolumeError):
+    """The volume's header declares more voxels or voxel bytes than the limits allow (the service
+    answers 413 for it; every other ``VolumeError`` is a 422)."""
 
 
 ACCEPTED = (
@@ -54,11 +69,40 @@ def _default_max_bytes(max_voxels: int) -> int:
     return max_voxels * 8 + (1 << 20)  # float64 voxels plus headers
 
 
+def _itk_upload_bytes(max_voxels: int) -> int:
+    """The voxel bytes an upload read through SimpleITK (NRRD, MetaImage, DICOM) may hold: ITK keeps
+    the image in its stored type while the float32 copy is made, so 2 bytes a voxel (int16 scans at
+    the voxel limit, float32 ones at half of it) keep that at 1.5 float32 copies.  NIfTI is streamed
+    into the float32 array and needs no such bound."""
+    return max_voxels * 2 + (1 << 20)
+
+
+_ABS_PATH = re.compile(r"(?<![\w.~-])(?:[A-Za-z]:)?[/\\][^\s'\"<>|,;()\[\]{}]+")
+
+
+def scrub_paths(message: str, path: str | os.PathLike) -> str:
+    """``message`` with ``path`` (as given, absolute or resolved) replaced by its base name and any
+    other absolute path replaced by ``(a path)``: what an upload's error may show its sender."""
+    p = Path(path)
+    names = {os.fspath(path), str(p), str(p.absolute())}
+    try:
+        names.add(str(p.resolve()))
+    except OSError:
+        pass
+    for s in sorted(names, key=len, reverse=True):
+        message = message.replace(s, p.name)
+    return _ABS_PATH.sub("(a path)", message)
+
+
 # ------------------------------------------------------------------------------------ safety checks
 def check_gzip(path: str | os.PathLike, max_bytes: int) -> int:
-    """Refuse a gzip file whose content would exceed ``max_bytes`` (by its declared size, then by
-    streaming decompression with a cap) or which is truncated or corrupt.  Never inflates into
-    memory: at most a few MiB are held at a time.  Returns the uncompressed size."""
+    """Refuse a gzip file whose content would exceed ``max_bytes`` or which is truncated or corrupt,
+    by streaming decompression with a cap.  Never inflates into memory: at most a few MiB are held
+    at a time.  Returns the uncompressed size.
+
+    The size the trailer declares (ISIZE) is only a hint: a cut file ends in arbitrary bytes, so a
+    large ISIZE is reported ("declares ... over the limit") only once the stream really passes the
+    cap; a stream that ends early is reported as truncated, whatever its last four bytes say."""
     path = Path(path)
     size = path.stat().st_size
     if size < 18:
@@ -66,8 +110,6 @@ def check_gzip(path: str | os.PathLike, max_bytes: int) -> int:
     with open(path, "rb") as f:
         f.seek(-4, os.SEEK_END)
         declared = struct.unpack("<I", f.read(4))[0]  # ISIZE: the last member's size modulo 2^32
-    if declared > max_bytes:
-        raise VolumeError(f"{path.name}: declares {declared} uncompressed bytes, over the limit of {max_bytes}")
     total, members = 0, 0
     d, fresh = zlib.decompressobj(16 + zlib.MAX_WBITS), True
     try:
@@ -82,6 +124,10 @@ def check_gzip(path: str | os.PathLike, max_bytes: int) -> int:
                     d, fresh = zlib.decompressobj(16 + zlib.MAX_WBITS), True
                 fresh = False
                 total += len(d.decompress(pending, 1 << 22))
+                if total > max_bytes and declared > max_bytes:
+                    raise VolumeError(
+                        f"{path.name}: declares {declared} uncompressed bytes, over the limit of {max_bytes}"
+                    )
                 if total > max_bytes:
                     raise VolumeError(
                         f"{path.name}: decompresses to more than {max_bytes} bytes (a gzip bomb?); refused"
@@ -138,55 +184,136 @@ def _safe_extract_zip(path: Path, dest: Path, max_bytes: int) -> None:
                 raise VolumeError(f"{path.name}: corrupt or unsupported zip member {m.filename!r} ({e})") from e
 
 
-def _header_text(path: Path, limit: int = 1 << 16) -> list[str]:
+_LINE_END = re.compile(rb"\r\n|\r|\n")  # NrrdIO ends a line at any of them
+# One MetaImage header line as MetaIO reads it without surprises: a key, '=' or ':', and a value
+# that starts on the same line.  MetaIO skips whitespace, newlines included, before a value, and
+# reads a value up to '\n' only: a line without a separator or with an empty value makes it take
+# the next line as that value, so it could see an ElementDataFile we did not.  Such lines are
+# refused.
+_MHA_LINE = re.compile(
+    r"[ \t]*([^\x00-\x20\x7f=:][^\x00-\x08\x0a-\x1f\x7f=:]*?)[ \t]*[=:]"  # key (no control characters)
+    r"[ \t]*([^\s=:][^\x00-\x08\x0a-\x1f\x7f]*?)[ \t\r]*"  # value: starts on this line
+)
+_MHA_LOCAL = ("LOCAL", "Local", "local")  # the data follow the header (MetaIO compares exactly these)
+SINGLE_FILE = "upload a single-file .nrrd or .mha with the data attached (or a .nii.gz)"
+
+
+def _read_head(path: Path) -> tuple[bytes, bool]:
+    """The first MAX_HEADER_BYTES of a file, and whether that is the whole file."""
     with open(path, "rb") as f:
-        head = f.read(limit)
-    if path.name.lower().endswith((".nrrd", ".nhdr")):
-        head = head.split(b"\n\n", 1)[0].split(b"\r\n\r\n", 1)[0]  # an attached NRRD header ends at a blank line
-    return head.decode("latin-1").splitlines()
+        head = f.read(MAX_HEADER_BYTES + 1)
+    return head[:MAX_HEADER_BYTES], len(head) <= MAX_HEADER_BYTES
+
+
+def _nrrd_header(name: str, head: bytes, whole: bool) -> list[str]:
+    """A NRRD header's lines, the magic first: up to the first blank line, or to the end of a file
+    that has none (a detached header).  Refused when no end is found within MAX_HEADER_BYTES."""
+    if not head.startswith(b"NRRD"):
+        raise VolumeError(f"{name}: does not start with a NRRD magic line (NRRD000x); expected {ACCEPTED}")
+    lines, pos = [], 0
+    for m in _LINE_END.finditer(head):
+        line, pos = head[pos : m.start()], m.end()
+        if not line:
+            return lines
+        lines.append(line.decode("latin-1"))
+    if not whole:
+        raise VolumeError(
+            f"{name}: its NRRD header has no end (a blank line) within {MAX_HEADER_BYTES >> 20} MiB; not a valid header"
+        )
+    if pos < len(head):
+        lines.append(head[pos:].decode("latin-1"))
+    return lines
+
+
+def _mha_header(name: str, head: bytes, whole: bool) -> tuple[list[tuple[str, str]], list[str]]:
+    """A MetaImage header's (key, value) pairs up to and including ElementDataFile, which ends it
+    (binary data may follow), and the text lines after it (the file names of ``LIST``)."""
+    lines = head.decode("latin-1").split("\n")
+    if not whole:
+        lines = lines[:-1]  # the last piece may be cut by the read limit
+    fields: list[tuple[str, str]] = []
+    for i, line in enumerate(lines):
+        if not line.strip(" \t\r"):
+            continue  # blank lines are skipped by MetaIO too
+        m = _MHA_LINE.fullmatch(line)
+        if m is None:
+            raise VolumeError(
+                f"{name}: line {i + 1} of its MetaImage header is not 'Key = value' on one line; not a valid header"
+            )
+        key, value = m.groups()
+        fields.append((key, value))
+        if key.lower() == "elementdatafile":
+            if key != "ElementDataFile":  # MetaIO would skip it and read on into the data
+                raise VolumeError(f"{name}: its MetaImage header spells {key!r} (ElementDataFile); not a valid header")
+            return fields, lines[i + 1 :]
+    raise VolumeError(
+        f"{name}: no ElementDataFile line within the first {MAX_HEADER_BYTES >> 20} MiB of its MetaImage header; "
+        "not a valid header"
+    )
 
 
 def _header_fields(path: Path) -> tuple[list[str], bool, float | None]:
-    """From a NRRD / MetaImage header: the data files it refers to ([] when the data are in the file
-    itself), whether they are a numbered pattern (``slice%03d.raw 1 40 1``: only the pattern's
-    folder part can be checked), and the largest ratio of voxel bytes to stored bytes its encoding
-    allows (raw 1, text 4, deflate ~1032; None when unknown)."""
-    lines = _header_text(path)
-    nrrd = bool(lines) and lines[0].startswith("NRRD")
+    """From a NRRD / MetaImage header, parsed to its end (it must end within MAX_HEADER_BYTES): the
+    data files it refers to ([] when the data are in the file itself), whether they are a numbered
+    pattern (``slice%03d.raw 1 40 1``: only the pattern's folder part can be checked), and the
+    largest ratio of voxel bytes to stored bytes its encoding allows (raw 1, text 4, deflate ~1032;
+    None when unknown).  Keys are compared in lower case without spaces or punctuation, so every
+    spelling a reader might take for a data file counts as one."""
+    head, whole = _read_head(path)
+    nrrd = path.name.lower().endswith((".nrrd", ".nhdr"))
     refs: list[str] = []
     pattern = False
     ratio: float | None = 1.0  # NRRD and MetaImage store raw voxels unless told otherwise
-    for i, line in enumerate(lines):
-        key, sep, value = line.partition(":" if nrrd else "=")
-        if not sep or value.startswith("="):  # NRRD "key:=value" pairs are free text
-            continue
-        key, value = key.strip().lower(), value.strip()
-        if key in (("encoding",) if nrrd else ("compresseddata",)):
-            enc = value.lower()
-            ratio = {"raw": 1.0, "false": 1.0, "ascii": 4.0, "text": 4.0, "txt": 4.0, "hex": 0.5}.get(enc)
-            if enc in ("gzip", "gz", "true"):
-                ratio = MAX_DEFLATE_RATIO
-        if key not in (("data file", "datafile") if nrrd else ("elementdatafile",)):
-            continue
-        words = value.split()
-        if words and words[0].upper() == "LIST":  # the file names follow, one a line, to the end
-            refs = [s.strip() for s in lines[i + 1 :] if s.strip()]
-        elif words and "%" in words[0] and len(words) >= 4:
-            refs, pattern = [words[0]], True
-        elif words and words[0].upper() != "LOCAL":
-            refs = [value]
-        if not nrrd or (words and words[0].upper() == "LIST"):
-            break  # MetaImage: ElementDataFile is the last header line; binary data may follow
-    return refs, pattern, ratio
+    if nrrd:
+        lines = _nrrd_header(path.name, head, whole)
+        for i, line in enumerate(lines[1:], 1):
+            if line.startswith("#"):
+                continue  # a comment (NrrdIO: '#' in the first column)
+            key, sep, value = line.partition(":")
+            if not sep or value.startswith("="):  # NRRD "key:=value" pairs are free text
+                continue
+            key, value = re.sub(r"[^a-z]", "", key.lower()), value.strip()
+            if key == "encoding":
+                enc = value.lower()
+                ratio = {"raw": 1.0, "ascii": 4.0, "text": 4.0, "txt": 4.0, "hex": 0.5}.get(enc)
+                if enc in ("gzip", "gz"):
+                    ratio = MAX_DEFLATE_RATIO
+            if key != "datafile":
+                continue
+            words = value.split()  # every data file line counts, should a reader take another one
+            if words and words[0].upper() == "LIST":  # the file names follow, one a line, to the end
+                refs += [s.strip() for s in lines[i + 1 :] if s.strip()] or ["LIST"]
+                break
+            if words and "%" in words[0] and len(words) >= 4:
+                refs, pattern = [*refs, words[0]], True
+            else:
+                refs.append(value)
+        return refs, pattern, ratio
+    fields, rest = _mha_header(path.name, head, whole)
+    for key, value in fields:
+        if key.lower() == "compresseddata":
+            ratio = MAX_DEFLATE_RATIO if value.lower() in ("true", "1") else 1.0
+    value = fields[-1][1]  # ElementDataFile's
+    words = value.split()
+    if value in _MHA_LOCAL:
+        return [], False, ratio
+    if value.startswith("LIST"):  # the file names follow the header, one a line
+        return [s.strip() for s in rest if s.strip()] or ["LIST"], False, ratio
+    if "%" in words[0] and len(words) >= 4:
+        return [words[0]], True, ratio
+    return [value], False, ratio
 
 
-def _check_data_files(path: Path) -> tuple[int | None, float | None]:
-    """Refuse detached data files that lie outside the header's folder (an upload must not read
-    the server's files) or that are missing.  Returns the bytes stored to hold voxel data (None
-    when that cannot be known: numbered file patterns) and the encoding's largest expansion."""
+def _check_data_files(path: Path, untrusted: bool = False) -> tuple[int | None, float | None]:
+    """Refuse detached data files: every one when ``untrusted`` (an upload is one file and must
+    not read any other), otherwise those outside the header's folder or missing.  Returns the bytes
+    stored to hold voxel data (None when that cannot be known: numbered file patterns) and the
+    encoding's largest expansion."""
     refs, pattern, ratio = _header_fields(path)
     if not refs:
         return path.stat().st_size, ratio
+    if untrusted:
+        raise VolumeError(f"{path.name}: its header refers to a separate data file; {SINGLE_FILE}")
     folder = path.parent.resolve()
     total = 0
     for ref in refs:
@@ -227,8 +354,9 @@ def _check_shape(name: str, shape: tuple[int, ...], max_voxels: int) -> None:
     if min(shape) < MIN_SIZE:
         kind = "a 2D image (one slice)" if sorted(shape)[1] > 1 and min(shape) == 1 else "too small"
         raise VolumeError(f"{name}: {dims} voxels, {kind}; at least {MIN_SIZE} along each axis needed")
-    if int(np.prod(shape)) > max_voxels:
-        raise VolumeError(f"{name}: {int(np.prod(shape))} voxels, over the limit of {max_voxels}")
+    n = math.prod(int(k) for k in shape)
+    if n > max_voxels:
+        raise VolumeTooLarge(f"{name}: {dims} = {n} voxels, over the limit of {max_voxels}")
 
 
 def _check_bytes(
@@ -237,7 +365,7 @@ def _check_bytes(
     """Refuse images needing more than ``max_bytes``, and images whose stored bytes cannot hold
     the declared voxels (a header that lies about its size would make us allocate for nothing)."""
     if declared > max_bytes:
-        raise VolumeError(f"{name}: needs {declared} bytes of voxel data, over the limit of {max_bytes}")
+        raise VolumeTooLarge(f"{name}: needs {declared} bytes of voxel data, over the limit of {max_bytes}")
     if stored is not None and ratio is not None and declared > ratio * stored:
         raise VolumeError(
             f"{name}: declares {declared} bytes of voxel data but holds only {stored} bytes; truncated or corrupt"
@@ -250,32 +378,53 @@ def read_volume(
     *,
     max_bytes: int | None = None,
     max_voxels: int | None = DEFAULT_MAX_VOXELS,
+    untrusted: bool = False,
 ) -> tuple[np.ndarray, tuple[float, float, float]]:
     """Read a scan -> (array float32 indexed (z, y, x), RAS, physical units; spacing (x, y, z) mm).
 
     Accepts NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr), MetaImage (.mha, .mhd), a folder holding
     one DICOM series, or a .zip of one DICOM series.  ``max_voxels`` (None: the default, 1024^3)
     bounds the image size; ``max_bytes`` (default ``8 * max_voxels`` + 1 MiB) bounds decompressed
-    and allocated bytes.  Refuses (VolumeError): missing files, unknown formats, corrupt or
-    truncated files, 2D and 4D images, images smaller than 8 voxels along an axis, all-NaN images,
-    gzip or zip bombs, unsafe zip member paths, detached data files outside the header's folder.
-    Isolated NaN/inf voxels are replaced by the minimum finite value.
-    """
+    and allocated bytes.  Both are checked from the header, before any voxel data is inflated or
+    allocated (``VolumeTooLarge``).  Refuses
+    (VolumeError): missing files, unknown formats, corrupt or truncated files, 2D and 4D images,
+    images smaller than 8 voxels along an axis, all-NaN images, gzip or zip bombs, unsafe zip member
+    paths, NRRD / MetaImage headers without an end within 1 MiB, detached data files outside the
+    header's folder.  Isolated NaN/inf voxels are replaced by the minimum finite value.
 
+    ``untrusted=True`` is for uploads: the image must be a single file (a header naming any other
+    data file is refused), error messages name no path on this machine (the file's own path
+    becomes its base name, any other absolute path ``(a path)``), a NIfTI's gzip stream may not
+    inflate past what its header needs (+ 1 MiB), and unless ``max_bytes`` is given, NRRD /
+    MetaImage / DICOM voxel data are bounded at 2 bytes per allowed voxel (ITK holds them in their
+    stored type beside the float32 copy; NIfTI is streamed and takes float64 at the voxel limit).
+    """
     p = Path(path)
     max_voxels = max_voxels or DEFAULT_MAX_VOXELS
+    itk_bytes = max_bytes or (_itk_upload_bytes(max_voxels) if untrusted else _default_max_bytes(max_voxels))
     max_bytes = max_bytes or _default_max_bytes(max_voxels)
+    try:
+        return _read_volume(p, max_voxels, max_bytes, itk_bytes, untrusted)
+    except VolumeError as e:
+        if not untrusted:
+            raise
+        raise type(e)(scrub_paths(str(e), p)) from None
+
+
+def _read_volume(
+    p: Path, max_voxels: int, max_bytes: int, itk_bytes: int, untrusted: bool
+) -> tuple[np.ndarray, tuple[float, float, float]]:
     if not p.exists():
         raise VolumeError(f"{p}: no such file or folder")
     ext = _suffix(p)
     if p.is_dir():
-        return _from_sitk(_read_dicom_dir(p, p.name, max_voxels, max_bytes), p.name, max_voxels)
+        return _from_sitk(_read_dicom_dir(p, p.name, max_voxels, itk_bytes), p.name, max_voxels)
     if not p.is_file():
         raise VolumeError(f"{p.name}: not a regular file; expected {ACCEPTED}")
     if ext == ".zip":
         with tempfile.TemporaryDirectory(prefix="voxgen-dicom-") as tmp:
-            _safe_extract_zip(p, Path(tmp), max_bytes)
-            img = _read_dicom_dir(Path(tmp), p.name, max_voxels, max_bytes)
+            _safe_extract_zip(p, Path(tmp), itk_bytes)
+            img = _read_dicom_dir(Path(tmp), p.name, max_voxels, itk_bytes)
         return _from_sitk(img, p.name, max_voxels)
     if ext not in (".nii.gz", ".nii", *_SITK_SUFFIXES):
         raise VolumeError(f"{p.name}: unknown format {ext or '(no extension)'}; expected {ACCEPTED}")
@@ -283,13 +432,14 @@ def read_volume(
         raise VolumeError(f"{p.name}: empty file (0 bytes); expected {ACCEPTED}")
     with open(p, "rb") as f:
         magic = f.read(2)
-    if magic == b"\x1f\x8b":
-        check_gzip(p, max_bytes)
-    elif ext == ".nii.gz":
+    gz = magic == b"\x1f\x8b"
+    if ext == ".nii.gz" and not gz:
         raise VolumeError(f"{p.name}: named .nii.gz but not gzip-compressed (corrupt?)")
     if ext in (".nii.gz", ".nii"):
-        return _read_nifti(p, max_voxels, max_bytes)
-    return _from_sitk(_read_sitk(p, max_voxels, max_bytes), p.name, max_voxels)
+        return _read_nifti(p, gz, max_voxels, max_bytes, untrusted)
+    if gz:
+        check_gzip(p, itk_bytes)
+    return _from_sitk(_read_sitk(p, max_voxels, itk_bytes, untrusted), p.name, max_voxels)
 
 
 def _read_dicom_dir(folder: Path, label: str, max_voxels: int, max_bytes: int) -> Any:
@@ -299,13 +449,14 @@ def _read_dicom_dir(folder: Path, label: str, max_voxels: int, max_bytes: int) -
     try:
         series = reader.GetGDCMSeriesIDs(str(folder))
     except RuntimeError as e:
-        raise VolumeError(f"{label}: cannot scan for DICOM files ({e})") from e
+        raise VolumeError(f"{label}: cannot scan for DICOM files ({_last_line(e)})") from e
     if not series:
         raise VolumeError(f"{label}: no DICOM series found; expected {ACCEPTED}")
     if len(series) > 1:
         raise VolumeError(f"{label}: holds {len(series)} DICOM series; upload exactly one series")
     files = reader.GetGDCMSeriesFileNames(str(folder), series[0])
     info = sitk.ImageFileReader()
+    info.SetImageIO("GDCMImageIO")  # never another reader's guess from the file's bytes
     info.SetFileName(files[0])
     try:
         info.ReadImageInformation()
@@ -314,9 +465,10 @@ def _read_dicom_dir(folder: Path, label: str, max_voxels: int, max_bytes: int) -
     size = tuple(info.GetSize())
     shape = (size[0], size[1], (size[2] if len(size) > 2 else 1) * len(files))
     _check_shape(label, shape, max_voxels)
-    _check_bytes(label, int(np.prod(shape)) * _bytes_per_voxel(info.GetPixelID(), 1), max_bytes)
+    _check_bytes(label, math.prod(shape) * _bytes_per_voxel(info.GetPixelID(), 1), max_bytes)
     if info.GetNumberOfComponents() != 1:
         raise VolumeError(f"{label}: {info.GetNumberOfComponents()} components per voxel (colour?); expected scalar")
+    reader.SetImageIO("GDCMImageIO")
     reader.SetFileNames(files)
     try:
         return reader.Execute()
@@ -329,12 +481,14 @@ def _last_line(e: Exception) -> str:
     return lines[-1].strip() if lines else "read error"
 
 
-def _read_sitk(path: Path, max_voxels: int, max_bytes: int) -> Any:
-    """NRRD / MetaImage through SimpleITK: the header is checked before any voxel is allocated."""
+def _read_sitk(path: Path, max_voxels: int, max_bytes: int, untrusted: bool = False) -> Any:
+    """NRRD / MetaImage through SimpleITK: the header is checked before any voxel is allocated,
+    and read by the reader its name asks for (never one guessed from the file's bytes)."""
     import SimpleITK as sitk
 
-    stored, ratio = _check_data_files(path)
+    stored, ratio = _check_data_files(path, untrusted)
     reader = sitk.ImageFileReader()
+    reader.SetImageIO("NrrdImageIO" if path.name.lower().endswith((".nrrd", ".nhdr")) else "MetaImageIO")
     reader.SetFileName(str(path))
     try:
         reader.ReadImageInformation()
@@ -346,7 +500,7 @@ def _read_sitk(path: Path, max_voxels: int, max_bytes: int) -> Any:
     comps = reader.GetNumberOfComponents()
     if comps != 1:
         raise VolumeError(f"{path.name}: has {comps} components per voxel; expected a scalar volume")
-    declared = int(np.prod(shape)) * _bytes_per_voxel(reader.GetPixelID(), comps)
+    declared = math.prod(shape) * _bytes_per_voxel(reader.GetPixelID(), comps)
     _check_bytes(path.name, declared, max_bytes, stored, ratio)
     try:
         return reader.Execute()
@@ -355,64 +509,212 @@ def _read_sitk(path: Path, max_voxels: int, max_bytes: int) -> Any:
         raise VolumeError(msg) from e
 
 
+def _slabs(n: int, per_slab: int) -> list[tuple[int, int]]:
+    step = max(1, SLAB_VOXELS // max(1, per_slab))
+    return [(k, min(n, k + step)) for k in range(0, n, step)]
+
+
 def _finite(name: str, arr: np.ndarray) -> np.ndarray:
-    finite = np.isfinite(arr)
-    if not finite.any():
+    """Replace NaN / inf voxels of a C-contiguous float32 array in place by its smallest finite
+    value; refuse an array with none.  Temporaries are one slab at a time."""
+    lo, hi = arr.min(), arr.max()  # NaN propagates through both; inf shows in one
+    if np.isfinite(lo) and np.isfinite(hi):
+        return arr
+    per_slab = arr[0].size
+    fill = None
+    for a, b in _slabs(arr.shape[0], per_slab):
+        s = arr[a:b]
+        ok = s[np.isfinite(s)]
+        if ok.size:
+            m = float(ok.min())
+            fill = m if fill is None else min(fill, m)
+    if fill is None:
         raise VolumeError(f"{name}: every voxel is NaN or infinite; expected a volume with finite values")
-    if not finite.all():
-        arr[~finite] = arr[finite].min()
+    for a, b in _slabs(arr.shape[0], per_slab):
+        s = arr[a:b]
+        s[~np.isfinite(s)] = fill
     return arr
 
 
-def _read_nifti(p: Path, max_voxels: int, max_bytes: int) -> tuple[np.ndarray, tuple[float, float, float]]:
-    """NIfTI through nibabel (ITK's reader turns NaN into 0, which would hide an all-NaN file)."""
+def _nifti_header(p: Path, gz: bool) -> Any:
+    """The NIfTI-1 or NIfTI-2 header of a single-file .nii / .nii.gz, from its first 540 bytes only
+    (for .nii.gz: a few hundred bytes inflated, whatever the data behind them).  Extensions are not
+    read: the voxel data are found by the header's offset."""
     import nibabel as nib
 
     try:
-        img = nib.load(str(p))
-        shape = tuple(int(n) for n in img.shape)
-        while len(shape) > 3 and shape[-1] == 1:
-            img = nib.funcs.squeeze_image(img)
-            shape = tuple(int(n) for n in img.shape)
-        _check_shape(p.name, shape, max_voxels)
-        dtype = img.get_data_dtype()
-        if dtype.kind not in "iuf" or dtype.names:
-            raise VolumeError(f"{p.name}: voxels of type {dtype} (complex or colour); expected a scalar volume")
-        _check_bytes(p.name, int(np.prod(shape)) * dtype.itemsize, max_bytes)
-        img = nib.as_closest_canonical(img)  # RAS+
-        data = np.asarray(img.dataobj, dtype=np.float32)
-    except VolumeError:
-        raise
-    except Exception as e:  # nibabel raises many kinds for truncated / corrupt files
+        with gzip.open(p, "rb") if gz else open(p, "rb") as f:
+            head = f.read(540)
+    except (OSError, EOFError, zlib.error) as e:
         raise VolumeError(f"{p.name}: unreadable, truncated or corrupt NIfTI ({e}); expected {ACCEPTED}") from e
+    sizes = {int.from_bytes(head[:4], "little"), int.from_bytes(head[:4], "big")} if len(head) >= 4 else set()
+    klass, n = (nib.Nifti2Header, 540) if 540 in sizes else (nib.Nifti1Header, 348)
+    if not sizes & {348, 540}:
+        raise VolumeError(f"{p.name}: unreadable or corrupt NIfTI (no header size 348 or 540); expected {ACCEPTED}")
+    if len(head) < n:
+        raise VolumeError(f"{p.name}: truncated NIfTI header ({len(head)} of {n} bytes)")
+    try:
+        hdr = klass(binaryblock=head[:n], check=True)
+    except Exception as e:  # nibabel's HeaderDataError and friends: a header that cannot be used
+        raise VolumeError(f"{p.name}: corrupt NIfTI header ({e}); expected {ACCEPTED}") from e
+    magic = bytes(hdr["magic"]).rstrip(b"\0")
+    if magic in (b"ni1", b"ni2"):
+        raise VolumeError(f"{p.name}: the header of a .hdr/.img pair; upload a single-file .nii or .nii.gz")
+    if magic not in (b"n+1", b"n+2"):
+        raise VolumeError(f"{p.name}: unreadable or corrupt NIfTI (magic {magic!r}); expected {ACCEPTED}")
+    return hdr
+
+
+def _read_nifti(
+    p: Path, gz: bool, max_voxels: int, max_bytes: int, untrusted: bool = False
+) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """NIfTI, read by the header and then streamed: the header is checked (shape, type, bytes)
+    before the gzip stream is inflated, then the voxels go slab by slab, scaled (slope/intercept in
+    float64 one slab at a time) into one float32 array already in RAS order.  Nothing of the file's
+    size is held besides that array.  (ITK's reader turns NaN into 0, which would hide an all-NaN
+    file; nibabel reads the header.)"""
+    from nibabel.orientations import io_orientation
+
+    hdr = _nifti_header(p, gz)
+    try:
+        shape = tuple(int(k) for k in hdr.get_data_shape())
+        dtype = hdr.get_data_dtype()
+        offset = int(hdr.get_data_offset())
+        slope, inter = hdr.get_slope_inter()
+        affine = np.asarray(hdr.get_best_affine(), dtype=np.float64)
+    except Exception as e:
+        raise VolumeError(f"{p.name}: corrupt NIfTI header ({e}); expected {ACCEPTED}") from e
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]  # trailing singleton dimensions (a 4D file holding one volume)
+    _check_shape(p.name, shape, max_voxels)
+    if dtype.kind not in "iuf" or dtype.names:
+        raise VolumeError(f"{p.name}: voxels of type {dtype} (complex or colour); expected a scalar volume")
+    declared = math.prod(shape) * dtype.itemsize
+    _check_bytes(p.name, declared, max_bytes)
+    cap = min(max_bytes, offset + declared + (1 << 20)) if untrusted else max_bytes
+    stored = (check_gzip(p, cap) if gz else p.stat().st_size) - offset
+    _check_bytes(p.name, declared, max_bytes, stored, 1.0)
+    if not np.isfinite(affine).all():
+        raise VolumeError(f"{p.name}: its affine (qform/sform) is not finite; corrupt header")
+    try:
+        ornt = io_orientation(affine)  # file axis i -> RAS axis ornt[i, 0], reversed where ornt[i, 1] < 0
+    except Exception as e:
+        raise VolumeError(f"{p.name}: its affine cannot be oriented ({e}); corrupt header") from e
     # voxel sizes from the affine (the columns' lengths), which is what orients the data
-    sx, sy, sz = (float(s) for s in np.sqrt((img.affine[:3, :3] ** 2).sum(axis=0)))
-    if not min(sx, sy, sz) > 0:
-        raise VolumeError(f"{p.name}: voxel sizes must be positive, got {(sx, sy, sz)}")
-    arr = np.ascontiguousarray(data.transpose(2, 1, 0))  # (x, y, z) -> (z, y, x)
-    return _finite(p.name, arr), (sx, sy, sz)
+    lengths = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    if np.isnan(ornt).any() or not lengths.min() > 0:
+        raise VolumeError(f"{p.name}: voxel sizes must be positive, got {tuple(float(x) for x in lengths)}")
+    axes = [int(a) for a in ornt[:, 0]]
+    spacing = [0.0, 0.0, 0.0]
+    ras_shape = [0, 0, 0]
+    for i, a in enumerate(axes):
+        spacing[a], ras_shape[a] = float(lengths[i]), shape[i]
+    out = np.empty(ras_shape[::-1], dtype=np.float32)  # (z, y, x) in RAS
+    # the same memory seen in the file's axis order (x fastest): slab k of the file is view[k]
+    view = out.transpose(2, 1, 0).transpose(axes)
+    for i in range(3):
+        if ornt[i, 1] < 0:
+            view = np.flip(view, axis=i)
+    view = view.transpose(2, 1, 0)
+    nx, ny, nz = shape
+    scale = slope is not None and (slope != 1 or inter != 0)
+    try:
+        with gzip.open(p, "rb") if gz else open(p, "rb") as f:
+            if gz:
+                left = offset
+                while left > 0:  # a gzip stream is skipped by reading it (it was checked above)
+                    got = len(f.read(min(left, 1 << 22)))
+                    if not got:
+                        break  # the slab read below reports the file as truncated
+                    left -= got
+            else:
+                f.seek(offset)
+            for a, b in _slabs(nz, nx * ny):
+                raw = f.read((b - a) * nx * ny * dtype.itemsize)
+                if len(raw) < (b - a) * nx * ny * dtype.itemsize:
+                    raise VolumeError(f"{p.name}: truncated NIfTI (the voxel data end at slice {a} of {nz})")
+                chunk = np.frombuffer(raw, dtype=dtype).reshape(b - a, ny, nx)
+                if scale:  # in float64, one slab at a time (as nibabel scales, then rounded once)
+                    chunk = chunk.astype(np.float64)
+                    chunk *= float(slope)
+                    chunk += float(inter)
+                view[a:b] = chunk
+    except (OSError, EOFError, zlib.error) as e:
+        raise VolumeError(f"{p.name}: unreadable, truncated or corrupt NIfTI ({e}); expected {ACCEPTED}") from e
+    return _finite(p.name, out), (spacing[0], spacing[1], spacing[2])
 
 
 def _from_sitk(img: Any, name: str, max_voxels: int) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """A SimpleITK image -> float32 (z, y, x) RAS with one copy: the axes are permuted and reversed
+    as views of the image's buffer (by its direction matrix), then converted once."""
     import SimpleITK as sitk
+    from nibabel.orientations import apply_orientation, io_orientation
 
     size = list(img.GetSize())
-    if img.GetDimension() == 4 and size[3] == 1:
-        img = img[:, :, :, 0]
+    dim = img.GetDimension()
+    if dim == 4 and size[3] == 1:
         size = size[:3]
     _check_shape(name, tuple(size), max_voxels)
     if img.GetNumberOfComponentsPerPixel() != 1:
         raise VolumeError(f"{name}: has {img.GetNumberOfComponentsPerPixel()} components per voxel; expected scalar")
-    # reorient: ITK's "LPS" gives an identity direction (index increasing towards Left, Posterior,
-    # Superior); reversing x and y then gives RAS+ as NIfTI uses it
-    img = sitk.DICOMOrient(img, "LPS")
-    view = sitk.GetArrayViewFromImage(img)  # (z, y, x), x -> L, y -> P
-    arr = np.array(view[:, ::-1, ::-1], dtype=np.float32, order="C")  # x -> R, y -> A: RAS+
-    sx, sy, sz = (float(s) for s in img.GetSpacing())
-    return _finite(name, arr), (sx, sy, sz)
+    direction = np.asarray(img.GetDirection(), dtype=np.float64).reshape(dim, dim)[:3, :3]
+    spacing = np.asarray(img.GetSpacing(), dtype=np.float64)[:3]
+    # ITK's physical space is LPS: negating x and y gives RAS, the frame NIfTI affines use
+    affine = np.eye(4)
+    affine[:3, :3] = np.diag([-1.0, -1.0, 1.0]) @ direction @ np.diag(spacing)
+    try:
+        ornt = io_orientation(affine)
+    except Exception as e:
+        raise VolumeError(f"{name}: its direction matrix cannot be oriented ({e}); corrupt header") from e
+    if np.isnan(ornt).any():
+        raise VolumeError(f"{name}: its direction matrix or voxel sizes are degenerate; corrupt header")
+    view = sitk.GetArrayViewFromImage(img)  # (k, j, i); (1, k, j, i) for a 4D image of one volume
+    if view.ndim == 4:
+        view = view[0]
+    ras = apply_orientation(view.transpose(2, 1, 0), ornt)  # (x, y, z) RAS, still a view
+    arr = np.array(ras.transpose(2, 1, 0), dtype=np.float32, order="C")
+    del view, ras  # the image buffer stays alive (``img``) until the copy above is made
+    out_spacing = [0.0, 0.0, 0.0]
+    for i in range(3):
+        out_spacing[int(ornt[i, 0])] = float(spacing[i])
+    return _finite(name, arr), (out_spacing[0], out_spacing[1], out_spacing[2])
 
 
 # ------------------------------------------------------------------------------------ to the model grid
+def _percentile(v: np.ndarray, q: float, floor: float | None = None) -> float:
+    """The ``q``-th percentile of a float32 array (of ``max(v, floor)`` when ``floor`` is given):
+    exact up to PERCENTILE_SAMPLES voxels (256^3), otherwise of an even, deterministic subsample of
+    that many.  Temporaries: copies of at most that many float32 values (64 MiB)."""
+    flat = v.reshape(-1)
+    if flat.size > PERCENTILE_SAMPLES:
+        flat = flat[:: -(-flat.size // PERCENTILE_SAMPLES)]
+    if floor is not None:
+        flat = np.maximum(flat, np.float32(floor))
+    return float(np.percentile(flat, q))
+
+
+def check_not_blank(
+    arr: np.ndarray, modality: str, window: tuple[float, float] | None = None, name: str = "the volume"
+) -> None:
+    """Refuse (VolumeError) a volume the model-space mapping of ``to_model_space`` would leave
+    blank: every voxel equal; MRI: a 99.9th percentile (of the non-negative values) of 0; CT: no
+    voxel above the window's minimum ``window[0]``.  Torch-free and without full-size copies: the
+    service runs it on an upload before queueing the job."""
+    lo_v, hi_v = float(arr.min()), float(arr.max())
+    if lo_v == hi_v:
+        raise VolumeError(f"{name}: every voxel has the value {lo_v:g}: a blank volume; expected a scan")
+    if modality == "mri":
+        if hi_v <= 0 or not _percentile(arr, 99.9, floor=0.0) > 0:
+            raise VolumeError(f"{name}: the MRI volume is blank (its 99.9th percentile is 0); expected a scan")
+    elif window is not None:
+        lo = float(window[0])
+        hi = float(window[1])
+        if not hi_v > lo + 0.5e-6 * (hi - lo):
+            raise VolumeError(
+                f"{name}: no voxel above the CT window's minimum ({lo:g}): blank after windowing; expected a CT scan"
+            )
+
+
 def to_model_space(
     array: np.ndarray,
     spacing: tuple[float, float, float],
@@ -421,7 +723,12 @@ def to_model_space(
     trim_blank: bool = True,
     info: dict[str, Any] | None = None,
 ) -> np.ndarray:
-    """Physical units -> (R, R, R) float32 in [-1, 1]: the paper's preprocessing.
+    """Physical units -> (R, R, R) float32 in [-1, 1]: the one path every caller takes.
+
+    A config with ``preprocess.mode = "physical"`` (every model trained on a dataset prepared by
+    this version) goes through model/data/preprocess.py: window, resample to the model's spacing,
+    field of view centred on the foreground; ``info`` receives the mapping back to the input grid.
+    Older configs (``"stretch"``, the authors' recipe) take the paper's preprocessing below.
 
     CT: clip to the config's window (default [-1024, 600] HU) and map linearly to [-1, 1]
     (NaN -> the window's minimum).  MRI: clip at the 99.9th percentile and scale [0, p99.9] ->
@@ -429,32 +736,56 @@ def to_model_space(
     the rest to the R^3 cube (trilinear), as the authors do: the cube does not keep the physical
     aspect ratio, so ``spacing`` is accepted for the record but does not change the result.
     ``info``, when given, receives ``grid_spacing``: the voxel size (x, y, z mm) of the cube, i.e.
-    the kept field of view divided by R along each axis.
+    the kept field of view divided by R along each axis.  The caller's array is not changed (one
+    float32 copy is worked on in place; percentiles of volumes over 256^3 come from a subsample).
     """
+    a = np.asarray(array)
+    if a.ndim != 3 or a.size == 0:
+        raise VolumeError(f"expected a non-empty 3D array (z, y, x), got shape {a.shape}")
+    return _to_model_space(np.array(a, dtype=np.float32, order="C"), spacing, config, trim_blank, info)
+
+
+def _nan_to_num(v: np.ndarray, nan: float, posinf: float, neginf: float) -> None:
+    """``np.nan_to_num`` in place, one slab at a time (its masks are a byte a voxel each)."""
+    if np.isfinite(v.min()) and np.isfinite(v.max()):
+        return
+    for a, b in _slabs(v.shape[0], v[0].size):
+        np.nan_to_num(v[a:b], copy=False, nan=nan, posinf=posinf, neginf=neginf)
+
+
+def _to_model_space(
+    v: np.ndarray,
+    spacing: tuple[float, float, float],
+    config: Any,
+    trim_blank: bool = True,
+    info: dict[str, Any] | None = None,
+) -> np.ndarray:
+    """``to_model_space`` on a C-contiguous float32 array it may overwrite."""
+    from model.data import preprocess
+
+    if preprocess.options(config)["mode"] == preprocess.PHYSICAL:  # the one path (see to_model_space)
+        return preprocess.physical(v, spacing, config, info=info, copy=False)
     import torch
     import torch.nn.functional as F
 
-    a = np.asarray(array, dtype=np.float32)
-    if a.ndim != 3 or a.size == 0:
-        raise VolumeError(f"expected a non-empty 3D array (z, y, x), got shape {a.shape}")
     if config.modality == "ct":
         lo, hi = float(config.intensity.lo), float(config.intensity.hi)
-        v = np.nan_to_num(a, nan=lo, posinf=hi, neginf=lo)  # a copy: the caller's array is untouched
+        _nan_to_num(v, nan=lo, posinf=hi, neginf=lo)
         np.clip(v, lo, hi, out=v)
         v -= lo
         v *= 2.0 / (hi - lo)
         v -= 1.0
     else:
-        v = np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0)
+        _nan_to_num(v, nan=0.0, posinf=0.0, neginf=0.0)
         np.clip(v, 0.0, None, out=v)
-        top = float(np.percentile(v, 99.9))
+        top = _percentile(v, 99.9)
         if not top > 0:
             raise VolumeError("the MRI volume is blank (its 99.9th percentile is 0); expected non-negative intensities")
         np.clip(v, 0.0, top, out=v)
         v *= 2.0 / top
         v -= 1.0
     if trim_blank:
-        keep = (v > -1.0 + 1e-6).any(axis=(1, 2))
+        keep = v.reshape(v.shape[0], -1).max(axis=1) > -1.0 + 1e-6  # per axial slice, no full-size mask
         if not keep.any():
             raise VolumeError("the volume is blank after windowing (every voxel at the window's minimum)")
         idx = np.nonzero(keep)[0]
@@ -469,9 +800,10 @@ def to_model_space(
 
 
 def load_for_model(path: str | os.PathLike, config: Any, **read_kw: Any) -> np.ndarray:
-    """Read a scan and bring it to the model grid: (R, R, R) float32 in [-1, 1]."""
+    """Read a scan and bring it to the model grid: (R, R, R) float32 in [-1, 1].  The array read is
+    worked on in place (no second full-size copy); ``read_kw`` go to ``read_volume``."""
     arr, spacing = read_volume(path, **read_kw)
-    return to_model_space(arr, spacing, config)
+    return _to_model_space(arr, spacing, config)
 
 
 # ------------------------------------------------------------------------------------ writing
@@ -548,6 +880,9 @@ def to_bytes_nifti(v_model: np.ndarray, config: Any) -> bytes:
 __all__ = [
     "VolumeError",
     "read_volume",
+    "VolumeTooLarge",
+    "check_not_blank",
+    "scrub_paths",
     "to_model_space",
     "load_for_model",
     "write_volume",
