@@ -34,6 +34,9 @@ class EmbeddedQueue:
         self.storage = storage
         self.records = MemoryRecords()
         self._q: queue.Queue[tuple[str, int] | None] = queue.Queue()
+        # this process's job records start empty: any scratch folder here is a previous process's
+        if n := storage.sweep_scratch(self.records):
+            log.warning("removed %d scratch folder(s) left by an earlier process", n)
         self._thread = threading.Thread(target=self._run, name="voxgen-embedded-worker", daemon=True)
         self._thread.start()
 
@@ -118,7 +121,7 @@ class CeleryQueue:
         """Re-queue running jobs whose lease lapsed (their worker died); see worker/store.py."""
         from worker.jobs import reap  # plain Python: no torch
 
-        return reap(self.records, self.submit)
+        return reap(self.records, self.submit, storage=self.storage)
 
     def _reap_loop(self) -> None:
         period = max(1.0, self.settings.job_lease_seconds / 3)

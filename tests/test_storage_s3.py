@@ -221,7 +221,10 @@ def test_embedded_service_on_s3(s3_endpoint: str, service_models_dir: Path, tmp_
         s1 = wait(c, c.post("/generate", json={"model": "tiny", "seed": 4, "format": "npy"}).json()["job_id"])
         assert s1["state"] == "succeeded"
         names = {f["name"] for f in s1["result"]["files"]}
-        assert {f"svc/jobs/{s1['job_id']}/{n}" for n in names} == set(objects(st))
+        # the listed files, and the copy of the record a record store that lost it re-indexes from
+        assert {f"svc/jobs/{s1['job_id']}/{n}" for n in names | {".record.json"}} == set(objects(st))
+        assert st.get_record(s1["job_id"])["result"] == s1["result"]
+        assert c.get(f"/jobs/{s1['job_id']}/files/.record.json").status_code == 404  # never served
         vol = np.load(__import__("io").BytesIO(c.get(f"/jobs/{s1['job_id']}/files/volume_000.npy").content))
         assert vol.shape == (128, 128, 128)
         scan = service_nifti_upload(tmp_path)
@@ -232,6 +235,9 @@ def test_embedded_service_on_s3(s3_endpoint: str, service_models_dir: Path, tmp_
         while [k for k in objects(st) if "/uploads/" in k] and time.time() - t0 < 30:
             time.sleep(0.1)
         assert not [k for k in objects(st) if "/uploads/" in k]
+    with TestClient(create_app(s)) as c:  # a new process: its records start empty; the bucket has the copy
+        again = c.get(f"/jobs/{s1['job_id']}")
+        assert again.status_code == 200 and again.json()["result"] == s1["result"]
 
 
 def test_file_response_streams_from_either_store(s3_endpoint: str, tmp_path: Path) -> None:

@@ -108,20 +108,39 @@ def _setup_logging(loglevel: int | str | None = None, **_: object) -> None:
     configure_logging(s.log_format, loglevel or s.log_level)
 
 
+SWEEP_SECONDS = 60.0
+
+
+def _sweep(records: object, storage: Storage | S3Storage) -> None:
+    try:
+        if n := storage.sweep_scratch(records):
+            log.warning("removed %d scratch folder(s) that no live job attempt owns", n)
+    except Exception as e:  # Redis or the disk unavailable for a moment: the next sweep
+        log.warning("scratch sweep failed: %s", e)
+
+
 def _reaper_loop() -> None:
+    """Re-queue lapsed leases every lease/3 seconds, and sweep this worker's disk for dead
+    attempts' scratch folders when the worker starts and every minute (worker/store.py)."""
     from worker.jobs import reap
     from worker.store import RedisRecords
 
     s = get_settings()
     records = RedisRecords(s.redis_url or "", s.result_ttl_hours * 3600)
+    storage = open_storage(s)  # this thread's own (not _storage(): prefork children must not inherit it)
+    _sweep(records, storage)
+    swept = time.monotonic()
     while True:
         try:
-            for job_id in reap(records, resubmit):
+            for job_id in reap(records, resubmit, storage=storage):
                 with job_context(job_id):
                     log.warning("job re-queued: its worker's lease lapsed")
             s.heartbeat_file.touch()  # alive and reaching Redis (the health check reads its age)
         except Exception as e:  # Redis unreachable for a moment: try again at the next period
             log.warning("reaper round failed: %s", e)
+        if time.monotonic() - swept >= SWEEP_SECONDS:
+            _sweep(records, storage)
+            swept = time.monotonic()
         if _stop_reaper.wait(max(1.0, s.job_lease_seconds / 3)):
             return
 

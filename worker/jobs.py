@@ -4,6 +4,7 @@ with its lease, progress, cancellation and atomic publication of the results."""
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import threading
@@ -17,6 +18,7 @@ from worker.settings import job_threads
 from worker.store import TERMINAL, Storage
 
 Progress = Callable[[int, int, str], None]
+log = logging.getLogger("voxgen.worker")
 
 _MODELS: dict[tuple[str, str], Any] = {}
 _MODELS_LOCK = threading.Lock()
@@ -251,7 +253,7 @@ def execute(
 
     beat = threading.Thread(target=heartbeat, name=f"lease-{job_id[:8]}", daemon=True)
     beat.start()
-    scratch = storage.scratch(job_id)
+    scratch = storage.scratch(job_id, attempt)  # (older attempts' folders here are removed)
 
     def progress(done: int, total: int, stage: str) -> None:
         cur = records.update_if(job_id, mine, progress={"done": int(done), "total": int(total), "stage": stage})
@@ -259,8 +261,8 @@ def execute(
             cur = records.get(job_id)
             raise Cancelled() if cur is None or cur["state"] == "cancelled" else Superseded()
 
-    def finish(**fields: Any) -> None:
-        records.update_if(job_id, mine, lease_until=None, finished=time.time(), **_gpu_peak(dev), **fields)
+    def finish(**fields: Any) -> dict[str, Any] | None:
+        return records.update_if(job_id, mine, lease_until=None, finished=time.time(), **_gpu_peak(dev), **fields)
 
     try:
         fn = JOBS[rec["kind"]]
@@ -284,7 +286,9 @@ def execute(
             for f in files:
                 f["url"] = f"/jobs/{job_id}/files/{f['name']}"
             result = {"files": files} | {k: v for k, v in extra.items() if v is not None}
-            finish(state="succeeded", result=result, progress={"done": 1, "total": 1, "stage": "done"})
+            done = finish(state="succeeded", result=result, progress={"done": 1, "total": 1, "stage": "done"})
+            if done is not None:
+                _keep_record_copy(storage, job_id, done)
     except Superseded:
         return  # the newer attempt owns the job (and its upload)
     except Cancelled:
@@ -300,17 +304,31 @@ def execute(
 
         shutil.rmtree(scratch, ignore_errors=True)
     cur = records.get(job_id)
-    if cur is not None and cur["state"] in TERMINAL and cur.get("attempt") == attempt:
-        storage.delete_upload(job_id)  # an encode job's input is no longer needed
+    if cur is None or (cur["state"] in TERMINAL and cur.get("attempt") == attempt):
+        storage.delete_upload(job_id)  # an encode job's input is no longer needed (or its job is gone)
 
 
-def reap(records: Any, resubmit: Callable[[str, int, str], None], now: float | None = None) -> list[str]:
+def _keep_record_copy(storage: Any, job_id: str, rec: dict[str, Any]) -> None:
+    """The succeeded record beside the job's files (``storage.put_record``): a record store that
+    loses it re-indexes it from there.  A failure to write it does not fail the job."""
+    try:
+        storage.put_record(job_id, rec)
+    except Exception as e:  # the store briefly unreachable: the record itself is written
+        log.warning("job %s: the copy of its record beside its files was not written: %s", job_id, e)
+
+
+def reap(
+    records: Any, resubmit: Callable[[str, int, str], None], now: float | None = None, storage: Any = None
+) -> list[str]:
     """Re-queue running jobs whose lease lapsed (their worker died, even by ``kill -9``).
 
     Called periodically by the API's reaper thread (Celery mode) and by a thread in every worker
     process.  The state change is a compare-and-set on (running, same attempt, lease lapsed), so of
     several concurrent reapers exactly one re-queues a job, with ``attempt + 1``; the new attempt's
-    message is then sent with ``resubmit(job_id, attempt, kind)``.  Returns the re-queued ids."""
+    message is then sent with ``resubmit(job_id, attempt, kind)``, and the dead attempt's scratch
+    folder is removed from ``storage`` where this process reaches it (the shared directory; with S3
+    only this machine's spool: a worker on the dead one's machine sweeps it when it starts, and
+    every minute).  Returns the re-queued ids."""
     now = time.time() if now is None else now
     out = []
     for job_id in records.all_ids():
@@ -331,4 +349,9 @@ def reap(records: Any, resubmit: Callable[[str, int, str], None], now: float | N
         if new is not None:
             resubmit(job_id, old + 1, new["kind"])
             out.append(job_id)
+            if storage is not None:
+                try:
+                    storage.drop_scratch(job_id, before_attempt=old + 1)
+                except OSError as e:  # the scratch is left to the next sweep
+                    log.warning("job %s: the lapsed attempt's scratch folder was not removed: %s", job_id, e)
     return out

@@ -47,6 +47,7 @@ SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 TERMINAL = ("succeeded", "failed", "cancelled")
 CHUNK = 1 << 20
+RECORD_COPY = ".record.json"  # a succeeded job's record, kept beside its files (never served: a dot name)
 
 
 def queue_for(kind: str) -> str:
@@ -77,12 +78,52 @@ class _LocalSpool:
             raise ValueError("bad job id")
         return self.root / "jobs" / job_id
 
-    def scratch(self, job_id: str) -> Path:
-        """A fresh private folder where a running job writes its results before ``publish``."""
-        d = self.job_dir(job_id).with_name(f".{job_id}.work.{os.getpid()}.{threading.get_ident()}")
+    def scratch(self, job_id: str, attempt: int = 1) -> Path:
+        """A fresh private folder where a running job writes its results before ``publish``:
+        ``jobs/.{id}.work.{attempt}.{pid}.{thread}``.  The attempt in the name says whose it is,
+        so anyone can tell a dead attempt's folder from a live one (``sweep_scratch``); the folders
+        of this job's older attempts on this disk are removed here (their attempts are over)."""
+        self.drop_scratch(job_id, before_attempt=attempt)
+        d = self.job_dir(job_id).with_name(f".{job_id}.work.{int(attempt)}.{os.getpid()}.{threading.get_ident()}")
         shutil.rmtree(d, ignore_errors=True)
         d.mkdir(parents=True)
         return d
+
+    def scratch_dirs(self, job_id: str | None = None) -> list[tuple[str, int, Path]]:
+        """(job id, attempt, folder) of the scratch folders on this disk (of one job, or all)."""
+        pattern = f".{job_id}.work.*" if job_id else ".*.work.*"
+        out = []
+        for d in (self.root / "jobs").glob(pattern):
+            parts = d.name.split(".")  # ["", id, "work", attempt, pid, thread]; before: no attempt
+            if len(parts) >= 5 and JOB_ID.fullmatch(parts[1]) and parts[2] == "work":
+                attempt = int(parts[3]) if len(parts) == 6 and parts[3].isdigit() else 0
+                out.append((parts[1], attempt, d))
+        return out
+
+    def drop_scratch(self, job_id: str, before_attempt: int | None = None) -> int:
+        """Remove this job's scratch folders on this disk (those of attempts before
+        ``before_attempt``, or all); the number removed."""
+        n = 0
+        for _, attempt, d in self.scratch_dirs(job_id):
+            if before_attempt is None or attempt < before_attempt:
+                shutil.rmtree(d, ignore_errors=True)
+                n += 1
+        return n
+
+    def sweep_scratch(self, records: Any) -> int:
+        """Remove the scratch folders on this disk that no live attempt owns: the job's record is
+        gone, or not running, or running under another attempt (a worker killed mid-job left it;
+        the job was re-queued, cancelled or finished since).  A folder of the attempt the record
+        says is running stays: its worker may be alive (if not, its lease lapses, the job is
+        re-queued, and the next sweep removes it).  Run when a worker starts (and by its reaper
+        thread every minute), and by the embedded queue when the API starts.  The number removed."""
+        n = 0
+        for job_id, attempt, d in self.scratch_dirs():
+            rec = records.get(job_id)
+            if rec is None or rec.get("state") != "running" or int(rec.get("attempt", 1)) != attempt:
+                shutil.rmtree(d, ignore_errors=True)
+                n += 1
+        return n
 
     def upload_path(self, job_id: str, filename: str) -> Path:
         """Where the API writes an upload while it arrives and is checked (always on local disk)."""
@@ -159,6 +200,28 @@ class Storage(_LocalSpool):
     def delete_job(self, job_id: str) -> None:
         shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
         shutil.rmtree(self.root / "uploads" / job_id, ignore_errors=True)
+
+    def put_record(self, job_id: str, rec: dict[str, Any]) -> None:
+        """Keep a copy of a succeeded job's record beside its files (``.record.json``, a name the
+        API never serves), written atomically: a record store that lost the record (Redis
+        restarted without persistence, the embedded queue's process restarted) re-indexes it
+        from here (``get_record``), so the files stay reachable until the TTL."""
+        dst = self.job_dir(job_id) / RECORD_COPY
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.with_name(f".{RECORD_COPY}.{uuid.uuid4().hex}.part")
+        try:
+            tmp.write_text(json.dumps(rec))
+            os.replace(tmp, dst)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def get_record(self, job_id: str) -> dict[str, Any] | None:
+        """The record copy ``put_record`` kept, or None."""
+        try:
+            rec = json.loads((self.job_dir(job_id) / RECORD_COPY).read_text())
+        except (OSError, ValueError):
+            return None
+        return rec if isinstance(rec, dict) and rec.get("id") == job_id else None
 
     def cleanup(self, ttl_seconds: float, keep: set[str] | None = None) -> int:
         """Delete job folders and uploads older than the TTL (VOXGEN_RESULT_TTL_HOURS)."""
@@ -361,6 +424,22 @@ class S3Storage(_LocalSpool):
         self.delete_upload(job_id)
         shutil.rmtree(self.root / "cache" / job_id, ignore_errors=True)
 
+    def put_record(self, job_id: str, rec: dict[str, Any]) -> None:
+        """A copy of a succeeded job's record at ``jobs/{id}/.record.json`` (see Storage.put_record)."""
+        self.s3.put_object(
+            Bucket=self.bucket, Key=self._key("jobs", job_id, RECORD_COPY), Body=json.dumps(rec).encode()
+        )
+
+    def get_record(self, job_id: str) -> dict[str, Any] | None:
+        try:
+            body = self.s3.get_object(Bucket=self.bucket, Key=self._key("jobs", job_id, RECORD_COPY))["Body"]
+            rec = json.loads(body.read())
+        except Exception as e:
+            if self._missing(e) or isinstance(e, ValueError):
+                return None
+            raise
+        return rec if isinstance(rec, dict) and rec.get("id") == job_id else None
+
     def cleanup(self, ttl_seconds: float, keep: set[str] | None = None) -> int:
         """Delete the objects of jobs and uploads whose newest object is older than the TTL, abort
         multipart uploads started before it (left by killed workers), and clean the local spool.
@@ -542,6 +621,17 @@ class MemoryRecords:
         with self._lock:
             self._d.pop(job_id, None)
 
+    def restore(self, rec: dict[str, Any], ttl_seconds: float) -> bool:
+        """Put back a record this store lost (from the copy beside the job's files), unless one is
+        here or it is older than the TTL.  Not a submission: the statistics do not count it."""
+        if time.time() - float(rec.get("created") or 0) >= ttl_seconds:
+            return False
+        with self._lock:
+            if rec["id"] in self._d:
+                return False
+            self._d[rec["id"]] = json.loads(json.dumps(rec))
+            return True
+
     def ping(self) -> bool:
         return True
 
@@ -673,6 +763,16 @@ class RedisRecords:
             pipe.delete(self.PREFIX + job_id)
             pipe.hdel(self.ACTIVE, job_id)
             pipe.execute()
+
+    def restore(self, rec: dict[str, Any], ttl_seconds: float | None = None) -> bool:
+        """Put back a record Redis lost (restarted without persistence), from the copy beside the
+        job's files, with the TTL it has left (none left: not restored); never over a record that
+        is there (SET NX).  Not a submission: the statistics do not count it."""
+        ttl = self.ttl if ttl_seconds is None else ttl_seconds
+        left = int(float(rec.get("created") or 0) + ttl - time.time())
+        if left <= 0:
+            return False
+        return bool(self.r.set(self.PREFIX + rec["id"], json.dumps(rec), ex=left, nx=True))
 
     def ping(self) -> bool:
         return bool(self.r.ping())

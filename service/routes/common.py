@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -124,8 +125,26 @@ def submit(request: Request, kind: str, params: dict[str, Any], job_id: str | No
     return JobAccepted(job_id=job_id, status_url=f"/jobs/{job_id}")
 
 
+def find_record(request: Request, job_id: str) -> dict[str, Any] | None:
+    """A job's record; or, when the record store lost it (Redis restarted without persistence,
+    the embedded queue's process restarted), the copy a succeeded job keeps beside its files,
+    re-indexed into the store with the TTL it has left (worker/store.py: put_record)."""
+    if not JOB_ID.fullmatch(job_id):
+        return None
+    records = request.app.state.jobs.records
+    rec = records.get(job_id)
+    if rec is not None:
+        return rec
+    copy = request.app.state.storage.get_record(job_id)
+    ttl = request.app.state.settings.result_ttl_hours * 3600
+    if copy is None or time.time() - float(copy.get("created") or 0) >= ttl:
+        return None
+    records.restore(copy, ttl)
+    return records.get(job_id) or copy
+
+
 def job_record(request: Request, job_id: str) -> dict[str, Any]:
-    rec = request.app.state.jobs.records.get(job_id) if JOB_ID.fullmatch(job_id) else None
+    rec = find_record(request, job_id)
     if rec is None:
         raise HTTPException(404, f"no job {job_id!r} (unknown, or expired after VOXGEN_RESULT_TTL_HOURS)")
     return rec

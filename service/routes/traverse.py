@@ -5,7 +5,7 @@ import secrets
 from fastapi import APIRouter, HTTPException, Request
 
 from service.errors import error_responses, invalid
-from service.routes.common import JOB_ID, check_label, model_or_404, read_direction, submit
+from service.routes.common import check_label, find_record, model_or_404, read_direction, submit
 from service.schemas import JobAccepted, TraverseRequest
 
 router = APIRouter(tags=["jobs"])
@@ -39,7 +39,7 @@ def traverse(request: Request, req: TraverseRequest) -> JobAccepted:
         d = {"name": "vector", "attribute": None, "vector": req.direction, "intercept": 0.0}
     params["direction"] = d
     if req.job_id is not None:
-        src = request.app.state.jobs.records.get(req.job_id) if JOB_ID.fullmatch(req.job_id) else None
+        src = find_record(request, req.job_id)
         if src is None or src["kind"] != "encode" or src["state"] != "succeeded":
             raise invalid(f"job_id {req.job_id!r} is not a succeeded encode job", "job_id")
         if src["model"] != req.model:
