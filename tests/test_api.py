@@ -282,7 +282,8 @@ def test_job_files_are_safe_and_cancel_works(embedded: TestClient) -> None:
     for name in ("..%2F..%2Fsecret", "%2E%2E", ".latent.npy.tmp", "latent.npy%00"):
         assert embedded.get(f"/jobs/{jid}/files/{name}").status_code == 404
     done = wait(embedded, jid)
-    assert embedded.delete(f"/jobs/{jid}").json()["state"] == "succeeded"  # a finished job stays finished
+    r = embedded.delete(f"/jobs/{jid}")  # a finished job is deleted: the answer is the job as it was
+    assert r.json()["state"] == "succeeded" and r.json()["action"] == "deleted"
     assert embedded.get(f"/jobs/{jid}/files/nothere.nii.gz").status_code == 404
     assert done["state"] == "succeeded"
     jid = embedded.post("/generate", json={"model": "big", "seed": 1, "n": 3}).json()["job_id"]
