@@ -62,15 +62,17 @@ def test_sweep_removes_every_scratch_folder_no_live_attempt_owns(tmp_path: Path)
     finished_b = jobs / f".{B}.work.1.13.1"  # B finished since
     unknown_c = jobs / f".{C}.work.1.14.1"  # C's record expired or was lost
     requeued_d = jobs / f".{D}.work.1.15.1"  # D re-queued, not yet claimed again
-    legacy = jobs / f".{A}.work.16.1"  # the name before attempts were in it
-    for d in (dead_a, live_a, finished_b, unknown_c, requeued_d, legacy):
+    # names before attempts were in them: kept while the job runs (a worker not yet upgraded)
+    legacy_a, legacy_b = jobs / f".{A}.work.16.1", jobs / f".{B}.work.17.1"
+    for d in (dead_a, live_a, finished_b, unknown_c, requeued_d, legacy_a, legacy_b):
         d.mkdir(parents=True)
         (d / "volume_000.npy").write_bytes(b"x" * 1000)
     results = st.job_dir(B)
     results.mkdir()
     assert st.sweep_scratch(recs) == 5
     assert live_a.is_dir() and results.is_dir()
-    assert [p.name for p in jobs.iterdir() if p.name.startswith(".")] == [live_a.name]
+    assert sorted(p.name for p in jobs.iterdir() if p.name.startswith(".")) == sorted([live_a.name, legacy_a.name])
+    assert st.drop_scratch(A, before_attempt=2) == 1 and not legacy_a.exists() and live_a.is_dir()
 
 
 def test_reap_removes_the_lapsed_attempts_scratch(tmp_path: Path) -> None:

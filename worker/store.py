@@ -89,23 +89,24 @@ class _LocalSpool:
         d.mkdir(parents=True)
         return d
 
-    def scratch_dirs(self, job_id: str | None = None) -> list[tuple[str, int, Path]]:
-        """(job id, attempt, folder) of the scratch folders on this disk (of one job, or all)."""
+    def scratch_dirs(self, job_id: str | None = None) -> list[tuple[str, int | None, Path]]:
+        """(job id, attempt, folder) of the scratch folders on this disk (of one job, or all); the
+        attempt is None in a name an earlier version made (``.{id}.work.{pid}.{thread}``)."""
         pattern = f".{job_id}.work.*" if job_id else ".*.work.*"
         out = []
         for d in (self.root / "jobs").glob(pattern):
             parts = d.name.split(".")  # ["", id, "work", attempt, pid, thread]; before: no attempt
             if len(parts) >= 5 and JOB_ID.fullmatch(parts[1]) and parts[2] == "work":
-                attempt = int(parts[3]) if len(parts) == 6 and parts[3].isdigit() else 0
+                attempt = int(parts[3]) if len(parts) == 6 and parts[3].isdigit() else None
                 out.append((parts[1], attempt, d))
         return out
 
     def drop_scratch(self, job_id: str, before_attempt: int | None = None) -> int:
         """Remove this job's scratch folders on this disk (those of attempts before
-        ``before_attempt``, or all); the number removed."""
+        ``before_attempt``, or all; an unnumbered one counts as older); the number removed."""
         n = 0
         for _, attempt, d in self.scratch_dirs(job_id):
-            if before_attempt is None or attempt < before_attempt:
+            if before_attempt is None or attempt is None or attempt < before_attempt:
                 shutil.rmtree(d, ignore_errors=True)
                 n += 1
         return n
@@ -116,11 +117,14 @@ class _LocalSpool:
         the job was re-queued, cancelled or finished since).  A folder of the attempt the record
         says is running stays: its worker may be alive (if not, its lease lapses, the job is
         re-queued, and the next sweep removes it).  Run when a worker starts (and by its reaper
-        thread every minute), and by the embedded queue when the API starts.  The number removed."""
+        thread every minute), and by the embedded queue when the API starts.  A folder of an earlier
+        version's name (no attempt in it) stays while its job runs: a worker not yet upgraded may own
+        it.  The number removed."""
         n = 0
         for job_id, attempt, d in self.scratch_dirs():
             rec = records.get(job_id)
-            if rec is None or rec.get("state") != "running" or int(rec.get("attempt", 1)) != attempt:
+            running = rec is not None and rec.get("state") == "running"
+            if not running or (attempt is not None and int(rec.get("attempt", 1)) != attempt):
                 shutil.rmtree(d, ignore_errors=True)
                 n += 1
         return n
