@@ -11,6 +11,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSche
 # would overflow inside the network (NaN volumes) instead of being refused here with a 4xx.
 LATENT_LIMIT = 1000.0
 ALPHA_LIMIT = 1e4
+TARGET_LIMIT = 1e6  # a traverse target (an attribute value: mL, HU, ...) beyond this is a mistake
 MODEL_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 # Request bodies are validated strictly, as the published schema reads: a number where it says
 # number, a string where it says string.  Without it pydantic would take ``"seed": true`` as seed 1
@@ -72,7 +73,13 @@ class TraverseRequest(BaseModel):
     job_id: str | None = Field(None, description="a succeeded encode job whose latent to start from")
     direction: str | list[LatentValue] = Field(description="a stored direction's name (GET /models/{name}) or a vector")
     steps: list[Alpha] | None = Field(None, min_length=1, max_length=32, description="alphas along the unit direction")
-    target: float | None = Field(None, description="attribute value to reach (named directions only)")
+    target: float | None = Field(
+        None,
+        ge=-TARGET_LIMIT,
+        le=TARGET_LIMIT,
+        description="attribute value to reach (named directions only); refused (422) when it lies more "
+        "than 1e4 unit steps from the start, the bound of steps",
+    )
     n_steps: Int = Field(5, ge=1, le=32, description="volumes between the start and the target")
     label: str | Int | None = None
     format: Literal["nifti", "npy"] = "nifti"

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 import zipfile
+import zlib
 from pathlib import Path
 
 import nibabel as nib
@@ -207,21 +208,223 @@ def test_bad_uploads_get_4xx(embedded: TestClient, tmp_path: Path) -> None:
     assert "NaN" in post("nan.nii.gz", nan.read_bytes()).json()["detail"]
     r = post("scan.nii.gz", b"x" * (2 * 2**20))
     assert r.status_code == 413 and "1 MB" in r.json()["detail"]  # over VOXGEN_MAX_UPLOAD_MB=1
-    bomb = gzip.compress(b"\0" * (64 * 2**20))  # 64 MiB of zeros in ~64 kB
+    header = nib.Nifti1Header()  # a 16^3 header with 64 MiB of zeros behind it, in ~64 kB
+    header.set_data_shape((16, 16, 16))
+    header["vox_offset"] = 352
+    bomb = gzip.compress(header.binaryblock + b"\0" * (4 + 64 * 2**20))
     r = post("bomb.nii.gz", bomb)
-    assert r.status_code == 422 and "bytes" in r.json()["detail"]
+    assert r.status_code == 422 and "uncompressed bytes, over the limit" in r.json()["detail"]
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as z:
         z.writestr("../../evil.dcm", b"x" * 200)
     assert post("series.zip", buf.getvalue()).status_code == 422  # a zip member with a path outside
-    for name in ("../../etc/passwd.nii.gz", "a/b.nii.gz", "..\\x.nii.gz", ".hidden.nii.gz"):
+    for name in ("../../etc/passwd.nii.gz", "a/b.nii.gz", "..\\x.nii.gz", ".."):
         r = post(name, good)
-        assert r.status_code == 422 and "plain name" in r.json()["detail"], name
+        assert r.status_code == 422 and "has a path in it" in r.text, name
     assert post("scan.nii.gz", good, model="nope").status_code == 404
     assert post("scan.nii.gz", good, model="cond").status_code == 422  # needs a label
     assert post("scan.nii.gz", good, model="cond", label="9").status_code == 422
     # nothing of the refused uploads is left behind
     assert not any((embedded.app.state.storage.root / "uploads").iterdir())
+
+
+def _detail(r) -> str:  # noqa: ANN001
+    d = r.json()["detail"]
+    return d if isinstance(d, str) else json.dumps(d)
+
+
+def _post_upload(client: TestClient, name: str, data: bytes, model: str = "tiny"):  # noqa: ANN202
+    return client.post("/encode", data={"model": model}, files={"file": (name, data, "application/octet-stream")})
+
+
+def test_any_base_name_is_taken_and_shown_back(embedded: TestClient, tmp_path: Path) -> None:
+    from service.routes.encode import filename_problem
+
+    good = nifti_upload(tmp_path)
+    for name in ("Patient_Müller.nii.gz", "scan (1).nii.gz", ".hidden.nii.gz", "Ünïcødé 日本 #2.nii.gz"):
+        r = _post_upload(embedded, name, good)
+        assert r.status_code == 202, (name, r.text)
+    s = wait(embedded, r.json()["job_id"])
+    assert s["state"] == "succeeded", s
+    # the name comes back in messages about the upload, as sent
+    r = _post_upload(embedded, "Patient_Müller.nii.gz", good[: len(good) // 2])
+    assert r.status_code == 422 and "Patient_Müller.nii.gz" in _detail(r), r.text
+    for name in ("a\nb.nii.gz", "a\x00b.nii.gz", "x" * 250 + "é" * 10, "", "/etc/passwd", "."):
+        assert filename_problem(name), repr(name)
+    assert filename_problem("Patient_Müller.nii.gz") is None
+
+
+def _padded_nrrd(target: str, pad_lines: int) -> bytes:
+    pad = "".join(f"# padding line {i:06d} {'x' * 40}\n" for i in range(pad_lines))
+    head = "NRRD0004\ntype: uint8\ndimension: 3\nsizes: 16 16 16\nencoding: raw\n"
+    return (head + pad + f"data file: {target}\n\n").encode() + bytes(16**3)
+
+
+def _padded_mha(target: str, pad_lines: int) -> bytes:
+    pad = "".join(f"Comment = padding line {i:06d} {'x' * 40}\n" for i in range(pad_lines))
+    head = "ObjectType = Image\nNDims = 3\nDimSize = 16 16 16\nElementType = MET_UCHAR\n"
+    return (head + pad + f"ElementDataFile = {target}\n").encode() + bytes(16**3)
+
+
+def test_uploads_never_read_another_file(embedded: TestClient, tmp_path: Path) -> None:
+    """A NRRD / MetaImage upload naming a data file -- anywhere in its header, however far it is
+    padded, in any spelling the readers take -- is refused with one message that names no path,
+    whether the file named exists or not."""
+    secret = tmp_path / "secret.raw"
+    secret.write_bytes(bytes(range(256)) * 16)  # 16^3 bytes: exactly what the headers ask for
+    root = str(embedded.app.state.storage.root.resolve())
+    before = set(embedded.app.state.jobs.records.all_ids())
+    cases = []
+    for target in (str(secret), str(tmp_path / "missing.raw"), "/etc/passwd", "secret.raw", "LIST"):
+        for pad in (0, 1200, 9000):  # 1200 lines: past the 64 KiB the old check read; 9000: ~500 kB
+            cases += [(f"p{pad}.nrrd", _padded_nrrd(target, pad)), (f"p{pad}.mha", _padded_mha(target, pad))]
+    mha = "ObjectType = Image\nNDims = 3\nDimSize = 16 16 16\nElementType = MET_UCHAR\n"
+    cases += [
+        ("colon.mha", (mha + f"ElementDataFile : {secret}\n").encode() + bytes(4096)),
+        # MetaIO takes the line after a key without '=' (or with an empty value) as that key's value
+        ("swallow.mha", (mha + f"Comment\nElementDataFile = LOCAL\nElementDataFile = {secret}\n").encode()),
+        ("empty.mha", (mha + f"Comment =\nElementDataFile = LOCAL\nElementDataFile = {secret}\n").encode()),
+        ("case.mha", (mha + f"elementdatafile = LOCAL\nElementDataFile = {secret}\n").encode() + bytes(4096)),
+        ("nul.mha", (mha + f"ElementDataFile\0x = {secret}\n").encode() + bytes(4096)),
+        ("datafile.nhdr", f"NRRD0004\ntype: uint8\ndimension: 3\nsizes: 16 16 16\nDataFile: {secret}\n".encode()),
+        ("spaced.nrrd", f"NRRD0004\ntype: uint8\ndimension: 3\nsizes: 16 16 16\nDATA  FILE: {secret}\n\n".encode()),
+        ("cr.nrrd", f"NRRD0004\rtype: uint8\rdimension: 3\rsizes: 16 16 16\rdata file: {secret}\r\r".encode()),
+    ]
+    details = {}
+    for name, data in cases:
+        r = _post_upload(embedded, name, data)
+        assert 400 <= r.status_code < 500, (name, r.status_code, r.text)
+        d = _detail(r)
+        for leak in (str(secret), str(tmp_path), "/etc/passwd", root, "couldn't open", "missing.raw"):
+            assert leak not in d, (name, d)
+        details[name] = d
+    for name in ("p0.nrrd", "p1200.nrrd", "p9000.mha", "colon.mha", "datafile.nhdr", "cr.nrrd"):
+        assert "single-file .nrrd or .mha" in details[name], (name, details[name])
+    for name in ("swallow.mha", "empty.mha", "case.mha", "nul.mha"):
+        assert "not a valid header" in details[name], (name, details[name])
+    assert set(embedded.app.state.jobs.records.all_ids()) == before  # nothing was queued
+
+
+def test_single_file_nrrd_and_mha_uploads_encode(embedded: TestClient, tmp_path: Path) -> None:
+    import SimpleITK as sitk
+
+    (tmp_path / "scan.nii.gz").write_bytes(nifti_upload(tmp_path))
+    img = sitk.ReadImage(str(tmp_path / "scan.nii.gz"))
+    for name in ("scan.nrrd", "scan.mha"):
+        sitk.WriteImage(img, str(tmp_path / name), True)
+        r = _post_upload(embedded, name, (tmp_path / name).read_bytes())
+        assert r.status_code == 202, r.text
+        s = wait(embedded, r.json()["job_id"])
+        assert s["state"] == "succeeded", s
+    # a reader's error about a truncated file names the upload, not where the server keeps it
+    data = (tmp_path / "scan.mha").read_bytes()
+    r = _post_upload(embedded, "cut.mha", data[: len(data) - 300])
+    assert r.status_code == 422 and "cut.mha" in _detail(r)
+    assert str(embedded.app.state.storage.root.resolve()) not in _detail(r) and "uploads" not in _detail(r)
+
+
+def _nifti_header_gz(shape: tuple[int, ...], dtype: type = np.uint8, zero_mib: int = 0) -> bytes:
+    """A .nii.gz of a bare header declaring ``shape`` (+ ``zero_mib`` MiB of zeros): a few hundred
+    bytes to a few hundred kB, whatever it declares."""
+    header = nib.Nifti1Header()
+    header.set_data_shape(shape)
+    header.set_data_dtype(dtype)
+    header["vox_offset"] = 352
+    c = zlib.compressobj(9, zlib.DEFLATED, 31)
+    out = [c.compress(header.binaryblock + bytes(4))]
+    mib = bytes(2**20)
+    out += [c.compress(mib) for _ in range(zero_mib)]
+    return b"".join([*out, c.flush()])
+
+
+def test_a_large_header_is_refused_before_queueing_and_inflating(embedded: TestClient) -> None:
+    import tracemalloc
+
+    before = set(embedded.app.state.jobs.records.all_ids())
+    bomb = _nifti_header_gz((640, 640, 640), zero_mib=250)  # what 640^3 uint8 of zeros looks like
+    assert len(bomb) < 2**20
+    tracemalloc.start()
+    try:
+        t = time.time()
+        r = _post_upload(embedded, "big.nii.gz", bomb)
+        elapsed = time.time() - t
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert r.status_code == 413, r.text
+    assert "640x640x640 = 262144000 voxels, over the limit of 134217728" in _detail(r)
+    assert "VOXGEN_MAX_INPUT_VOXELS" in _detail(r)
+    assert peak < 16 * 2**20 and elapsed < 5  # refused by its header: nothing inflated or allocated
+    assert set(embedded.app.state.jobs.records.all_ids()) == before
+    assert not any((embedded.app.state.storage.root / "uploads").iterdir())
+
+
+def test_the_voxel_limit_is_a_setting(service_models_dir: Path, tmp_path: Path) -> None:
+    s = Settings(models_dir=service_models_dir, storage_dir=tmp_path / "st", max_input_voxels=20**3)
+    assert Settings().max_input_voxels == 512**3
+    with TestClient(create_app(s)) as c:
+        r = _post_upload(c, "scan.nii.gz", nifti_upload(tmp_path))  # 32^3 voxels
+        assert r.status_code == 413 and "32x32x32 = 32768 voxels, over the limit of 8000" in _detail(r)
+        r = _post_upload(c, "small.nii.gz", nifti_upload(tmp_path, shape=(16, 16, 16)))
+        assert r.status_code == 202, r.text
+        assert c.app.state.jobs.records.get(r.json()["job_id"])["params"]["max_voxels"] == 20**3
+        assert wait(c, r.json()["job_id"])["state"] == "succeeded"
+
+
+def test_truncated_and_blank_uploads_are_refused_before_queueing(embedded: TestClient, tmp_path: Path) -> None:
+    before = set(embedded.app.state.jobs.records.all_ids())
+    good = nifti_upload(tmp_path, shape=(40, 40, 40))
+    for cut in (len(good) // 3, len(good) - 8):
+        r = _post_upload(embedded, "cut.nii.gz", good[:cut] + b"\xff\xff\xff\x7f")  # ISIZE: ~2 GB
+        d = _detail(r)
+        assert r.status_code == 422 and ("truncated" in d or "corrupt" in d) and "over the limit" not in d, d
+
+    def upload(v: np.ndarray) -> bytes:
+        p = tmp_path / "v.nii.gz"
+        nib.save(nib.Nifti1Image(np.ascontiguousarray(v.transpose(2, 1, 0)), np.eye(4)), p)
+        return p.read_bytes()
+
+    for value in (0.0, -1024.0, 3000.0):  # CT: every voxel equal
+        r = _post_upload(embedded, "flat.nii.gz", upload(np.full((16, 16, 16), value, np.float32)))
+        assert r.status_code == 422 and "blank" in _detail(r), r.text
+    below = np.full((16, 16, 16), -2000.0, np.float32)
+    below[4:8] = -1500.0  # not constant, but nothing above the CT window's minimum (-1024 HU)
+    r = _post_upload(embedded, "air.nii.gz", upload(below))
+    assert r.status_code == 422 and "blank after windowing" in _detail(r), r.text
+    assert set(embedded.app.state.jobs.records.all_ids()) == before
+
+
+def test_blank_mri_uploads_are_refused_before_queueing(tmp_path: Path) -> None:
+    from model.hagan.config import HAGANConfig, Intensity
+    from model.hagan.infer import HAGANModel
+
+    cfg = HAGANConfig(resolution=128, width=0.25, latent_dim=8, modality="mri", intensity=Intensity.for_modality("mri"))
+    HAGANModel.init(cfg, seed=0).save_pretrained(tmp_path / "models" / "mri")
+    s = Settings(models_dir=tmp_path / "models", storage_dir=tmp_path / "st")
+
+    def upload(v: np.ndarray) -> bytes:
+        p = tmp_path / "v.nii.gz"
+        nib.save(nib.Nifti1Image(np.ascontiguousarray(v.transpose(2, 1, 0)), np.eye(4)), p)
+        return p.read_bytes()
+
+    with TestClient(create_app(s)) as c:
+        zeros = np.zeros((24, 24, 24), np.float32)
+        r = _post_upload(c, "zeros.nii.gz", upload(zeros), model="mri")
+        assert r.status_code == 422 and "blank" in _detail(r), r.text
+        sparse = zeros.copy()
+        sparse[0, 0, :5] = 100.0  # 5 of 13824 voxels: the 99.9th percentile is still 0
+        r = _post_upload(c, "sparse.nii.gz", upload(sparse), model="mri")
+        assert r.status_code == 422 and "99.9th percentile" in _detail(r), r.text
+        negative = np.full((24, 24, 24), -5.0, np.float32)
+        negative[::2] = -1.0
+        r = _post_upload(c, "negative.nii.gz", upload(negative), model="mri")
+        assert r.status_code == 422 and "blank" in _detail(r), r.text
+        assert c.app.state.jobs.records.all_ids() == []
+        brain = zeros.copy()
+        brain[6:18, 6:18, 6:18] = 80.0
+        r = _post_upload(c, "brain.nii.gz", upload(brain), model="mri")
+        assert r.status_code == 202, r.text
+        assert wait(c, r.json()["job_id"])["state"] == "succeeded"
 
 
 def _asgi_post(app, path: str, chunks: list[bytes], headers: list[tuple[bytes, bytes]]) -> tuple[int, int]:  # noqa: ANN001
@@ -337,12 +540,33 @@ def test_traverse_from_an_encode_job_with_a_vector(embedded: TestClient, tmp_pat
         ({"model": "tiny", "direction": "soft", "steps": [1], "seed": 1, "latent": [0.0] * LATENT}, 422, "at most one"),
         ({"model": "tiny", "direction": "soft", "steps": [1], "latent": [0.0] * 3}, 422, "latent must have"),
         ({"model": "nope", "direction": "soft", "steps": [1]}, 404, "unknown model"),
+        ({"model": "tiny", "direction": "soft", "target": 1e300}, 422, "target"),
+        ({"model": "tiny", "direction": "soft", "target": -2e6}, 422, "target"),
+        # |w| = 2.4 for "soft": 1e5 lies ~4e4 unit steps out, beyond the 1e4 that steps may take
+        ({"model": "tiny", "direction": "soft", "target": 1e5}, 422, "unit steps"),
+        ({"model": "tiny", "direction": "soft", "target": 1e5, "seed": 3}, 422, "unit steps"),
     ],
 )
 def test_bad_traverse_requests_get_4xx(embedded: TestClient, body: dict, status: int, msg: str) -> None:
     r = embedded.post("/traverse", json=body)
     assert r.status_code == status, r.text
     assert msg in r.text
+
+
+def test_a_target_is_bounded_by_the_unit_steps_it_needs_from_the_start() -> None:
+    from service.routes.traverse import target_problem
+
+    w = np.linspace(-1, 1, LATENT)
+    d = {"name": "soft", "vector": w.tolist(), "intercept": 5.0}
+    z = (500 * w).tolist()  # predicted at z: 5 + 500 |w|^2 ~ 3027
+    norm = float(np.linalg.norm(w))
+    start = 5 + 500 * norm**2
+    near = start + 9_000 * norm  # 9000 unit steps from z, but ~10,200 from a seed's (unknown) start
+    assert target_problem(near, d, z) is None
+    assert "unit steps" in target_problem(near, d, None)
+    assert "unit steps" in target_problem(start + 10_001 * norm, d, z)
+    assert target_problem(start - 9_999 * norm, d, z) is None
+    assert "zero" in target_problem(1.0, {"name": "z", "vector": [0.0] * LATENT, "intercept": 0.0}, None)
 
 
 def test_admin_train_auth_and_a_train_job_registers_the_model(service_models_dir: Path, tmp_path: Path) -> None:

@@ -87,10 +87,12 @@ def job_encode(params: dict[str, Any], model: Any, out: Path, progress: Progress
     from worker.previews import write_preview
 
     name = params.get("filename") or "upload"
-    try:
-        x = load_for_model(params["upload"], model.config)
+    try:  # an upload: one file only, messages without server paths, the API's voxel bound
+        x = load_for_model(params["upload"], model.config, untrusted=True, max_voxels=params.get("max_voxels"))
     except VolumeError as e:
         raise JobError(str(e).replace(Path(params["upload"]).name, name)) from e
+    except (OSError, RuntimeError, MemoryError) as e:  # a reader's own error may name paths: not shown
+        raise JobError(f"{name}: not a readable 3D volume ({type(e).__name__})") from e
     write_preview(out / "input.png", x, model.config)  # the upload on the model grid, for comparison
     z = model.encode(torch.from_numpy(x)[None, None], progress=progress)
     np.save(out / "latent.npy", z.numpy())

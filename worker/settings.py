@@ -22,6 +22,9 @@ class Settings(BaseSettings):
     redis_url: str | None = None
     admin_token: str | None = None
     max_upload_mb: int = 512
+    # An uploaded scan may have at most this many voxels (read from its header, before anything is
+    # inflated; 512^3).  Checking it holds one float32 copy (512 MiB at the limit) in the API process.
+    max_input_voxels: int = Field(default=512**3, ge=8**3)
     result_ttl_hours: float = 24.0
     job_lease_seconds: float = 30.0
     # Redis redelivers an unacknowledged message after this; it must exceed the longest job (a

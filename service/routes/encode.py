@@ -1,7 +1,8 @@
 from __future__ import annotations
 
-import re
-from typing import Annotated
+import unicodedata
+from pathlib import Path
+from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, HTTPException, Request, UploadFile
 from starlette.concurrency import run_in_threadpool
@@ -13,7 +14,34 @@ from worker.store import new_job_id
 
 router = APIRouter(tags=["jobs"])
 
-_SAFE_FILENAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._()+-]{0,199}$")
+
+def filename_problem(name: str) -> str | None:
+    """Why an upload's file name cannot be taken, or None.  Any base name is taken (``Patient_Müller
+    .nii.gz``, spaces, a leading dot): the upload is stored under a name of the server's own, and
+    the sender's name only appears in messages.  Refused: no name, a name with a path in it (``/``,
+    ``\\``, ``.``, ``..``), control characters, more than 255 bytes."""
+    if not name:
+        return "the file part has no file name; send the file's name (e.g. scan.nii.gz)"
+    if "/" in name or "\\" in name or name in (".", ".."):
+        return f"file name {name!r} has a path in it; send the file's base name only"
+    if any(unicodedata.category(c) == "Cc" for c in name):
+        return f"file name {name!r} has control characters; send a plain file name"
+    if len(name.encode("utf-8", "surrogatepass")) > 255:
+        return "the file name is longer than 255 bytes; send a shorter one"
+    return None
+
+
+def check_upload(path: Path, cfg: dict[str, Any], max_voxels: int) -> None:
+    """The checks an upload passes before its job is queued, in the API process and without torch:
+    read it as the worker will (header limits first, one file only, NaN), then refuse a volume the
+    model would see as blank (every voxel equal; MRI: 99.9th percentile 0; CT: nothing above the
+    window).  Memory: one float32 copy of at most ``max_voxels`` voxels, freed on return."""
+    from model.data.volumes import check_not_blank, read_volume  # numpy only: no torch in the API
+
+    arr, _ = read_volume(path, max_voxels=max_voxels, untrusted=True)
+    window = cfg.get("intensity") or {}
+    lo_hi = (float(window["lo"]), float(window["hi"])) if "lo" in window and "hi" in window else None
+    check_not_blank(arr, str(cfg.get("modality") or "ct"), lo_hi, name=path.name)
 
 
 @router.post("/encode", status_code=202, responses=error_responses(400, 404, 413, 422))
@@ -28,13 +56,14 @@ async def encode(
     label: Annotated[str | None, Form(description="class name or index, for class-conditional models")] = None,
 ) -> JobAccepted:
     """Queue the encoding of an uploaded scan to its latent code.  The upload is checked here
-    (size, format, shape, finiteness) before it is queued."""
+    (size, format, voxel count from its header, a single file, shape, finiteness, not blank)
+    before it is queued: 413 over VOXGEN_MAX_UPLOAD_MB or VOXGEN_MAX_INPUT_VOXELS, 422 otherwise."""
     settings, storage = request.app.state.settings, request.app.state.storage
     cfg = model_or_404(request, model)["config"]
     label = check_label(cfg, label)  # type: ignore[assignment]
     name = file.filename or ""
-    if not _SAFE_FILENAME.fullmatch(name) or ".." in name:
-        raise HTTPException(422, f"file name {name!r} must be a plain name (letters, digits, . _ - ( ) +), not a path")
+    if (problem := filename_problem(name)) is not None:
+        raise HTTPException(422, problem)
     job_id = new_job_id()
     dst = storage.upload_path(job_id, name)
     limit = settings.max_upload_mb * 2**20
@@ -46,11 +75,14 @@ async def encode(
                 if size > limit:
                     raise HTTPException(413, f"upload over the limit of {settings.max_upload_mb} MB")
                 f.write(chunk)
-        from model.data.volumes import VolumeError, read_volume  # numpy only: no torch in the API
+        from model.data.volumes import VolumeError, VolumeTooLarge
 
         try:
-            # the whole check (header sizes, gzip/zip bombs, shape, NaN) off the event loop
-            await run_in_threadpool(read_volume, dst, max_bytes=8 * limit)
+            # the whole check (header sizes, gzip/zip bombs, shape, NaN, blank) off the event loop
+            await run_in_threadpool(check_upload, dst, cfg, settings.max_input_voxels)
+        except VolumeTooLarge as e:  # messages name no server path: the reader replaced them
+            limits = f"uploads may have {settings.max_input_voxels} voxels (VOXGEN_MAX_INPUT_VOXELS)"
+            raise HTTPException(413, f"{str(e).replace(dst.name, name)}; {limits}") from None
         except VolumeError as e:
             raise HTTPException(422, str(e).replace(dst.name, name)) from None
         except (ValueError, OSError, RuntimeError, MemoryError) as e:  # a reader's own error: still the input
@@ -59,4 +91,5 @@ async def encode(
         storage.delete_job(job_id)
         raise
     params = {"model": model, "upload": str(dst), "reconstruct": reconstruct, "label": label, "filename": name}
+    params["max_voxels"] = settings.max_input_voxels  # the worker reads it with the same bound
     return submit(request, "encode", params, job_id)

@@ -1,14 +1,39 @@
 from __future__ import annotations
 
+import math
 import secrets
+from typing import Any
 
 from fastapi import APIRouter, HTTPException, Request
 
 from service.errors import error_responses, invalid
 from service.routes.common import check_label, find_record, model_or_404, read_direction, submit
-from service.schemas import JobAccepted, TraverseRequest
+from service.schemas import ALPHA_LIMIT, JobAccepted, TraverseRequest
 
 router = APIRouter(tags=["jobs"])
+
+
+def target_problem(target: float, direction: dict[str, Any], latent: list[float] | None) -> str | None:
+    """Why a traverse ``target`` cannot be reached sanely, or None.  The job goes to
+    ``alpha* = (target - predict(z0)) / |w|`` along the unit direction; that alpha must be finite
+    and within the same +-ALPHA_LIMIT as explicit steps, or the latents (and the volumes made
+    from them) overflow into NaN.  With a given latent (or an encode job's) ``predict(z0) = w.z0
+    + intercept`` is computed here; a seed's latent is drawn in the job, so its ``w.z0`` (about
+    N(0, |w|^2): under a few unit steps) is left out of the estimate."""
+    w = [float(x) for x in direction["vector"]]
+    norm = math.sqrt(math.fsum(x * x for x in w))
+    if not (math.isfinite(norm) and norm > 0):
+        return f"direction {direction.get('name')!r} is zero or not finite"
+    start = float(direction.get("intercept") or 0.0)
+    if latent is not None:
+        start += math.fsum(a * b for a, b in zip(w, latent, strict=False))
+    alpha = (float(target) - start) / norm
+    if math.isfinite(alpha) and abs(alpha) <= ALPHA_LIMIT:
+        return None
+    return (
+        f"target {target:g} lies {abs(alpha):.3g} unit steps along direction {direction.get('name')!r} from the "
+        f"start (predicted {start:.4g}); at most {ALPHA_LIMIT:g} steps are taken: choose a nearer target"
+    )
 
 
 @router.post("/traverse", status_code=202, responses=error_responses(400, 404, 413, 422))
@@ -50,4 +75,6 @@ def traverse(request: Request, req: TraverseRequest) -> JobAccepted:
             raise invalid(f"latent must have {latent_dim} values", "latent")
     elif req.seed is None:
         params["seed"] = secrets.randbelow(2**63)
+    if req.target is not None and (problem := target_problem(req.target, d, params.get("latent"))):
+        raise HTTPException(422, problem)  # checked here: a job would only fail with "latent contains NaN"
     return submit(request, "traverse", params)
