@@ -109,6 +109,7 @@ def run_contract(app: Any, examples: int, seed: int = 1) -> dict[str, Any]:
     statuses: Counter = Counter()
     failures: Counter = Counter()
     samples: dict[str, list[str]] = {}
+    reasons: Counter = Counter()  # (reported check, operation, the refusal's first message)
     errors: list[str] = []
     for ev in from_schema(schema).execute():
         if isinstance(ev, events.ScenarioFinished):
@@ -123,20 +124,29 @@ def run_contract(app: Any, examples: int, seed: int = 1) -> dict[str, Any]:
                         continue
                     f = node.failure_info.failure
                     resp = rec.interactions.get(case_id)
-                    answer, name = "-", node.name
+                    answer, name, content = "-", node.name, b""
                     if resp is not None and resp.response is not None:
                         content = resp.response.content
                         answer = f"{resp.response.status_code} {content[:160].decode('utf-8', 'replace')}"
                         if name == "use_after_free" and _state(content) == "cancelled":
                             name = KEPT_CANCELLED
                     failures[name] += 1
+                    if name in REPORTED_CHECKS:
+                        reasons[(name, rec.label if ev.phase.value != "stateful" else "stateful", _why(content))] += 1
                     msg = f"{rec.label} [{ev.phase.value}]: {f.title} -> {answer}"
                     bucket = samples.setdefault(name, [])
                     if len(bucket) < 20 and msg not in bucket:
                         bucket.append(msg[:300])
         elif isinstance(ev, (events.NonFatalError, events.FatalError)):
             errors.append(str(getattr(ev, "info", None) or getattr(ev, "exception", ev))[:300])
-    return {"cases": cases, "statuses": statuses, "failures": failures, "samples": samples, "errors": errors}
+    return {
+        "cases": cases,
+        "statuses": statuses,
+        "failures": failures,
+        "samples": samples,
+        "reasons": reasons,
+        "errors": errors,
+    }
 
 
 def _state(content: bytes) -> Any:
@@ -145,6 +155,19 @@ def _state(content: bytes) -> Any:
     except ValueError:
         return None
     return body.get("state") if isinstance(body, dict) else None
+
+
+def _why(content: bytes) -> str:
+    """The first problem an error body names (its first 422 item's message), shortened."""
+    try:
+        body = json.loads(content)
+    except ValueError:
+        return "-"
+    if not isinstance(body, dict):
+        return "-"
+    items = body.get("errors") or []
+    msg = items[0].get("msg") if items and isinstance(items[0], dict) else body.get("detail") or body.get("state")
+    return str(msg)[:90]
 
 
 def contract_failures(res: dict[str, Any]) -> int:
@@ -177,6 +200,10 @@ def main() -> None:
     for check, n in sorted(res["failures"].items()):
         print(f"| {check}{' (reported, not contract)' if check in REPORTED_CHECKS else ''} | {n} |")
     print(f"contract failures: {contract_failures(res)}")
+    if res["reasons"]:
+        print("reported, by operation and the answer's first message:")
+        for (check, label, why), n in sorted(res["reasons"].items(), key=lambda kv: -kv[1]):
+            print(f"  {n:5d}  {check}  {label}: {why}")
     for e in res["errors"]:
         print(f"  engine error: {e}")
     for check, msgs in res["samples"].items():
