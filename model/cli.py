@@ -198,13 +198,22 @@ def cmd_encode(a: argparse.Namespace) -> int:
 
 
 def cmd_reconstruct(a: argparse.Namespace) -> int:
-    from model.data.volumes import write_volume
+    import torch
+
+    from model.data.volumes import load_for_model, write_in_input_space, write_volume
 
     m = _load(a)
-    x = _read_scan(m, a.scan)
+    info: dict = {}
+    x = torch.from_numpy(load_for_model(a.scan, m.config, info=info))[None, None]
     z = m.encode(x, progress=_progress_printer("encode"))
     v = m.generate(z, _label_index(m, a.label), progress=_progress_printer("generate"))
-    write_volume(Path(a.output), v[0, 0].numpy(), m.config)
+    space = a.space or ("model" if a.output.endswith(".npy") else "input")
+    if space == "input" and a.output.endswith(".npy"):
+        raise SystemExit("reconstruct: --space input writes .nii or .nii.gz (a .npy holds the model grid)")
+    if space == "input":  # the scan's own grid and affine: it overlays the scan in world space
+        write_in_input_space(Path(a.output), v[0, 0].numpy(), m.config, info)
+    else:
+        write_volume(Path(a.output), v[0, 0].numpy(), m.config)
     print(a.output)
     return 0
 
@@ -280,6 +289,12 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(s)
     s.add_argument("scan")
     s.add_argument("--label")
+    s.add_argument(
+        "--space",
+        choices=["input", "model"],
+        help="input (default for .nii/.nii.gz): on the scan's own grid and affine; model (default for .npy): the "
+        "model's grid",
+    )
     s.add_argument("-o", "--output", required=True)
     COMMANDS["reconstruct"] = cmd_reconstruct
 

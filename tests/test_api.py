@@ -169,6 +169,26 @@ def test_encode_an_upload_with_reconstruction(embedded: TestClient, tmp_path: Pa
     assert len(s["result"]["latent"]) == LATENT
     z = np.load(io.BytesIO(embedded.get(f"/jobs/{s['job_id']}/files/latent.npy").content))
     assert np.allclose(z[0], s["result"]["latent"])
+    # the reconstruction comes back on the upload's own grid and affine (space "input", the default)
+    import nibabel as nib
+
+    rec = tmp_path / "rec.nii.gz"
+    rec.write_bytes(embedded.get(f"/jobs/{s['job_id']}/files/reconstruction.nii.gz").content)
+    up = tmp_path / "up.nii.gz"
+    up.write_bytes(data)
+    a, b = nib.load(up), nib.load(rec)
+    assert s["result"]["space"] == "input" and b.shape == a.shape and np.allclose(b.affine, a.affine)
+    # space "model": the model's grid
+    r = embedded.post(
+        "/encode",
+        data={"model": "tiny", "reconstruct": "true", "space": "model"},
+        files={"file": ("scan.nii.gz", data, "application/gzip")},
+    )
+    s = wait(embedded, r.json()["job_id"])
+    rec.write_bytes(embedded.get(f"/jobs/{s['job_id']}/files/reconstruction.nii.gz").content)
+    assert s["result"]["space"] == "model" and nib.load(rec).shape == (128, 128, 128)
+    r = embedded.post("/encode", data={"model": "tiny", "space": "world"}, files={"file": ("scan.nii.gz", data)})
+    assert r.status_code == 422
 
 
 def test_encode_a_zipped_dicom_series(embedded: TestClient, tmp_path: Path) -> None:

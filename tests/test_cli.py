@@ -92,7 +92,23 @@ def test_encode_and_reconstruct_a_scan(tiny_dir: Path, tmp_path: Path) -> None:
     assert z.shape == (1, 32) and np.isfinite(z).all()
     voxgen("generate", "--model", str(tiny_dir), "--latent", str(tmp_path / "z.npy"), "-o", str(tmp_path / "g.npy"))
     voxgen("reconstruct", "--model", str(tiny_dir), str(scan), "-o", str(tmp_path / "r.npy"))
-    assert np.array_equal(np.load(tmp_path / "g.npy"), np.load(tmp_path / "r.npy"))
+    assert np.array_equal(np.load(tmp_path / "g.npy"), np.load(tmp_path / "r.npy"))  # .npy: the model grid
+    # .nii.gz: on the scan's own grid and affine, so it overlays the scan
+    voxgen("reconstruct", "--model", str(tiny_dir), str(scan), "-o", str(tmp_path / "r.nii.gz"))
+    a, b = nib.load(scan), nib.load(tmp_path / "r.nii.gz")
+    assert b.shape == a.shape and np.allclose(b.affine, a.affine)
+    p = voxgen(
+        "reconstruct",
+        "--model",
+        str(tiny_dir),
+        str(scan),
+        "--space",
+        "input",
+        "-o",
+        str(tmp_path / "x.npy"),
+        check=False,
+    )
+    assert p.returncode != 0 and "--space input" in p.stderr
 
 
 def test_clear_errors(tiny_dir: Path, tmp_path: Path) -> None:

@@ -252,6 +252,9 @@ def test_encode_shows_reconstruction_beside_input(page: Page, server: str, artif
     job = page.wait_job("encode")
     wait_volume(page, "#encode-recon-canvas", f"{job}/reconstruction.nii.gz")
     wait_volume(page, "#encode-input-canvas", "ball.nii.gz")
+    # the reconstruction (on the upload's grid) is overlaid on the upload
+    overlay = f"{job}/reconstruction.nii.gz"
+    pg.wait_for_function(f"document.getElementById('encode-input-canvas').dataset.overlay === '{overlay}'")
     pg.wait_for_function("['encode-input-png', 'encode-recon-png'].every(i => document.getElementById(i).naturalWidth)")
     pg.locator("#encode-result").screenshot(path=str(artifacts / "encode.png"))
     upload, recon = page.shot("#encode-input-canvas"), page.shot("#encode-recon-canvas")

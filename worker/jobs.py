@@ -83,12 +83,15 @@ def job_encode(params: dict[str, Any], model: Any, out: Path, progress: Progress
     import numpy as np
     import torch
 
-    from model.data.volumes import VolumeError, load_for_model, write_volume
+    from model.data.volumes import VolumeError, load_for_model, write_in_input_space, write_volume
     from worker.previews import write_preview
 
     name = params.get("filename") or "upload"
+    info: dict[str, Any] = {}
     try:  # an upload: one file only, messages without server paths, the API's voxel bound
-        x = load_for_model(params["upload"], model.config, untrusted=True, max_voxels=params.get("max_voxels"))
+        x = load_for_model(
+            params["upload"], model.config, info=info, untrusted=True, max_voxels=params.get("max_voxels")
+        )
     except VolumeError as e:
         raise JobError(str(e).replace(Path(params["upload"]).name, name)) from e
     except (OSError, RuntimeError, MemoryError) as e:  # a reader's own error may name paths: not shown
@@ -98,8 +101,12 @@ def job_encode(params: dict[str, Any], model: Any, out: Path, progress: Progress
     np.save(out / "latent.npy", z.numpy())
     if params.get("reconstruct"):
         v = model.generate(z, _label_index(model, params.get("label")), progress=progress)
-        write_volume(out / "reconstruction.nii.gz", v[0, 0].numpy(), model.config)
-        write_preview(out / "reconstruction.png", v[0, 0].numpy(), model.config)
+        if params.get("space", "input") == "input":  # the upload's own grid and affine: it overlays the upload
+            write_in_input_space(out / "reconstruction.nii.gz", v[0, 0].numpy(), model.config, info)
+        else:
+            write_volume(out / "reconstruction.nii.gz", v[0, 0].numpy(), model.config)
+        write_preview(out / "reconstruction.png", v[0, 0].numpy(), model.config)  # beside input.png: model grid
+        return {"latent": z[0].tolist(), "space": params.get("space", "input")}
     return {"latent": z[0].tolist()}
 
 

@@ -379,6 +379,7 @@ def read_volume(
     max_bytes: int | None = None,
     max_voxels: int | None = DEFAULT_MAX_VOXELS,
     untrusted: bool = False,
+    geometry: dict[str, Any] | None = None,
 ) -> tuple[np.ndarray, tuple[float, float, float]]:
     """Read a scan -> (array float32 indexed (z, y, x), RAS, physical units; spacing (x, y, z) mm).
 
@@ -404,7 +405,7 @@ def read_volume(
     itk_bytes = max_bytes or (_itk_upload_bytes(max_voxels) if untrusted else _default_max_bytes(max_voxels))
     max_bytes = max_bytes or _default_max_bytes(max_voxels)
     try:
-        return _read_volume(p, max_voxels, max_bytes, itk_bytes, untrusted)
+        return _read_volume(p, max_voxels, max_bytes, itk_bytes, untrusted, geometry)
     except VolumeError as e:
         if not untrusted:
             raise
@@ -412,20 +413,20 @@ def read_volume(
 
 
 def _read_volume(
-    p: Path, max_voxels: int, max_bytes: int, itk_bytes: int, untrusted: bool
+    p: Path, max_voxels: int, max_bytes: int, itk_bytes: int, untrusted: bool, geometry: dict[str, Any] | None = None
 ) -> tuple[np.ndarray, tuple[float, float, float]]:
     if not p.exists():
         raise VolumeError(f"{p}: no such file or folder")
     ext = _suffix(p)
     if p.is_dir():
-        return _from_sitk(_read_dicom_dir(p, p.name, max_voxels, itk_bytes), p.name, max_voxels)
+        return _from_sitk(_read_dicom_dir(p, p.name, max_voxels, itk_bytes), p.name, max_voxels, geometry)
     if not p.is_file():
         raise VolumeError(f"{p.name}: not a regular file; expected {ACCEPTED}")
     if ext == ".zip":
         with tempfile.TemporaryDirectory(prefix="voxgen-dicom-") as tmp:
             _safe_extract_zip(p, Path(tmp), itk_bytes)
             img = _read_dicom_dir(Path(tmp), p.name, max_voxels, itk_bytes)
-        return _from_sitk(img, p.name, max_voxels)
+        return _from_sitk(img, p.name, max_voxels, geometry)
     if ext not in (".nii.gz", ".nii", *_SITK_SUFFIXES):
         raise VolumeError(f"{p.name}: unknown format {ext or '(no extension)'}; expected {ACCEPTED}")
     if p.stat().st_size == 0:
@@ -436,10 +437,10 @@ def _read_volume(
     if ext == ".nii.gz" and not gz:
         raise VolumeError(f"{p.name}: named .nii.gz but not gzip-compressed (corrupt?)")
     if ext in (".nii.gz", ".nii"):
-        return _read_nifti(p, gz, max_voxels, max_bytes, untrusted)
+        return _read_nifti(p, gz, max_voxels, max_bytes, untrusted, geometry)
     if gz:
         check_gzip(p, itk_bytes)
-    return _from_sitk(_read_sitk(p, max_voxels, itk_bytes, untrusted), p.name, max_voxels)
+    return _from_sitk(_read_sitk(p, max_voxels, itk_bytes, untrusted), p.name, max_voxels, geometry)
 
 
 def _read_dicom_dir(folder: Path, label: str, max_voxels: int, max_bytes: int) -> Any:
@@ -566,7 +567,12 @@ def _nifti_header(p: Path, gz: bool) -> Any:
 
 
 def _read_nifti(
-    p: Path, gz: bool, max_voxels: int, max_bytes: int, untrusted: bool = False
+    p: Path,
+    gz: bool,
+    max_voxels: int,
+    max_bytes: int,
+    untrusted: bool = False,
+    geometry: dict[str, Any] | None = None,
 ) -> tuple[np.ndarray, tuple[float, float, float]]:
     """NIfTI, read by the header and then streamed: the header is checked (shape, type, bytes)
     before the gzip stream is inflated, then the voxels go slab by slab, scaled (slope/intercept in
@@ -641,10 +647,30 @@ def _read_nifti(
                 view[a:b] = chunk
     except (OSError, EOFError, zlib.error) as e:
         raise VolumeError(f"{p.name}: unreadable, truncated or corrupt NIfTI ({e}); expected {ACCEPTED}") from e
+    _record_geometry(geometry, affine, ornt, shape)
     return _finite(p.name, out), (spacing[0], spacing[1], spacing[2])
 
 
-def _from_sitk(img: Any, name: str, max_voxels: int) -> tuple[np.ndarray, tuple[float, float, float]]:
+def _record_geometry(geometry: dict[str, Any] | None, affine: np.ndarray, ornt: np.ndarray, shape: Any) -> None:
+    """Where the RAS array read lies in the world: ``affine`` maps its voxel index (x, y, z) =
+    (W, H, D) to RAS mm (the file's own grid, reordered), ``source_affine`` / ``source_shape`` /
+    ``orientation`` describe the file as stored."""
+    if geometry is None:
+        return
+    from nibabel.orientations import inv_ornt_aff
+
+    shape3 = tuple(int(k) for k in tuple(shape)[:3])
+    geometry.update(
+        affine=(affine @ inv_ornt_aff(ornt, shape3)).tolist(),
+        source_affine=np.asarray(affine).tolist(),
+        source_shape=list(shape3),
+        orientation=np.asarray(ornt).tolist(),
+    )
+
+
+def _from_sitk(
+    img: Any, name: str, max_voxels: int, geometry: dict[str, Any] | None = None
+) -> tuple[np.ndarray, tuple[float, float, float]]:
     """A SimpleITK image -> float32 (z, y, x) RAS with one copy: the axes are permuted and reversed
     as views of the image's buffer (by its direction matrix), then converted once."""
     import SimpleITK as sitk
@@ -677,6 +703,9 @@ def _from_sitk(img: Any, name: str, max_voxels: int) -> tuple[np.ndarray, tuple[
     out_spacing = [0.0, 0.0, 0.0]
     for i in range(3):
         out_spacing[int(ornt[i, 0])] = float(spacing[i])
+    if geometry is not None:
+        affine[:3, 3] = np.array([-1.0, -1.0, 1.0]) * np.asarray(img.GetOrigin(), dtype=np.float64)[:3]  # LPS -> RAS
+        _record_geometry(geometry, affine, ornt, size)
     return _finite(name, arr), (out_spacing[0], out_spacing[1], out_spacing[2])
 
 
@@ -784,26 +813,99 @@ def _to_model_space(
         np.clip(v, 0.0, top, out=v)
         v *= 2.0 / top
         v -= 1.0
+    input_shape = list(v.shape)
+    kept = [0, v.shape[0]]
     if trim_blank:
         keep = v.reshape(v.shape[0], -1).max(axis=1) > -1.0 + 1e-6  # per axial slice, no full-size mask
         if not keep.any():
             raise VolumeError("the volume is blank after windowing (every voxel at the window's minimum)")
         idx = np.nonzero(keep)[0]
+        kept = [int(idx[0]), int(idx[-1]) + 1]
         v = v[idx[0] : idx[-1] + 1]
     r = config.resolution
     if info is not None:
         sx, sy, sz = (float(s) for s in spacing)
         info["grid_spacing"] = [v.shape[2] * sx / r, v.shape[1] * sy / r, v.shape[0] * sz / r]
+        info.update(mode="stretch", input_shape=input_shape, kept_slices=kept, input_spacing=[sx, sy, sz])
     t = torch.from_numpy(np.ascontiguousarray(v))[None, None]
     out = F.interpolate(t, size=(r, r, r), mode="trilinear", align_corners=False)
     return out[0, 0].clamp_(-1.0, 1.0).numpy().astype(np.float32, copy=False)
 
 
-def load_for_model(path: str | os.PathLike, config: Any, **read_kw: Any) -> np.ndarray:
+def to_input_grid(v_model: np.ndarray, info: dict[str, Any], config: Any) -> np.ndarray:
+    """A model-grid volume back onto the grid of the scan ``info`` describes (``to_model_space``'s
+    or ``load_for_model``'s ``info``): (z, y, x) RAS model space, background where the model grid
+    does not reach.  Physical mode: the inverse resampling; stretch mode: the cube resized back to
+    the kept slices and padded with the trimmed blank ones."""
+    from model.data import preprocess
+
+    if info.get("mode") != "stretch":
+        return preprocess.to_input_grid(v_model, info, config)
+    import torch
+    import torch.nn.functional as F
+
+    a, b = info["kept_slices"]
+    d, h, w = info["input_shape"]
+    t = torch.from_numpy(np.ascontiguousarray(v_model, dtype=np.float32))[None, None]
+    mid = F.interpolate(t, size=(b - a, h, w), mode="trilinear", align_corners=False)[0, 0].numpy()
+    out = np.full((d, h, w), -1.0, dtype=np.float32)
+    out[a:b] = mid
+    return out
+
+
+def write_in_input_space(path: str | os.PathLike, v_model: np.ndarray, config: Any, info: dict[str, Any]) -> None:
+    """Write a model-grid volume as .nii / .nii.gz on the input scan's own grid and affine (the
+    upload's voxels, reordered to RAS: a viewer overlays it on the upload in world space), in the
+    model's physical units (CT: int16 HU).  Atomic, as ``write_volume``."""
+    import nibabel as nib
+
+    geo = info.get("geometry") or {}
+    if "affine" not in geo:
+        raise ValueError("the input's geometry was not recorded (load it with load_for_model(..., info={}))")
+    p = Path(path)
+    ext = _suffix(p)
+    if ext not in (".nii.gz", ".nii"):
+        raise VolumeError(f"{p.name}: a reconstruction in the input's space is written as .nii.gz or .nii")
+    v = to_input_grid(v_model, info, config)
+    it = config.intensity
+    phys = it.to_physical(np.clip(v, -1.0, 1.0))
+    if it.dtype == "int16":
+        data = np.clip(np.rint(phys), -32768, 32767).astype(np.int16)
+    else:
+        data = phys.astype(np.float32)
+    img = nib.Nifti1Image(np.ascontiguousarray(data.transpose(2, 1, 0)), np.asarray(geo["affine"], dtype=np.float64))
+    img.header.set_xyzt_units("mm")
+    img.header["descrip"] = f"voxgen {config.family} reconstruction ({it.units})".encode()[:79]
+    img.set_qform(img.affine, code=1)
+    img.set_sform(img.affine, code=1)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            raw = img.to_bytes()
+            if ext == ".nii.gz":
+                with gzip.GzipFile(filename="", fileobj=f, mode="wb", compresslevel=1, mtime=0) as gz:
+                    gz.write(raw)
+            else:
+                f.write(raw)
+        os.replace(tmp, p)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_for_model(
+    path: str | os.PathLike, config: Any, info: dict[str, Any] | None = None, **read_kw: Any
+) -> np.ndarray:
     """Read a scan and bring it to the model grid: (R, R, R) float32 in [-1, 1].  The array read is
-    worked on in place (no second full-size copy); ``read_kw`` go to ``read_volume``."""
-    arr, spacing = read_volume(path, **read_kw)
-    return _to_model_space(arr, spacing, config)
+    worked on in place (no second full-size copy); ``read_kw`` go to ``read_volume``.  ``info``
+    receives the mapping between the model grid and the scan (``to_model_space``) and the scan's
+    place in the world (``geometry``), what ``write_in_input_space`` needs."""
+    geometry: dict[str, Any] | None = {} if info is not None else None
+    arr, spacing = read_volume(path, geometry=geometry, **read_kw)
+    v = _to_model_space(arr, spacing, config, info=info)
+    if info is not None:
+        info["geometry"] = geometry
+    return v
 
 
 # ------------------------------------------------------------------------------------ writing

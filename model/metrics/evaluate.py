@@ -431,12 +431,12 @@ def evaluate(
             bmmd["real_vs_real"] = _summary(rr)
     else:
         bmmd["note"] = f"needs at least {batch} scored and {batch} real volumes"
+
     def spread(g: torch.Tensor, r: torch.Tensor) -> float:
         return float(g.double().var(0).sum() / r.double().var(0).sum().clamp_min(1e-12))
 
     def coarse(f: torch.Tensor) -> torch.Tensor:  # pooled 8^3 -> 4^3: gross anatomy only
         return torch.nn.functional.avg_pool3d(f.view(-1, 1, POOLED, POOLED, POOLED), 2).flatten(1)
-
 
     diversity = {
         "ms_ssim_generated": float(np.mean(gen_stats.ms_ssim)) if gen_stats.ms_ssim else None,

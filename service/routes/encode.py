@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import unicodedata
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, File, Form, HTTPException, Request, UploadFile
 from starlette.concurrency import run_in_threadpool
@@ -54,6 +54,13 @@ async def encode(
     ],
     reconstruct: Annotated[bool, Form(description="also generate the reconstruction from the latent")] = False,
     label: Annotated[str | None, Form(description="class name or index, for class-conditional models")] = None,
+    space: Annotated[
+        Literal["input", "model"],
+        Form(
+            description="the reconstruction's grid: input (default) = the upload's own voxels and affine (it "
+            "overlays the upload in world space); model = the model's grid"
+        ),
+    ] = "input",
 ) -> JobAccepted:
     """Queue the encoding of an uploaded scan to its latent code.  The upload is checked here
     (size, format, voxel count from its header, a single file, shape, finiteness, not blank)
@@ -91,5 +98,6 @@ async def encode(
         storage.delete_job(job_id)
         raise
     params = {"model": model, "upload": str(dst), "reconstruct": reconstruct, "label": label, "filename": name}
+    params["space"] = space
     params["max_voxels"] = settings.max_input_voxels  # the worker reads it with the same bound
     return submit(request, "encode", params, job_id)

@@ -568,6 +568,21 @@
         { url: absolute(fileUrl(s.job_id, "reconstruction.nii.gz")), name: "reconstruction.nii.gz" },
       ]);
       $("encode-recon-canvas").dataset.volume = `${s.job_id}/reconstruction.nii.gz`;
+      // on the upload's own grid (space "input"): overlay it on the upload, in world space
+      if (s.result.space === "input" && nvIn.volumes.length === 1) {
+        try {
+          await nvIn.addVolumeFromUrl({
+            url: absolute(fileUrl(s.job_id, "reconstruction.nii.gz")),
+            name: "reconstruction.nii.gz",
+            colormap: "red",
+            opacity: 0.35,
+          });
+          $("encode-input-canvas").dataset.overlay = `${s.job_id}/reconstruction.nii.gz`;
+          inputCaption.textContent += "; the reconstruction overlaid in red, in world space";
+        } catch (e) {
+          inputCaption.textContent += ` (overlay failed: ${e.message})`;
+        }
+      }
       $("encode-recon-png").src = fileUrl(s.job_id, "reconstruction.png");
       links.push(["reconstruction.nii.gz", "Download the reconstruction (.nii.gz)"]);
     }
