@@ -33,11 +33,20 @@ def save_nifti(path: Path, zyx: np.ndarray, spacing=(1.0, 1.25, 2.0)) -> Path:
     return path
 
 
-def save_dicom_series(folder: Path, zyx: np.ndarray, spacing=(1.0, 1.25, 2.0), uid="1.2.826.0.1.3680043.2.1125.1"):
+def save_dicom_series(
+    folder: Path,
+    zyx: np.ndarray,
+    spacing=(1.0, 1.25, 2.0),
+    uid="1.2.826.0.1.3680043.2.1125.1",
+    name="slice{k:03d}.dcm",
+    description: str | None = None,
+):
+    """Write a (z, y, x) array as one DICOM series, a file a slice named ``name.format(k=k, uid=uid)``."""
     folder.mkdir(parents=True, exist_ok=True)
     img = sitk.GetImageFromArray(zyx.astype(np.int16))
     img.SetSpacing(spacing)
     w = sitk.ImageFileWriter()
+    w.SetImageIO("GDCMImageIO")  # whatever the file names
     w.KeepOriginalImageUIDOn()
     for k in range(img.GetDepth()):
         s = img[:, :, k]
@@ -48,7 +57,9 @@ def save_dicom_series(folder: Path, zyx: np.ndarray, spacing=(1.0, 1.25, 2.0), u
         s.SetMetaData("0018|0050", str(spacing[2]))
         s.SetMetaData("0008|0060", "CT")
         s.SetMetaData("0008|0018", f"{uid}.{k + 1}")
-        w.SetFileName(str(folder / f"slice{k:03d}.dcm"))
+        if description is not None:
+            s.SetMetaData("0008|103e", description)
+        w.SetFileName(str(folder / name.format(k=k, uid=uid)))
         w.Execute(s)
     return folder
 
@@ -251,6 +262,90 @@ def test_zip_with_several_series_or_unsafe_paths_is_refused(tmp_path: Path) -> N
     (tmp_path / "notzip.zip").write_bytes(b"PK\x03\x04garbage")
     with pytest.raises(VolumeError, match="zip"):
         read_volume(tmp_path / "notzip.zip")
+
+
+# ------------------------------------------------------------------------------------ DICOM as hospitals export it
+def test_dicom_files_are_found_by_content_whatever_their_names(tmp_path: Path) -> None:
+    from model.data.datasets import find_scans
+    from model.data.volumes import is_dicom_file
+
+    v = np.rint(phantom((10, 16, 16)))
+    ref, ref_sp = read_volume(save_dicom_series(tmp_path / "src" / "dcm", v))
+    uid = "1.3.12.2.1107.5.1.4.99.30000024"
+    folders = {
+        "uids": save_dicom_series(tmp_path / "src" / "uids", v, uid=uid, name="{uid}.{k}"),  # no extension
+        "ima": save_dicom_series(tmp_path / "src" / "ima", v, name="PHANTOM.CT.THORAX.0001.{k:04d}.2024.IMA"),
+    }
+    assert all("." in f.name and not f.name.endswith(".dcm") for f in folders["uids"].iterdir())
+    nopre = tmp_path / "src" / "nopreamble"  # the same files without the 128-byte preamble and "DICM"
+    nopre.mkdir()
+    for f in folders["uids"].iterdir():
+        (nopre / f.name).write_bytes(f.read_bytes()[132:])
+    folders["nopreamble"] = nopre
+    for name, folder in folders.items():
+        assert all(is_dicom_file(f) for f in folder.iterdir()), name
+        arr, sp = read_volume(folder)
+        assert np.array_equal(arr, ref) and np.allclose(sp, ref_sp), name
+        with zipfile.ZipFile(tmp_path / f"{name}.zip", "w") as z:
+            for f in folder.iterdir():
+                z.write(f, f"export/{f.name}")
+        assert np.array_equal(read_volume(tmp_path / f"{name}.zip")[0], ref), name
+    others = tmp_path / "src" / "others"  # extension-less files that are not DICOM
+    others.mkdir()
+    (others / "README").write_text("not DICOM")
+    (others / "1.2.3.4").write_bytes(b"\x02\x00" + bytes(200))  # a DICOM-like first tag, then junk
+    (others / "short").write_bytes(b"DICM")
+    save_nifti(tmp_path / "src" / "scan.nii.gz", v)
+    assert not any(is_dicom_file(f) for f in [*others.iterdir(), tmp_path / "src" / "scan.nii.gz"])
+    found = {p.relative_to(tmp_path / "src").as_posix() for p in find_scans(tmp_path / "src")}
+    assert found == {"dcm", "uids", "ima", "nopreamble", "scan.nii.gz"}
+
+
+def _two_series(tmp_path: Path) -> tuple[Path, Path, dict[str, np.ndarray]]:
+    """A folder and a zip holding two CT series (10 and 12 slices) under UID file names."""
+    uids = ("1.2.826.0.1.3680043.8.498.11", "1.2.826.0.1.3680043.8.498.22")
+    vols = {uids[0]: np.rint(phantom((10, 16, 16))), uids[1]: np.rint(phantom((12, 16, 16), seed=5))}
+    both = tmp_path / "study"
+    for (uid, v), desc in zip(vols.items(), ("Thorax 1.0 B31f", "Topogram"), strict=True):
+        save_dicom_series(both, v, uid=uid, name="{uid}.{k}", description=desc)
+    with zipfile.ZipFile(tmp_path / "study.zip", "w") as z:
+        for f in sorted(both.iterdir()):
+            z.write(f, f"DICOM/{f.name}")
+    ras = {uid: v[:, ::-1, ::-1] for uid, v in vols.items()}  # LPS -> RAS: x and y reversed
+    return both, tmp_path / "study.zip", ras
+
+
+def test_several_series_are_listed_and_picked_by_uid(tmp_path: Path) -> None:
+    from model.data.volumes import dicom_series
+
+    both, zipped, ras = _two_series(tmp_path)
+    a, b = ras
+    assert dicom_series(both) == [
+        {"series_uid": a, "slices": 10, "modality": "CT", "description": "Thorax 1.0 B31f"},
+        {"series_uid": b, "slices": 12, "modality": "CT", "description": "Topogram"},
+    ]
+    for path in (both, zipped):
+        with pytest.raises(VolumeError) as e:
+            read_volume(path, untrusted=True)
+        msg = str(e.value)
+        assert msg.startswith(f"{path.name}: holds 2 DICOM series; pick one by its series UID"), msg
+        assert f"{a} (CT, 'Thorax 1.0 B31f', 10 slices); {b} (CT, 'Topogram', 12 slices)" in msg
+        assert str(tmp_path) not in msg
+        for uid, expect in ras.items():
+            arr, _ = read_volume(path, series_uid=uid, untrusted=True)
+            assert arr.shape == expect.shape and np.array_equal(arr, expect), (path.name, uid)
+        with pytest.raises(VolumeError) as e:
+            read_volume(path, series_uid=" 1.2.3 ", untrusted=True)
+        msg = str(e.value)
+        assert "no DICOM series with the UID '1.2.3'" in msg and a in msg and b in msg
+        assert str(tmp_path) not in msg
+    one, _ = read_volume(tmp_path / "study.zip", series_uid=f"{b}\0")  # NUL padding, as in headers
+    assert one.shape[0] == 12
+    with pytest.raises(VolumeError, match="series UID is empty"):
+        read_volume(both, series_uid="  ")
+    scan = save_nifti(tmp_path / "scan.nii.gz", phantom())
+    with pytest.raises(VolumeError, match="picks one series of a DICOM folder or .zip"):
+        read_volume(scan, series_uid=a)
 
 
 # ------------------------------------------------------------------------------------ uploads: one file, bounded

@@ -366,7 +366,7 @@ def test_zips_with_several_series_or_unsafe_paths_are_refused(tmp_path: Path) ->
     with zipfile.ZipFile(tmp_path / "two.zip", "w") as z:
         for f in [*a.iterdir(), *b.iterdir()]:
             z.write(f, f"{f.parent.name}/{f.name}")
-    with pytest.raises(VolumeError, match="2 DICOM series; upload exactly one"):
+    with pytest.raises(VolumeError, match="2 DICOM series; pick one by its series UID"):
         read_volume(tmp_path / "two.zip")
     both = tmp_path / "both"
     both.mkdir()

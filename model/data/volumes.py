@@ -34,7 +34,9 @@ import numpy as np
 
 MIN_SIZE = 8  # voxels along each axis; smaller is not a 3D scan
 DEFAULT_MAX_VOXELS = 1024**3
-MAX_ZIP_MEMBERS = 10_000  # files in a zipped DICOM series
+MAX_ZIP_MEMBERS = 10_000  # files in a zip of DICOM files
+SERIES_DESCRIBED = 20  # series of a folder described (modality, description, slices) in a message
+SERIES_LISTED = 100  # series UIDs a message lists at most
 MAX_DEFLATE_RATIO = 1100  # deflate cannot expand more than 1032:1; more declared means truncated
 MAX_HEADER_BYTES = 1 << 20  # a NRRD / MetaImage text header must end within this many bytes
 SLAB_VOXELS = 1 << 20  # voxels converted at a time (a few MiB of temporaries, whatever the volume)
@@ -52,7 +54,7 @@ class VolumeTooLarge(VolumeError):
 
 ACCEPTED = (
     "a 3D NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr), MetaImage (.mha, .mhd), "
-    "a folder with one DICOM series, or a .zip of one DICOM series"
+    "or a folder or .zip of DICOM files (any names; one series, or one picked by its series UID)"
 )
 _SITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
 
@@ -155,13 +157,13 @@ def _safe_extract_zip(path: Path, dest: Path, max_bytes: int) -> None:
     try:
         zf = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError, ValueError) as e:
-        raise VolumeError(f"{path.name}: not a readable zip file ({e}); expected a .zip of one DICOM series") from e
+        raise VolumeError(f"{path.name}: not a readable zip file ({e}); expected a .zip of DICOM files") from e
     with zf:
         members = [m for m in zf.infolist() if not m.is_dir()]
         if not members:
-            raise VolumeError(f"{path.name}: the zip is empty; expected one DICOM series")
+            raise VolumeError(f"{path.name}: the zip is empty; expected DICOM files")
         if len(members) > MAX_ZIP_MEMBERS:
-            raise VolumeError(f"{path.name}: {len(members)} files, over the limit of {MAX_ZIP_MEMBERS} per series")
+            raise VolumeError(f"{path.name}: {len(members)} files, over the limit of {MAX_ZIP_MEMBERS} per zip")
         for m in zf.infolist():
             if _unsafe_member(m.filename):
                 raise VolumeError(f"{path.name}: member {m.filename!r} has an unsafe path (absolute or '..'); refused")
@@ -380,11 +382,16 @@ def read_volume(
     max_voxels: int | None = DEFAULT_MAX_VOXELS,
     untrusted: bool = False,
     geometry: dict[str, Any] | None = None,
+    series_uid: str | None = None,
 ) -> tuple[np.ndarray, tuple[float, float, float]]:
     """Read a scan -> (array float32 indexed (z, y, x), RAS, physical units; spacing (x, y, z) mm).
 
-    Accepts NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr), MetaImage (.mha, .mhd), a folder holding
-    one DICOM series, or a .zip of one DICOM series.  ``max_voxels`` (None: the default, 1024^3)
+    Accepts NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr), MetaImage (.mha, .mhd), or a folder or a
+    .zip of DICOM files.  DICOM files are found by their content, whatever their names (UIDs
+    without an extension, Siemens ``.IMA``, ``.dcm``).  A folder or zip holding one series is read;
+    one holding several needs ``series_uid`` (its SeriesInstanceUID): without it, or with a UID it
+    does not hold, the VolumeError lists every series (UID, modality, description, slices).
+    ``series_uid`` given for anything but a DICOM folder or zip is refused.  ``max_voxels`` (None: the default, 1024^3)
     bounds the image size; ``max_bytes`` (default ``8 * max_voxels`` + 1 MiB) bounds decompressed
     and allocated bytes.  Both are checked from the header, before any voxel data is inflated or
     allocated (``VolumeTooLarge``).  Refuses
@@ -405,28 +412,50 @@ def read_volume(
     itk_bytes = max_bytes or (_itk_upload_bytes(max_voxels) if untrusted else _default_max_bytes(max_voxels))
     max_bytes = max_bytes or _default_max_bytes(max_voxels)
     try:
-        return _read_volume(p, max_voxels, max_bytes, itk_bytes, untrusted, geometry)
+        uid = _clean_uid(series_uid)
+        return _read_volume(p, max_voxels, max_bytes, itk_bytes, untrusted, geometry, uid)
     except VolumeError as e:
         if not untrusted:
             raise
         raise type(e)(scrub_paths(str(e), p)) from None
 
 
+def _clean_uid(series_uid: str | None) -> str | None:
+    """A series UID as given (surrounding spaces and NUL padding removed), or None."""
+    if series_uid is None:
+        return None
+    uid = str(series_uid).strip(" \t\r\n\0")
+    if not uid:
+        raise VolumeError("the series UID is empty; give a SeriesInstanceUID such as 1.2.840.113619.2.55.3")
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in uid) or len(uid) > 128:
+        raise VolumeError(f"series UID {uid[:80]!r}: not a DICOM UID (digits and dots, at most 64 characters)")
+    return uid
+
+
 def _read_volume(
-    p: Path, max_voxels: int, max_bytes: int, itk_bytes: int, untrusted: bool, geometry: dict[str, Any] | None = None
+    p: Path,
+    max_voxels: int,
+    max_bytes: int,
+    itk_bytes: int,
+    untrusted: bool,
+    geometry: dict[str, Any] | None = None,
+    series_uid: str | None = None,
 ) -> tuple[np.ndarray, tuple[float, float, float]]:
     if not p.exists():
         raise VolumeError(f"{p}: no such file or folder")
     ext = _suffix(p)
     if p.is_dir():
-        return _from_sitk(_read_dicom_dir(p, p.name, max_voxels, itk_bytes), p.name, max_voxels, geometry)
+        img = _read_dicom_dir(p, p.name, max_voxels, itk_bytes, series_uid)
+        return _from_sitk(img, p.name, max_voxels, geometry)
     if not p.is_file():
         raise VolumeError(f"{p.name}: not a regular file; expected {ACCEPTED}")
     if ext == ".zip":
         with tempfile.TemporaryDirectory(prefix="voxgen-dicom-") as tmp:
             _safe_extract_zip(p, Path(tmp), itk_bytes)
-            img = _read_dicom_dir(Path(tmp), p.name, max_voxels, itk_bytes)
+            img = _read_dicom_dir(Path(tmp), p.name, max_voxels, itk_bytes, series_uid)
         return _from_sitk(img, p.name, max_voxels, geometry)
+    if series_uid is not None:
+        raise VolumeError(f"{p.name}: a series UID picks one series of a DICOM folder or .zip; this is not one")
     if ext not in (".nii.gz", ".nii", *_SITK_SUFFIXES):
         raise VolumeError(f"{p.name}: unknown format {ext or '(no extension)'}; expected {ACCEPTED}")
     if p.stat().st_size == 0:
@@ -443,19 +472,126 @@ def _read_volume(
     return _from_sitk(_read_sitk(p, max_voxels, itk_bytes, untrusted), p.name, max_voxels, geometry)
 
 
-def _read_dicom_dir(folder: Path, label: str, max_voxels: int, max_bytes: int) -> Any:
+def is_dicom_file(path: str | os.PathLike) -> bool:
+    """Whether a file is DICOM by its content, whatever its name (a UID without extension, a
+    Siemens ``.IMA``, ``.dcm``): the 128-byte preamble followed by ``DICM``, or, for a file written
+    without the preamble, a first data element of group 0002 or 0008 and a header GDCM reads as an
+    image's.  Reads 132 bytes (plus the header in the second case); never raises."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except OSError:
+        return False
+    if len(head) == 132 and head[128:] == b"DICM":
+        return True
+    if len(head) < 8 or int.from_bytes(head[:2], "little") not in (0x0002, 0x0008):
+        return False
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetImageIO("GDCMImageIO")
+    reader.SetFileName(os.fspath(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return False
+    return True
+
+
+def _series_ids(folder: Path, label: str) -> list[str]:
+    """The SeriesInstanceUIDs of the DICOM files in ``folder`` (not its subfolders), as GDCM groups
+    them; files are found by content, whatever their names."""
+    import SimpleITK as sitk
+
+    try:
+        return list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+    except RuntimeError as e:
+        raise VolumeError(f"{label}: cannot scan for DICOM files ({_last_line(e)})") from e
+
+
+def _text(value: str, limit: int = 64) -> str:
+    """A header's free text fit for a message: printable, one line, at most ``limit`` characters."""
+    s = " ".join("".join(c if c.isprintable() else " " for c in value).split())
+    return s if len(s) <= limit else s[: limit - 3] + "..."
+
+
+def _describe_series(folder: Path, uid: str) -> dict[str, Any]:
+    """One series of ``folder``: its UID, and where its first file says so its modality, its
+    description and its number of slices."""
+    import SimpleITK as sitk
+
+    out: dict[str, Any] = {"series_uid": uid}
+    try:
+        files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
+    except RuntimeError:
+        return out
+    if not files:
+        return out
+    out["slices"] = len(files)
+    reader = sitk.ImageFileReader()
+    reader.SetImageIO("GDCMImageIO")
+    reader.SetFileName(files[0])
+    try:
+        reader.ReadImageInformation()
+        size = reader.GetSize()
+        if len(size) > 2 and size[2] > 1:  # multi-frame files
+            out["slices"] = len(files) * int(size[2])
+        for key, tag in (("modality", "0008|0060"), ("description", "0008|103e")):
+            if reader.HasMetaDataKey(tag) and (value := _text(reader.GetMetaData(tag))):
+                out[key] = value
+    except (RuntimeError, UnicodeDecodeError):
+        pass
+    return out
+
+
+def dicom_series(folder: str | os.PathLike, details: bool = True) -> list[dict[str, Any]]:
+    """The DICOM series in ``folder`` (its own files, found by content): one dict a series with
+    ``series_uid`` and, unless ``details`` is False (one scan of the folder instead of one more a
+    series), where the files say so ``modality``, ``description`` and ``slices``.  An empty list
+    when it holds none; VolumeError when it cannot be scanned."""
+    p = Path(folder)
+    if not p.is_dir():
+        raise VolumeError(f"{p}: not a folder")
+    ids = _series_ids(p, p.name)
+    return [_describe_series(p, uid) if details else {"series_uid": uid} for uid in ids]
+
+
+def _series_listing(folder: Path, ids: list[str]) -> str:
+    """The series of a folder for a message: each UID, the first SERIES_DESCRIBED with their
+    modality, description and slices; at most SERIES_LISTED UIDs."""
+    parts = []
+    for i, uid in enumerate(ids[:SERIES_LISTED]):
+        if i >= SERIES_DESCRIBED:
+            parts.append(uid)
+            continue
+        d = _describe_series(folder, uid)
+        details = [d["modality"]] if "modality" in d else []
+        details += [repr(d["description"])] if "description" in d else []
+        details += [f"{d['slices']} slices"] if "slices" in d else []
+        parts.append(f"{uid} ({', '.join(details)})" if details else uid)
+    if len(ids) > SERIES_LISTED:
+        parts.append(f"and {len(ids) - SERIES_LISTED} more")
+    return "; ".join(parts)
+
+
+def _read_dicom_dir(folder: Path, label: str, max_voxels: int, max_bytes: int, series_uid: str | None = None) -> Any:
     import SimpleITK as sitk
 
     reader = sitk.ImageSeriesReader()
-    try:
-        series = reader.GetGDCMSeriesIDs(str(folder))
-    except RuntimeError as e:
-        raise VolumeError(f"{label}: cannot scan for DICOM files ({_last_line(e)})") from e
+    series = _series_ids(folder, label)
     if not series:
         raise VolumeError(f"{label}: no DICOM series found; expected {ACCEPTED}")
-    if len(series) > 1:
-        raise VolumeError(f"{label}: holds {len(series)} DICOM series; upload exactly one series")
-    files = reader.GetGDCMSeriesFileNames(str(folder), series[0])
+    if series_uid is not None and series_uid not in series:
+        raise VolumeError(
+            f"{label}: holds no DICOM series with the UID {series_uid!r}; its {len(series)} series: "
+            f"{_series_listing(folder, series)}"
+        )
+    if series_uid is None and len(series) > 1:
+        raise VolumeError(
+            f"{label}: holds {len(series)} DICOM series; pick one by its series UID (series_uid, --series-uid): "
+            f"{_series_listing(folder, series)}"
+        )
+    files = reader.GetGDCMSeriesFileNames(str(folder), series_uid or series[0])
     info = sitk.ImageFileReader()
     info.SetImageIO("GDCMImageIO")  # never another reader's guess from the file's bytes
     info.SetFileName(files[0])
@@ -982,6 +1118,8 @@ def to_bytes_nifti(v_model: np.ndarray, config: Any) -> bytes:
 __all__ = [
     "VolumeError",
     "read_volume",
+    "is_dicom_file",
+    "dicom_series",
     "VolumeTooLarge",
     "check_not_blank",
     "scrub_paths",
