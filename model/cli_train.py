@@ -20,8 +20,13 @@ def cmd_prepare(a: argparse.Namespace) -> int:
     )
     if a.preprocess == "physical":
         cfg.spacing = None if a.spacing == "auto" else _spacing(a.spacing)  # type: ignore[assignment]
-    report = prepare_dataset(a.src, a.output, cfg, labels_csv=a.labels, progress=_progress_printer("prepare"))
-    print(json.dumps({"prepared": report["prepared"], "skipped": len(report["skipped"])}))
+    report = prepare_dataset(
+        a.src, a.output, cfg, labels_csv=a.labels, progress=_progress_printer("prepare"), series_uids=a.series_uid
+    )
+    summary = {"prepared": report["prepared"], "skipped": len(report["skipped"])}
+    if "series_left_out" in report:
+        summary["series_left_out"] = report["series_left_out"]  # DICOM series not among --series-uid
+    print(json.dumps(summary))
     for s in report["skipped"]:
         print(f"skipped {s['source']}: {s['reason']}")
     return 0
@@ -49,11 +54,23 @@ def cmd_train(a: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction, commands: dict[str, Callable]) -> None:
     s = sub.add_parser("prepare", help="turn a folder of scans into a training dataset")
-    s.add_argument("src", help="folder of NIfTI/NRRD/MHA files or DICOM series (one per folder)")
+    s.add_argument(
+        "src",
+        help="folder of NIfTI/NRRD/MHA files and DICOM folders (files found by content, any names; every series "
+        "of a folder is one scan, named FOLDER#SERIESUID when the folder holds several)",
+    )
     s.add_argument("-o", "--output", required=True)
     s.add_argument("--modality", choices=["ct", "mri"], required=True)
     s.add_argument("--resolution", type=int, choices=[128, 256, 512], default=256)
-    s.add_argument("--labels", help="CSV with columns file,label[,attributes...]")
+    s.add_argument(
+        "--labels", help="CSV with columns file,label[,attributes...]; file: a scan's path, FOLDER#SERIESUID or FOLDER"
+    )
+    s.add_argument(
+        "--series-uid",
+        action="append",
+        metavar="UID",
+        help="read only the DICOM series with this SeriesInstanceUID (repeat for several); scan files are all read",
+    )
     s.add_argument(
         "--preprocess",
         choices=["physical", "stretch"],

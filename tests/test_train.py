@@ -69,6 +69,37 @@ def test_prepare_skips_bad_inputs_reads_dicom_and_leaves_src_alone(tmp_path: Pat
     assert json.loads((tmp_path / "ds" / "report.json").read_text())["skipped"][0]["reason"]
 
 
+def test_prepare_reads_every_series_of_a_folder_and_series_uid_restricts_it(tmp_path: Path) -> None:
+    from tests.test_volume_io import save_dicom_series
+
+    src = tmp_path / "src"
+    a, b = "1.2.826.0.1.3680043.8.498.101", "1.2.826.0.1.3680043.8.498.102"
+    for i, uid in enumerate((a, b)):  # one study folder, two series, files named by their UIDs
+        save_dicom_series(src / "study", np.rint(_scan(i + 1).transpose(2, 1, 0)), uid=uid, name="{uid}.{k}")
+    save_dicom_series(src / "single", np.rint(_scan(3).transpose(2, 1, 0)), uid="1.2.3.9", name="IM{k:04d}.IMA")
+    nib.save(nib.Nifti1Image(_scan(0), np.eye(4)), src / "good.nii.gz")
+    (src / "labels.csv").write_text(f"file,label\nstudy#{b},copd\nstudy,healthy\nsingle,copd\n")
+    cfg = HAGANConfig(resolution=128)
+    report = prepare_dataset(src, tmp_path / "ds", cfg, labels_csv=src / "labels.csv")
+    assert report == {"prepared": 4, "skipped": []}
+    ds = VolumeDataset(tmp_path / "ds")
+    rows = {it["source"]: it for it in ds.items}
+    assert set(rows) == {"good.nii.gz", f"study#{a}", f"study#{b}", "single"}
+    assert rows[f"study#{a}"]["series_uid"] == a and "series_uid" not in rows["single"]
+    # labels: by folder#uid first, else by the folder's name
+    assert rows[f"study#{b}"]["label"] == "copd" and rows[f"study#{a}"]["label"] == "healthy"
+    va, vb = (np.asarray(ds.volume(ds.items.index(rows[f"study#{u}"]))) for u in (a, b))
+    assert not np.array_equal(va, vb)  # each series its own volume
+    report = prepare_dataset(src, tmp_path / "ds_b", cfg, series_uids=[b])
+    assert report == {"prepared": 2, "skipped": [], "series_left_out": 2}
+    picked = VolumeDataset(tmp_path / "ds_b")
+    assert [it["source"] for it in picked.items] == ["good.nii.gz", f"study#{b}"]
+    assert np.array_equal(np.asarray(picked.volume(1)), vb)
+    with pytest.raises(ValueError, match="no DICOM series with the UID 9.9.9"):
+        prepare_dataset(src, tmp_path / "ds_x", cfg, series_uids=[b, "9.9.9"])
+    assert not (tmp_path / "ds_x").exists()  # refused before anything is written
+
+
 def test_iterations_change_the_weights_and_write_checkpoints(dataset: Path, tmp_path: Path) -> None:
     t = Trainer(OPTS | {"data": str(dataset), "output": str(tmp_path / "run")})
     before = {k: v.clone() for k, v in t.net.state_dict().items()}
@@ -138,6 +169,20 @@ def test_cli_prepare_and_train(tmp_path: Path) -> None:
         return p.stdout + p.stderr
 
     run("prepare", str(src), "-o", str(tmp_path / "ds"), "--modality", "ct", "--resolution", "128")
+    from tests.test_volume_io import save_dicom_series
+
+    for i, uid in enumerate(("1.2.3.41", "1.2.3.42")):
+        save_dicom_series(src / "study", np.rint(_scan(i).transpose(2, 1, 0)), uid=uid, name="{uid}.{k}")
+    out = run("prepare", str(src), "-o", str(tmp_path / "ds2"), "--modality", "ct", "--resolution", "128")
+    assert '"prepared": 4' in out  # two files and the folder's two series
+    args = ("prepare", str(src), "-o", str(tmp_path / "ds3"), "--modality", "ct", "--resolution", "128")
+    out = run(*args, "--series-uid", "1.2.3.42")
+    assert '"prepared": 3' in out and '"series_left_out": 1' in out
+    assert [it["source"] for it in VolumeDataset(tmp_path / "ds3").items] == [
+        "s0.nii.gz",
+        "s1.nii.gz",
+        "study#1.2.3.42",
+    ]
     out = run(
         "train",
         "--data",

@@ -8,28 +8,91 @@ import csv
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from model.data.volumes import VolumeError, read_volume, to_model_space
+from model.data.volumes import VolumeError, dicom_series, is_dicom_file, read_volume, to_model_space
 
 SCAN_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")  # a folder with such files is listed even if none reads
+# files that are never DICOM slices: not opened when looking for DICOM by content
+NOT_DICOM_SUFFIXES = (
+    *SCAN_SUFFIXES,
+    *(".raw", ".img", ".hdr", ".zip", ".gz", ".npy", ".npz", ".csv", ".json", ".txt", ".md", ".xml", ".html"),
+    *(".htm", ".pdf", ".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".log", ".ini", ".inf", ".exe"),
+)
+DICOM_SAMPLE = 16  # files of a folder opened (132 bytes each) to tell whether it holds DICOM
+
+
+def _holds_dicom(folder: Path, files: list[str]) -> bool:
+    """Whether a folder holds DICOM files, by their names (.dcm, .IMA) or else by the content of
+    its first DICOM_SAMPLE files that could be DICOM (names without extension, UIDs, anything but
+    known other formats, hidden files and DICOMDIR, an index rather than a slice)."""
+    if any(f.lower().endswith(DICOM_SUFFIXES) for f in files):
+        return True
+    candidates = [
+        f
+        for f in files
+        if not f.startswith(".") and f.upper() != "DICOMDIR" and not f.lower().endswith(NOT_DICOM_SUFFIXES)
+    ]
+    return any(is_dicom_file(folder / f) for f in candidates[:DICOM_SAMPLE])
 
 
 def find_scans(src: Path) -> list[Path]:
-    """Scan files, and folders holding DICOM files (one series per folder), under ``src``."""
+    """Scan files, and folders holding DICOM files (found by content: UID names without extension,
+    ``.IMA``, ``.dcm``, anything), under ``src``.  A folder may hold several series
+    (``find_series`` lists them)."""
     out: list[Path] = []
     for root, dirs, files in os.walk(src):
         dirs.sort()
         r = Path(root)
-        scans = [r / f for f in sorted(files) if f.lower().endswith(SCAN_SUFFIXES)]
-        out += scans
-        if any(f.lower().endswith(".dcm") for f in files) or (files and not scans and all("." not in f for f in files)):
+        names = sorted(files)
+        out += [r / f for f in names if f.lower().endswith(SCAN_SUFFIXES)]
+        if _holds_dicom(r, names):
             out.append(r)
     return out
+
+
+def find_series(src: Path, series_uids: Collection[str] | None = None) -> tuple[list[tuple[Path, str | None]], int]:
+    """The scans ``prepare`` reads: ``(path, None)`` for a scan file or a DICOM folder of one series
+    (or one that cannot be scanned: reading it reports why), ``(folder, uid)`` for each series of a
+    folder holding several.  With ``series_uids``, DICOM series are only those with these UIDs
+    (scan files are all kept); the second value counts the series left out.  ValueError if a UID
+    asked for is found nowhere."""
+    wanted = set(series_uids) if series_uids else None
+    found: set[str] = set()
+    out: list[tuple[Path, str | None]] = []
+    left_out = 0
+    for p in find_scans(src):
+        if not p.is_dir():
+            out.append((p, None))
+            continue
+        try:
+            uids = [s["series_uid"] for s in dicom_series(p, details=False)]
+        except VolumeError:
+            uids = []
+        keep = uids if wanted is None else [u for u in uids if u in wanted]
+        found.update(keep)
+        left_out += len(uids) - len(keep)
+        if len(uids) == 1 and keep:
+            out.append((p, None))  # a folder of one series keeps its own name
+        elif wanted is None and not uids:
+            out.append((p, None))  # reading it says why it holds no series
+        else:
+            out += [(p, u) for u in keep]
+    if wanted is not None and (missing := sorted(wanted - found)):
+        raise ValueError(f"{src}: no DICOM series with the UID {', '.join(missing)} under it")
+    return out, left_out
+
+
+def source_name(src: Path, path: Path, series_uid: str | None) -> str:
+    """How ``prepare`` names a scan: its path under ``src``, plus ``#<SeriesInstanceUID>`` for a
+    series picked from a DICOM folder (``patient1#1.2.840...``)."""
+    rel = str(path.relative_to(src))
+    return f"{rel}#{series_uid}" if series_uid else rel
 
 
 def _read_labels(csv_path: Path | None) -> dict[str, dict[str, str]]:
@@ -48,25 +111,31 @@ def prepare_dataset(
     config: Any,
     labels_csv: str | os.PathLike | None = None,
     progress: Callable[[int, int, str], None] | None = None,
+    series_uids: Collection[str] | None = None,
 ) -> dict[str, Any]:
     """Read every scan under ``src``, bring it to the model grid, write the dataset.  Unreadable
-    inputs are listed in ``report.json`` and skipped; nothing under ``src`` is modified."""
+    inputs are listed in ``report.json`` and skipped; nothing under ``src`` is modified.
+
+    Every DICOM series is a scan: a folder holding several gives one volume per series, its source
+    ``folder#<SeriesInstanceUID>`` (a folder of one series keeps its own name).  ``series_uids``
+    restricts the DICOM series to those UIDs (scan files are all read; the report counts the series
+    left out).  A labels CSV row is found by the source, ``name#uid`` or the folder or file name."""
     src, out = Path(src), Path(output)
     if not src.is_dir():
         raise ValueError(f"{src}: not a folder of scans")
-    (out / "volumes").mkdir(parents=True, exist_ok=True)
     table = _read_labels(Path(labels_csv) if labels_csv else None)
-    scans = find_scans(src)
+    scans, left_out = find_series(src, series_uids)
+    (out / "volumes").mkdir(parents=True, exist_ok=True)
     from model.data import preprocess as pp
 
     mode = pp.options(config)["mode"]
     if mode == pp.PHYSICAL and getattr(config, "spacing", None) in (None, "auto"):
         config.spacing = _auto_spacing(scans, config, progress)
     items, skipped = [], []
-    for i, p in enumerate(scans):
-        rel = str(p.relative_to(src))
+    for i, (p, uid) in enumerate(scans):
+        rel = source_name(src, p, uid)
         try:
-            arr, spacing = read_volume(p)
+            arr, spacing = read_volume(p, series_uid=uid)
             info: dict[str, Any] = {}
             v = to_model_space(arr, spacing, config, info=info)
         except VolumeError as e:
@@ -77,11 +146,13 @@ def prepare_dataset(
             with open(tmp, "wb") as f:
                 np.save(f, v.astype(np.float16))
             os.replace(tmp, out / "volumes" / name)
-            row = table.get(rel) or table.get(p.name) or {}
+            keys = [rel, f"{p.name}#{uid}"] if uid else [rel]
+            row = next((table[k] for k in [*keys, str(p.relative_to(src)), p.name] if k in table), {})
             items.append(
                 {
                     "file": f"volumes/{name}",
                     "source": rel,
+                    **({"series_uid": uid} if uid else {}),
                     "spacing": list(spacing),
                     "grid_spacing": info.get("grid_spacing"),
                     "label": row.get("label"),
@@ -114,23 +185,27 @@ def prepare_dataset(
         "items": items,
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    report = {"prepared": len(items), "skipped": skipped}
+    report: dict[str, Any] = {"prepared": len(items), "skipped": skipped}
+    if series_uids:
+        report["series_left_out"] = left_out
     (out / "report.json").write_text(json.dumps(report, indent=1))
     if not items:
         raise ValueError(f"{src}: no readable scans ({len(skipped)} skipped; see {out / 'report.json'})")
     return report
 
 
-def _auto_spacing(scans: list[Path], config: Any, progress: Callable[[int, int, str], None] | None) -> list[float]:
+def _auto_spacing(
+    scans: list[tuple[Path, str | None]], config: Any, progress: Callable[[int, int, str], None] | None
+) -> list[float]:
     """A first pass over the scans: the isotropic spacing whose field of view holds the largest
     foreground (``preprocess.auto_spacing``)."""
     from model.data import preprocess as pp
 
     thr = pp.options(config).get("foreground", pp.FOREGROUND.get(config.modality, -0.9))
     extents = []
-    for i, p in enumerate(scans):
+    for i, (p, uid) in enumerate(scans):
         try:
-            arr, spacing = read_volume(p)
+            arr, spacing = read_volume(p, series_uid=uid)
             extents.append(pp.foreground_extent_mm(pp.window(arr, config), spacing, thr))
         except VolumeError:
             pass  # reported by the main pass
