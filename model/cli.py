@@ -175,12 +175,12 @@ def cmd_generate(a: argparse.Namespace) -> int:
     return 0
 
 
-def _read_scan(m, path: str):
+def _read_scan(m, path: str, series_uid: str | None = None):
     import torch
 
     from model.data.volumes import load_for_model
 
-    v = load_for_model(path, m.config)
+    v = load_for_model(path, m.config, series_uid=series_uid)
     return torch.from_numpy(v)[None, None]
 
 
@@ -188,7 +188,7 @@ def cmd_encode(a: argparse.Namespace) -> int:
     import numpy as np
 
     m = _load(a)
-    x = _read_scan(m, a.scan)
+    x = _read_scan(m, a.scan, a.series_uid)
     z = m.encode(x, progress=_progress_printer("encode")).numpy()
     out = Path(a.output)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -204,7 +204,7 @@ def cmd_reconstruct(a: argparse.Namespace) -> int:
 
     m = _load(a)
     info: dict = {}
-    x = torch.from_numpy(load_for_model(a.scan, m.config, info=info))[None, None]
+    x = torch.from_numpy(load_for_model(a.scan, m.config, info=info, series_uid=a.series_uid))[None, None]
     z = m.encode(x, progress=_progress_printer("encode"))
     v = m.generate(z, _label_index(m, a.label), progress=_progress_printer("generate"))
     space = a.space or ("model" if a.output.endswith(".npy") else "input")
@@ -279,15 +279,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-o", "--output", required=True)
     COMMANDS["generate"] = cmd_generate
 
+    def scan_args(s: argparse.ArgumentParser) -> None:
+        s.add_argument("scan", help="a NIfTI/NRRD/MHA file, or a folder or .zip of DICOM files (any names)")
+        s.add_argument(
+            "--series-uid",
+            metavar="UID",
+            help="the SeriesInstanceUID of the series to read from a DICOM folder or zip holding several",
+        )
+
     s = sub.add_parser("encode", help="encode a scan to a latent code (.npy)")
     model_args(s)
-    s.add_argument("scan")
+    scan_args(s)
     s.add_argument("-o", "--output", required=True)
     COMMANDS["encode"] = cmd_encode
 
     s = sub.add_parser("reconstruct", help="encode a scan and generate it back")
     model_args(s)
-    s.add_argument("scan")
+    scan_args(s)
     s.add_argument("--label")
     s.add_argument(
         "--space",

@@ -111,6 +111,35 @@ def test_encode_and_reconstruct_a_scan(tiny_dir: Path, tmp_path: Path) -> None:
     assert p.returncode != 0 and "--space input" in p.stderr
 
 
+def test_encode_and_reconstruct_pick_a_series_by_uid(tiny_dir: Path, tmp_path: Path) -> None:
+    from tests.test_volume_io import phantom, save_dicom_series
+
+    a, b = "1.2.826.0.1.3680043.8.498.31", "1.2.826.0.1.3680043.8.498.32"
+    study = tmp_path / "study"
+    save_dicom_series(study, np.rint(phantom((20, 32, 32))), uid=a, name="{uid}.{k}")
+    save_dicom_series(study, np.rint(phantom((24, 32, 32), seed=4)) + 300, uid=b, name="{uid}.{k}")
+    p = voxgen("encode", "--model", str(tiny_dir), str(study), "-o", str(tmp_path / "z.npy"), check=False)
+    assert p.returncode == 2 and "holds 2 DICOM series" in p.stderr and a in p.stderr and b in p.stderr
+    assert not (tmp_path / "z.npy").exists()
+    for uid in (a, b):
+        voxgen("encode", "--model", str(tiny_dir), str(study), "--series-uid", uid, "-o", str(tmp_path / f"{uid}.npy"))
+    assert not np.array_equal(np.load(tmp_path / f"{a}.npy"), np.load(tmp_path / f"{b}.npy"))
+    p = voxgen(
+        "reconstruct",
+        "--model",
+        str(tiny_dir),
+        str(study),
+        "--series-uid",
+        "1.2.3",
+        "-o",
+        str(tmp_path / "r.npy"),
+        check=False,
+    )
+    assert p.returncode == 2 and "no DICOM series with the UID '1.2.3'" in p.stderr and a in p.stderr
+    voxgen("reconstruct", "--model", str(tiny_dir), str(study), "--series-uid", b, "-o", str(tmp_path / "r.nii.gz"))
+    assert nib.load(tmp_path / "r.nii.gz").shape == (32, 32, 24)  # series b's own grid (x, y, z)
+
+
 def test_clear_errors(tiny_dir: Path, tmp_path: Path) -> None:
     p = voxgen("generate", "--model", str(tmp_path / "nope"), "--seed", "1", "-o", str(tmp_path / "x.npy"), check=False)
     assert p.returncode != 0 and "not a model directory" in p.stderr
