@@ -205,6 +205,45 @@ def test_encode_a_zipped_dicom_series(embedded: TestClient, tmp_path: Path) -> N
     assert wait(embedded, r.json()["job_id"])["state"] == "succeeded"
 
 
+def test_a_zip_of_several_series_needs_a_series_uid(embedded: TestClient, tmp_path: Path) -> None:
+    from tests.test_volume_io import _two_series
+
+    _, zipped, ras = _two_series(tmp_path)  # two CT series, files named by their UIDs
+    a, b = ras
+    data = zipped.read_bytes()
+    uploads = embedded.app.state.storage.root / "uploads"
+    before = set(uploads.iterdir()) if uploads.exists() else set()
+
+    def post(name: str = "Study 2024.zip", payload: bytes = data, **form: str):
+        return embedded.post("/encode", data={"model": "tiny", **form}, files={"file": (name, payload)})
+
+    for form in ({}, {"series_uid": ""}):  # an empty field is no choice
+        r = post(**form)
+        assert r.status_code == 422, r.text
+        detail = r.json()["detail"]
+        assert detail.startswith("Study 2024.zip: holds 2 DICOM series; pick one by its series UID"), detail
+        assert f"{a} (CT, 'Thorax 1.0 B31f', 10 slices); {b} (CT, 'Topogram', 12 slices)" in detail
+        assert str(embedded.app.state.storage.root) not in detail and str(tmp_path) not in detail
+    r = post(series_uid="1.2.3.4")
+    assert r.status_code == 422 and "no DICOM series with the UID '1.2.3.4'" in r.json()["detail"]
+    assert a in r.json()["detail"] and b in r.json()["detail"]
+    r = post("scan.nii.gz", nifti_upload(tmp_path), series_uid=a)
+    assert r.status_code == 422 and "picks one series of a DICOM folder or .zip" in r.json()["detail"]
+    assert post(series_uid="1" * 129).status_code == 422
+    assert (set(uploads.iterdir()) if uploads.exists() else set()) == before  # nothing of them is queued or kept
+    latents = {}
+    for uid, shape in ((a, (16, 16, 10)), (b, (16, 16, 12))):
+        r = post(series_uid=f" {uid} ", reconstruct="true")
+        assert r.status_code == 202, r.text
+        s = wait(embedded, r.json()["job_id"])
+        assert s["state"] == "succeeded", s
+        latents[uid] = s["result"]["latent"]
+        rec = tmp_path / f"{uid}.nii.gz"  # on the picked series' own grid
+        rec.write_bytes(embedded.get(f"/jobs/{s['job_id']}/files/reconstruction.nii.gz").content)
+        assert nib.load(rec).shape == shape, uid
+    assert latents[a] != latents[b]
+
+
 def test_bad_uploads_get_4xx(embedded: TestClient, tmp_path: Path) -> None:
     def post(name: str, data: bytes, model: str = "tiny", **form: str):
         files = {"file": (name, data, "application/octet-stream")}

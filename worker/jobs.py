@@ -90,7 +90,12 @@ def job_encode(params: dict[str, Any], model: Any, out: Path, progress: Progress
     info: dict[str, Any] = {}
     try:  # an upload: one file only, messages without server paths, the API's voxel bound
         x = load_for_model(
-            params["upload"], model.config, info=info, untrusted=True, max_voxels=params.get("max_voxels")
+            params["upload"],
+            model.config,
+            info=info,
+            untrusted=True,
+            max_voxels=params.get("max_voxels"),
+            series_uid=params.get("series_uid"),
         )
     except VolumeError as e:
         raise JobError(str(e).replace(Path(params["upload"]).name, name)) from e

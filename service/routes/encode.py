@@ -31,14 +31,15 @@ def filename_problem(name: str) -> str | None:
     return None
 
 
-def check_upload(path: Path, cfg: dict[str, Any], max_voxels: int) -> None:
+def check_upload(path: Path, cfg: dict[str, Any], max_voxels: int, series_uid: str | None = None) -> None:
     """The checks an upload passes before its job is queued, in the API process and without torch:
-    read it as the worker will (header limits first, one file only, NaN), then refuse a volume the
-    model would see as blank (every voxel equal; MRI: 99.9th percentile 0; CT: nothing above the
-    window).  Memory: one float32 copy of at most ``max_voxels`` voxels, freed on return."""
+    read it as the worker will (header limits first, one file only, NaN; a DICOM zip of several
+    series needs ``series_uid``, and the series must be there), then refuse a volume the model
+    would see as blank (every voxel equal; MRI: 99.9th percentile 0; CT: nothing above the window).
+    Memory: one float32 copy of at most ``max_voxels`` voxels, freed on return."""
     from model.data.volumes import check_not_blank, read_volume  # numpy only: no torch in the API
 
-    arr, _ = read_volume(path, max_voxels=max_voxels, untrusted=True)
+    arr, _ = read_volume(path, max_voxels=max_voxels, untrusted=True, series_uid=series_uid)
     window = cfg.get("intensity") or {}
     lo_hi = (float(window["lo"]), float(window["hi"])) if "lo" in window and "hi" in window else None
     check_not_blank(arr, str(cfg.get("modality") or "ct"), lo_hi, name=path.name)
@@ -50,7 +51,10 @@ async def encode(
     model: Annotated[str, Form(min_length=1, description="a served model's name")],
     file: Annotated[
         UploadFile,
-        File(description="a 3D NIfTI (.nii, .nii.gz), NRRD (.nrrd), MetaImage (.mha), or a .zip of one DICOM series"),
+        File(
+            description="a 3D NIfTI (.nii, .nii.gz), NRRD (.nrrd), MetaImage (.mha), or a .zip of DICOM files "
+            "(any names: UIDs, .IMA, .dcm; one series, or several and series_uid)"
+        ),
     ],
     reconstruct: Annotated[bool, Form(description="also generate the reconstruction from the latent")] = False,
     label: Annotated[str | None, Form(description="class name or index, for class-conditional models")] = None,
@@ -61,6 +65,14 @@ async def encode(
             "overlays the upload in world space); model = the model's grid"
         ),
     ] = "input",
+    series_uid: Annotated[
+        str | None,
+        Form(
+            max_length=128,
+            description="the SeriesInstanceUID of the series to encode, for a DICOM zip holding several (a 422 "
+            "lists them when it is missing or unknown); empty: none",
+        ),
+    ] = None,
 ) -> JobAccepted:
     """Queue the encoding of an uploaded scan to its latent code.  The upload is checked here
     (size, format, voxel count from its header, a single file, shape, finiteness, not blank)
@@ -71,6 +83,7 @@ async def encode(
     name = file.filename or ""
     if (problem := filename_problem(name)) is not None:
         raise HTTPException(422, problem)
+    series_uid = (series_uid or "").strip() or None  # an empty form field is no choice
     job_id = new_job_id()
     dst = storage.upload_path(job_id, name)
     limit = settings.max_upload_mb * 2**20
@@ -86,7 +99,7 @@ async def encode(
 
         try:
             # the whole check (header sizes, gzip/zip bombs, shape, NaN, blank) off the event loop
-            await run_in_threadpool(check_upload, dst, cfg, settings.max_input_voxels)
+            await run_in_threadpool(check_upload, dst, cfg, settings.max_input_voxels, series_uid)
         except VolumeTooLarge as e:  # messages name no server path: the reader replaced them
             limits = f"uploads may have {settings.max_input_voxels} voxels (VOXGEN_MAX_INPUT_VOXELS)"
             raise HTTPException(413, f"{str(e).replace(dst.name, name)}; {limits}") from None
@@ -99,5 +112,7 @@ async def encode(
         raise
     params = {"model": model, "upload": str(dst), "reconstruct": reconstruct, "label": label, "filename": name}
     params["space"] = space
+    if series_uid is not None:
+        params["series_uid"] = series_uid  # the worker reads the same series
     params["max_voxels"] = settings.max_input_voxels  # the worker reads it with the same bound
     return submit(request, "encode", params, job_id)
