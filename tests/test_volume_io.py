@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import zipfile
 from pathlib import Path
 
@@ -295,6 +296,7 @@ def test_dicom_files_are_found_by_content_whatever_their_names(tmp_path: Path) -
     (others / "README").write_text("not DICOM")
     (others / "1.2.3.4").write_bytes(b"\x02\x00" + bytes(200))  # a DICOM-like first tag, then junk
     (others / "short").write_bytes(b"DICM")
+    os.mkfifo(others / "pipe")  # never opened: a reader would wait on it forever
     save_nifti(tmp_path / "src" / "scan.nii.gz", v)
     assert not any(is_dicom_file(f) for f in [*others.iterdir(), tmp_path / "src" / "scan.nii.gz"])
     found = {p.relative_to(tmp_path / "src").as_posix() for p in find_scans(tmp_path / "src")}

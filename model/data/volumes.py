@@ -476,8 +476,11 @@ def is_dicom_file(path: str | os.PathLike) -> bool:
     """Whether a file is DICOM by its content, whatever its name (a UID without extension, a
     Siemens ``.IMA``, ``.dcm``): the 128-byte preamble followed by ``DICM``, or, for a file written
     without the preamble, a first data element of group 0002 or 0008 and a header GDCM reads as an
-    image's.  Reads 132 bytes (plus the header in the second case); never raises."""
+    image's.  Reads 132 bytes (plus the header in the second case) of a regular file (a pipe or a
+    device is never opened); never raises."""
     try:
+        if not Path(path).is_file():
+            return False
         with open(path, "rb") as f:
             head = f.read(132)
     except OSError:
