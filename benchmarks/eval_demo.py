@@ -2,7 +2,8 @@
 code, one configuration for every row), against one real set, and print a Markdown table.
 
     python benchmarks/eval_demo.py --real /tmp/heldout-ds --model models/demo-brain-mri \\
-        [--model OTHER ...] [--untrained] [--independent /tmp/other-ds] [--n 16] [--grid 64] -o OUT
+        [--model OTHER ...] [--untrained] [--independent /tmp/other-ds] [--n 16] [--grid R] \\
+        [--ms-ssim-pairs K] -o OUT
 
 Rows:
 * each ``--model`` (and with ``--untrained`` the first model's network with fresh weights, seed 0);
@@ -63,7 +64,10 @@ def main() -> None:
     ap.add_argument("--untrained", action="store_true", help="also the first model's network, untrained")
     ap.add_argument("--independent", help="prepared dataset of other real volumes (a perfect model's row)")
     ap.add_argument("--n", type=int, default=16)
-    ap.add_argument("--grid", type=int, default=64)
+    ap.add_argument(
+        "--grid", type=int, help="evaluation grid (cube side; default: the real set's, the models' native grid)"
+    )
+    ap.add_argument("--ms-ssim-pairs", type=int, help="MS-SSIM pairs per chunk (default: all)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
@@ -71,7 +75,9 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     out = Path(a.output)
-    kw = {"n": a.n, "grid": (a.grid,) * 3, "batch": a.batch, "seed": a.seed, "device": "cpu"}
+    grid = a.grid or VolumeDataset(a.real).resolution
+    kw = {"n": a.n, "grid": (grid,) * 3, "batch": a.batch, "seed": a.seed, "device": "cpu"}
+    kw["ms_ssim_pairs"] = a.ms_ssim_pairs
     rows: dict[str, dict[str, Any]] = {}
     for m in a.model:
         rows[Path(m).name] = evaluate(m, a.real, out / Path(m).name, **kw)
@@ -92,7 +98,7 @@ def main() -> None:
     any_r = next(iter(rows.values()))
     fl = any_r["floor"]
     lines = [
-        f"Scored against `{a.real}` ({any_r['real']['n']} real volumes), n = {a.n} per row, {a.grid}^3 grid, "
+        f"Scored against `{a.real}` ({any_r['real']['n']} real volumes), n = {a.n} per row, {grid}^3 grid, "
         f"seed {a.seed}; floor of fd_texture at {fl['n']} vs {fl['n']}: {fl['mean']:.4g} +- {fl['sd']:.4g} "
         f"({fl['splits']} random splits).",
         "",

@@ -405,15 +405,16 @@ class Trainer:
     @torch.no_grad()
     def monitor(self) -> dict[str, float]:
         """The evaluation's texture distance (fd_texture) of ``monitor_n`` volumes from the served G
-        against up to 2 * monitor_n real volumes of the training set (not augmented), on a 64^3
-        grid, beside its real-vs-real floor at the same size, and the coarse-anatomy spread ratio
-        that flags collapse.  Keeps the best model (lowest fd_texture) in RUN/best."""
+        against up to 2 * monitor_n real volumes of the training set (not augmented), on the model's
+        native grid (a coarser one would average away blockiness finer than its voxels), beside its
+        real-vs-real floor at the same size, and the coarse-anatomy spread ratio that flags collapse.
+        Keeps the best model (lowest fd_texture, among figures taken on one grid) in RUN/best."""
         from model.metrics.evaluate import COLLAPSE_SPREAD, split_distances, standardise
         from model.metrics.features import PooledIntensity, resample
         from model.metrics.texture import TextureBank
 
         n = int(self.o["monitor_n"])
-        grid = (min(64, self.cfg.resolution),) * 3
+        grid = (self.cfg.resolution,) * 3
         extract = {"texture": TextureBank(), "pooled": PooledIntensity(4)}
         if self._monitor_real is None:
             k = min(len(self.data), 2 * n)
@@ -445,8 +446,9 @@ class Trainer:
                 f"[{self.iteration}] quality monitor: mode collapse? the samples' coarse anatomy varies "
                 f"{spread:.2f}x as much as the real volumes'\n"
             )
-        if self.best is None or out["q_fd_texture"] < self.best["q_fd_texture"]:
-            self.best = {"iteration": self.iteration, **out}
+        comparable = self.best is not None and self.best.get("grid") == list(grid)  # figures of one grid only
+        if not comparable or out["q_fd_texture"] < self.best["q_fd_texture"]:  # type: ignore[index]
+            self.best = {"iteration": self.iteration, "grid": list(grid), **out}
             save_model_dir(self.run / "best", self.cfg.to_dict(), self.served_state())
             write_json_atomic(self.run / "best" / "best.json", self.best)
         return out

@@ -532,6 +532,8 @@
     form.append("reconstruct", $("encode-reconstruct").checked ? "true" : "false");
     const label = withLabel({}).label;
     if (label !== undefined) form.append("label", label);
+    const series = $("encode-series").value.trim();
+    if (series) form.append("series_uid", series);
     $("encode-result").hidden = true;
     const s = await runJob("encode", () => api("encode", { method: "POST", body: form }));
     if (!s) return;
