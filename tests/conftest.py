@@ -119,3 +119,35 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 # ------------------------------------------------------------------------------------ (end of service)
+
+
+# ------------------------------------------------------------------------------------ uvicorn
+# A real uvicorn server in a thread on a port the OS picked, for tests that need real HTTP
+# (tests/test_health_ready.py, tests/test_viewer.py).
+from contextlib import contextmanager  # noqa: E402
+
+
+@contextmanager
+def uvicorn_server(app, name: str = "test-uvicorn") -> Iterator[str]:  # noqa: ANN001
+    """Serve ``app`` until the block ends; yields its base URL (no trailing slash)."""
+    import threading
+
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, name=name, daemon=True)
+    thread.start()
+    for _ in range(600):
+        if srv.started or not thread.is_alive():
+            break
+        time.sleep(0.05)
+    assert srv.started, "uvicorn did not start"
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        srv.should_exit = True
+        thread.join(30)
+        sock.close()

@@ -3,9 +3,6 @@ Kubernetes readiness probe must not flap while Redis and the storage are up)."""
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -16,28 +13,12 @@ import pytest
 
 from service.app import create_app
 from service.settings import Settings
+from tests.conftest import uvicorn_server
 
 
 def _serve(settings: Settings) -> Iterator[str]:
-    import uvicorn
-
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(create_app(settings), log_level="warning"))
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, name="ready-uvicorn", daemon=True)
-    thread.start()
-    for _ in range(600):
-        if srv.started or not thread.is_alive():
-            break
-        time.sleep(0.05)
-    assert srv.started, "uvicorn did not start"
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        srv.should_exit = True
-        thread.join(30)
-        sock.close()
+    with uvicorn_server(create_app(settings), "ready-uvicorn") as base:
+        yield base
 
 
 @pytest.mark.parametrize("mode", ["embedded", "celery"])

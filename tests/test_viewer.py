@@ -11,9 +11,6 @@ from __future__ import annotations
 import io
 import os
 import re
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import service_nifti_upload
+from tests.conftest import service_nifti_upload, uvicorn_server
 
 CHROMIUM = Path("/usr/bin/chromium")
 # WebGL2 without a GPU: Chromium's software rasteriser (SwiftShader) behind ANGLE, which recent
@@ -55,29 +52,14 @@ def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def server(service_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The real service under uvicorn in a thread, on a port the OS picked, embedded queue."""
-    import uvicorn
-
     from service.app import create_app
     from service.settings import Settings
 
     settings = Settings(
         models_dir=service_models_dir, storage_dir=tmp_path_factory.mktemp("viewer-storage"), redis_url=None
     )
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(create_app(settings), log_level="warning"))
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, name="viewer-uvicorn", daemon=True)
-    thread.start()
-    for _ in range(600):
-        if srv.started or not thread.is_alive():
-            break
-        time.sleep(0.05)
-    assert srv.started, "uvicorn did not start"
-    yield f"http://127.0.0.1:{port}/"
-    srv.should_exit = True
-    thread.join(30)
-    sock.close()
+    with uvicorn_server(create_app(settings), "viewer-uvicorn") as base:
+        yield f"{base}/"
 
 
 @pytest.fixture(scope="module")

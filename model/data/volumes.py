@@ -1005,28 +1005,39 @@ def write_in_input_space(path: str | os.PathLike, v_model: np.ndarray, config: A
     ext = _suffix(p)
     if ext not in (".nii.gz", ".nii"):
         raise VolumeError(f"{p.name}: a reconstruction in the input's space is written as .nii.gz or .nii")
-    v = to_input_grid(v_model, info, config)
-    it = config.intensity
-    phys = it.to_physical(np.clip(v, -1.0, 1.0))
-    if it.dtype == "int16":
-        data = np.clip(np.rint(phys), -32768, 32767).astype(np.int16)
-    else:
-        data = phys.astype(np.float32)
+    data = _physical(to_input_grid(v_model, info, config), config.intensity)
     img = nib.Nifti1Image(np.ascontiguousarray(data.transpose(2, 1, 0)), np.asarray(geo["affine"], dtype=np.float64))
     img.header.set_xyzt_units("mm")
-    img.header["descrip"] = f"voxgen {config.family} reconstruction ({it.units})".encode()[:79]
+    img.header["descrip"] = f"voxgen {config.family} reconstruction ({config.intensity.units})".encode()[:79]
     img.set_qform(img.affine, code=1)
     img.set_sform(img.affine, code=1)
+    _write_atomic(p, lambda f: _write_nifti_bytes(f, img.to_bytes(), ext == ".nii.gz"))
+
+
+def _physical(v: np.ndarray, it: Any) -> np.ndarray:
+    """Model space -> the model's physical units and file dtype (CT: int16 HU, rounded and clipped)."""
+    phys = it.to_physical(np.clip(v, -1.0, 1.0))
+    if it.dtype == "int16":
+        return np.clip(np.rint(phys), -32768, 32767).astype(np.int16)
+    return phys.astype(np.float32)
+
+
+def _write_nifti_bytes(f: Any, raw: bytes, gz: bool) -> None:
+    if gz:
+        with gzip.GzipFile(filename="", fileobj=f, mode="wb", compresslevel=1, mtime=0) as g:
+            g.write(raw)
+    else:
+        f.write(raw)
+
+
+def _write_atomic(p: Path, write: Any) -> None:
+    """``write(file)`` into a temporary file beside ``p``, renamed over ``p`` when complete: a reader
+    never sees a half-written file and a failed write leaves an existing file untouched."""
     p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.{uuid.uuid4().hex}.tmp")
+    tmp = p.with_name(f".{p.name}.{uuid.uuid4().hex}.tmp")  # unique: concurrent writers never share it
     try:
         with open(tmp, "xb") as f:
-            raw = img.to_bytes()
-            if ext == ".nii.gz":
-                with gzip.GzipFile(filename="", fileobj=f, mode="wb", compresslevel=1, mtime=0) as gz:
-                    gz.write(raw)
-            else:
-                f.write(raw)
+            write(f)
         os.replace(tmp, p)
     finally:
         tmp.unlink(missing_ok=True)
@@ -1085,29 +1096,16 @@ def write_volume(path: str | os.PathLike, v_model: np.ndarray, config: Any) -> N
         raise VolumeError(f"expected a non-empty 3D volume (D, H, W), got shape {v.shape}")
     if not np.isfinite(v).all():
         raise VolumeError(f"{p.name}: the volume has NaN or infinite values; refusing to write it")
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.{uuid.uuid4().hex}.tmp")  # unique: concurrent writers never share it
-    try:
-        with open(tmp, "xb") as f:
-            if ext == ".npy":
-                np.save(f, v)
-            else:
-                it = config.intensity
-                phys = it.to_physical(np.clip(v, -1.0, 1.0))
-                if it.dtype == "int16":
-                    data = np.clip(np.rint(phys), -32768, 32767).astype(np.int16)
-                else:
-                    data = phys.astype(np.float32)
-                desc = f"voxgen {config.family} {config.modality} ({it.units})"
-                raw = nifti_image(data, config.spacing, desc).to_bytes()
-                if ext == ".nii.gz":
-                    with gzip.GzipFile(filename="", fileobj=f, mode="wb", compresslevel=1, mtime=0) as gz:
-                        gz.write(raw)
-                else:
-                    f.write(raw)
-        os.replace(tmp, p)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    def write(f: Any) -> None:
+        if ext == ".npy":
+            np.save(f, v)
+            return
+        desc = f"voxgen {config.family} {config.modality} ({config.intensity.units})"
+        raw = nifti_image(_physical(v, config.intensity), config.spacing, desc).to_bytes()
+        _write_nifti_bytes(f, raw, ext == ".nii.gz")
+
+    _write_atomic(p, write)
 
 
 def to_bytes_nifti(v_model: np.ndarray, config: Any) -> bytes:
