@@ -409,7 +409,7 @@ class Trainer:
         native grid (a coarser one would average away blockiness finer than its voxels), beside its
         real-vs-real floor at the same size, and the coarse-anatomy spread ratio that flags collapse.
         Keeps the best model (lowest fd_texture, among figures taken on one grid) in RUN/best."""
-        from model.metrics.evaluate import COLLAPSE_SPREAD, split_distances, standardise
+        from model.metrics.evaluate import COLLAPSE_SPREAD, split_distances, spread_ratio, standardise
         from model.metrics.features import PooledIntensity, resample
         from model.metrics.texture import TextureBank
 
@@ -425,8 +425,11 @@ class Trainer:
         g = self.ema if self.ema is not None else self.net
         g.eval()
         zs = torch.randn(n, self.cfg.latent_dim, generator=torch.Generator().manual_seed(4321)).to(self.device)
-        labels = torch.zeros(2, dtype=torch.long, device=self.device) if self.cfg.num_classes else None
-        vols = [resample(g.gh(g.features(zs[i : i + 2], labels)).float().cpu(), grid) for i in range(0, n, 2)]
+        vols = []
+        for i in range(0, n, 2):
+            z = zs[i : i + 2]
+            labels = torch.zeros(len(z), dtype=torch.long, device=self.device) if self.cfg.num_classes else None
+            vols.append(resample(g.gh(g.features(z, labels)).float().cpu(), grid))
         g.train()
         fake = torch.cat(vols)
         gf = {name: e(fake) for name, e in extract.items()}
@@ -434,7 +437,7 @@ class Trainer:
         rf["texture"], gf["texture"] = standardise(rf["texture"], gf["texture"])
         m = min(n, len(rf["texture"]) // 2)
         dist, floor = split_distances({"texture": gf["texture"][:m]}, {"texture": rf["texture"]}, m, 10, 0)
-        spread = float(gf["pooled"].double().var(0).sum() / rf["pooled"].double().var(0).sum().clamp_min(1e-12))
+        spread = spread_ratio(gf["pooled"], rf["pooled"])
         out = {
             "q_fd_texture": dist["texture"]["fd"],
             "q_floor": floor["texture"]["fd"]["mean"],

@@ -20,8 +20,9 @@ Figures:
   distance is the mean over the splits, its ``_sd`` the spread over them;
 * batch-wise MMD^2 with the dot-product kernel (Kwon et al.; 3D-StyleGAN's bMMD^2);
 * diversity: mean pairwise 3D MS-SSIM among scored and among real volumes, and the spread of the
-  scored texture features relative to the real ones; ``warnings`` says "collapse" when the scored
-  volumes are clearly more alike than real ones;
+  scored volumes' coarse anatomy (voxels pooled to 4^3) relative to the real ones'; ``warnings``
+  says "mode collapse" when that spread is under ``COLLAPSE_SPREAD``, "low diversity" when only
+  MS-SSIM is higher than the real set's by more than ``COLLAPSE_MS_SSIM_MARGIN``;
 * reconstruction MAE through the model's own encoder (families with an amortised one), beside the
   MAE of the best constant volume (the voxel-wise median of the same real volumes).
 """
@@ -154,7 +155,7 @@ def find_samples(folder: str | os.PathLike) -> list[Path]:
 def _load_sample(path: Path, config: Any) -> np.ndarray:
     """One sample in model space: a ``.npy`` array as it is (3D, values in [-1, 1]); anything else
     through the same reading and preprocessing as the real set (``prepare``)."""
-    from model.data.volumes import VolumeError, read_volume, to_model_space
+    from model.data.volumes import VolumeError, load_for_model
 
     if path.is_file() and path.name.lower().endswith(".npy"):
         try:
@@ -167,8 +168,7 @@ def _load_sample(path: Path, config: Any) -> np.ndarray:
         if not np.isfinite(a).all():
             raise VolumeError(f"{path.name}: contains NaN or infinite values")
         return np.clip(a, -1.0, 1.0)
-    arr, spacing = read_volume(path)
-    return to_model_space(arr, spacing, config)
+    return load_for_model(path, config)
 
 
 def _sample_chunks(
@@ -195,8 +195,8 @@ def _summary(vals: list[float]) -> dict[str, float | int]:
 
 
 def _mean_sd(vals: list[float]) -> dict[str, float]:
-    t = torch.tensor(vals, dtype=torch.float64)
-    return {"mean": float(t.mean()), "sd": float(t.std()) if len(t) > 1 else 0.0}
+    s = _summary(vals)
+    return {"mean": s["mean"], "sd": s["std"]}
 
 
 def standardise(real: torch.Tensor, *others: torch.Tensor) -> list[torch.Tensor]:
@@ -261,6 +261,12 @@ def _dataset_config(ds: Any) -> Any:
     modality = str(mf.get("modality", "ct"))
     inten = Intensity(**mf["intensity"]) if mf.get("intensity") else Intensity.for_modality(modality)
     return SimpleNamespace(resolution=int(mf["resolution"]), modality=modality, intensity=inten)
+
+
+def spread_ratio(scored: torch.Tensor, real: torch.Tensor) -> float:
+    """Total variance of the scored features over the real ones' (1: as varied as real data; a
+    generator that ignores its latent: 0).  On volumes pooled to 4^3 it is the collapse figure."""
+    return float(scored.double().var(0).sum() / real.double().var(0).sum().clamp_min(1e-12))
 
 
 def _collapse_warnings(div: dict[str, Any]) -> list[str]:
@@ -433,9 +439,6 @@ def evaluate(
     else:
         bmmd["note"] = f"needs at least {batch} scored and {batch} real volumes"
 
-    def spread(g: torch.Tensor, r: torch.Tensor) -> float:
-        return float(g.double().var(0).sum() / r.double().var(0).sum().clamp_min(1e-12))
-
     def coarse(f: torch.Tensor) -> torch.Tensor:  # pooled 8^3 -> 4^3: gross anatomy only
         return torch.nn.functional.avg_pool3d(f.view(-1, 1, POOLED, POOLED, POOLED), 2).flatten(1)
 
@@ -446,8 +449,8 @@ def evaluate(
         "ms_ssim_real_sd": float(np.std(real_stats.ms_ssim, ddof=1)) if len(real_stats.ms_ssim) > 1 else None,
         "pairs_generated": len(gen_stats.ms_ssim),
         "pairs_real": len(real_stats.ms_ssim),
-        "pooled_spread_ratio": spread(coarse(gf[f"pooled{POOLED}"]), coarse(rf[f"pooled{POOLED}"])),
-        "texture_spread_ratio": spread(gf[hf], rf[hf]),
+        "pooled_spread_ratio": spread_ratio(coarse(gf[f"pooled{POOLED}"]), coarse(rf[f"pooled{POOLED}"])),
+        "texture_spread_ratio": spread_ratio(gf[hf], rf[hf]),
         "pairs": (
             f"every pair within each chunk of {batch} consecutive volumes"
             if ms_ssim_pairs is None
