@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -139,7 +140,7 @@ def _numbered(path: Path, i: int, n: int) -> Path:
     if n == 1:
         return path
     name = path.name
-    for ext in (".nii.gz", ".nii", ".npy"):
+    for ext in (".nii.gz", ".nii", ".npy", ".nrrd", ".mha"):
         if name.endswith(ext):
             return path.with_name(f"{name[: -len(ext)]}_{i:03d}{ext}")
     return path.with_name(f"{name}_{i:03d}")
@@ -149,8 +150,14 @@ def cmd_generate(a: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from model.data.volumes import write_volume
+    from model.data.export import DicomWriter, DicomZip, VolumeSource
+    from model.data.volumes import _suffix, write_volume
 
+    if dicom_output(a.output) is None and _suffix(Path(a.output)) not in (".nii.gz", ".nii", ".npy", ".nrrd", ".mha"):
+        raise SystemExit(
+            f"voxgen generate: cannot write {a.output!r}; give -o x.nii.gz | x.nii | x.nrrd | x.mha | x.npy, "
+            "or DIR/ or x.zip for DICOM series"
+        )
     m = _load(a)
     if a.latent:
         z = np.load(a.latent, allow_pickle=False)
@@ -167,12 +174,38 @@ def cmd_generate(a: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     vols = m.generate(z, label, mode=a.mode, budget_mb=a.budget_mb, progress=_progress_printer("generate"))
-    out = Path(a.output)
-    for i in range(vols.shape[0]):
-        p = _numbered(out, i, vols.shape[0])
-        write_volume(p, vols[i, 0].numpy(), m.config)
+    out, n = Path(a.output), vols.shape[0]
+    name = Path(a.model).resolve().name
+    seed = None if a.latent else a.seed
+    sources = [VolumeSource(name, seed, i, n) for i in range(n)]
+    if dicom_output(a.output) == "zip":  # one zip, one series folder per volume
+        with DicomZip(out, m.config, f"SYNTHETIC voxgen {name} volumes") as dz:
+            for i in range(n):
+                dz.add(f"volume_{i:03d}", vols[i, 0].numpy(), sources[i])
+        for s in dz.series:
+            print(f"{out}:{s['folder']}/ (series {s['series_uid']})")
+        return 0
+    if dicom_output(a.output) == "folder":  # one series folder per volume under DIR
+        w = DicomWriter(m.config, f"SYNTHETIC voxgen {name} volumes")
+        for i in range(n):
+            s = w.write_folder(out / f"volume_{i:03d}", vols[i, 0].numpy(), sources[i])
+            print(f"{out / s['folder']}/ (series {s['series_uid']})")
+        return 0
+    for i in range(n):
+        p = _numbered(out, i, n)
+        write_volume(p, vols[i, 0].numpy(), m.config, source=sources[i])
         print(p)
     return 0
+
+
+def dicom_output(output: str) -> str | None:
+    """``zip`` for ``-o x.zip``, ``folder`` for ``-o DIR/`` (a trailing slash, or an existing
+    folder): DICOM series out; None for a file name (its extension picks the format)."""
+    if output.lower().endswith(".zip"):
+        return "zip"
+    if output.endswith(("/", os.sep)) or Path(output).is_dir():
+        return "folder"
+    return None
 
 
 def _read_scan(m, path: str, series_uid: str | None = None):
@@ -268,7 +301,10 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--model", required=True, help="model directory")
         s.add_argument("--device", default="auto", help="cpu, cuda, cuda:0 (default: cuda if available)")
 
-    s = sub.add_parser("generate", help="generate volumes (.nii.gz in physical units, or raw .npy)")
+    s = sub.add_parser(
+        "generate",
+        help="generate volumes (.nii.gz, .nrrd or .mha in physical units, DICOM series in DIR/ or x.zip, or raw .npy)",
+    )
     model_args(s)
     s.add_argument("--seed", type=int)
     s.add_argument("--n", type=int, default=1)
@@ -276,7 +312,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--label", help="class name or index (class-conditional models)")
     s.add_argument("--mode", choices=["auto", "whole", "slab"], default="auto")
     s.add_argument("--budget-mb", type=int, default=None, help="memory budget for G^H (default 1024)")
-    s.add_argument("-o", "--output", required=True)
+    s.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        help="x.nii.gz / x.nii / x.nrrd / x.mha (physical units), x.npy (model space), DIR/ (one DICOM series "
+        "folder per volume: DIR/volume_000/, ...) or x.zip (the same folders in a zip)",
+    )
     COMMANDS["generate"] = cmd_generate
 
     def scan_args(s: argparse.ArgumentParser) -> None:

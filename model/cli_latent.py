@@ -106,11 +106,15 @@ def _parse_steps(s: str) -> list[float]:
         raise SystemExit(f"voxgen traverse: --steps takes comma-separated numbers, e.g. -2,0,2 ({e})") from e
 
 
+STEP_EXTENSIONS = {"nifti": ".nii.gz", "npy": ".npy", "nrrd": ".nrrd", "mha": ".mha"}
+
+
 def cmd_traverse(a: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
     from model.cli import _load, _progress_printer
+    from model.data.export import DicomWriter, VolumeSource
     from model.data.volumes import write_volume
     from model.latent.directions import load_directions, measure_model_volume, traverse
 
@@ -139,11 +143,18 @@ def cmd_traverse(a: argparse.Namespace) -> int:
     out = Path(a.output)
     out.mkdir(parents=True, exist_ok=True)
     report = _progress_printer("traverse")
+    name = Path(a.model).resolve().name
+    dicom = DicomWriter(m.config, f"SYNTHETIC voxgen {name} traverse") if a.format == "dicom" else None
     for i, row in enumerate(rows):
         with torch.no_grad():
             v = m.generate(row["latent"])[0, 0].cpu().numpy()
-        row["file"] = f"step_{i:02d}.nii.gz"
-        write_volume(out / row["file"], v, m.config)
+        src = VolumeSource(name, a.seed if a.latent is None else None, i, len(rows), "step")
+        if dicom is not None:  # one series folder per step: OUT_DIR/step_00/, ...
+            info = dicom.write_folder(out / f"step_{i:02d}", v, src)
+            row["file"], row["series_uid"] = f"step_{i:02d}/", info["series_uid"]
+        else:
+            row["file"] = f"step_{i:02d}{STEP_EXTENSIONS[a.format]}"
+            write_volume(out / row["file"], v, m.config, source=src)
         row["measured"] = measure_model_volume(v, m.config, d.attribute)
         row["latent"] = row["latent"][0].tolist()
         report(i + 1, len(rows), "generate")
@@ -187,5 +198,11 @@ def register(sub: argparse._SubParsersAction, commands: dict[str, Callable[[argp
     )
     s.add_argument("--target", type=float, help="attribute value to reach")
     s.add_argument("--n-steps", type=int, default=5, help="steps from the start to the target (--target)")
+    s.add_argument(
+        "--format",
+        choices=["nifti", "nrrd", "mha", "npy", "dicom"],
+        default="nifti",
+        help="per step: step_00.nii.gz (default), .nrrd, .mha, .npy, or a DICOM series folder step_00/",
+    )
     s.add_argument("-o", "--output", required=True, help="output folder")
     commands["traverse"] = cmd_traverse

@@ -43,6 +43,15 @@ def _check_values(values: list[float], what: str, limit: float) -> None:
             raise ValueError(f"{what} values must lie within +-{limit:g}")
 
 
+OutputFormat = Literal["nifti", "npy", "nrrd", "mha", "dicom"]
+FORMAT_DESCRIPTION = (
+    "nifti: .nii.gz per volume in physical units (CT int16 HU) with the model's affine; nrrd / mha: the same "
+    "voxels and geometry as single-file NRRD / MetaImage; dicom: one zip (dicom.zip) holding one DICOM series "
+    "per volume (one folder each; CT Image Storage in HU or MR Image Storage, int16 with a rescale), marked "
+    "synthetic; npy: the raw float32 model-space array"
+)
+
+
 class GenerateRequest(BaseModel):
     model_config = STRICT
 
@@ -53,7 +62,7 @@ class GenerateRequest(BaseModel):
         None, description="one latent code, or one per volume, instead of a seed"
     )
     label: str | Int | None = Field(None, description="class name or index, for class-conditional models")
-    format: Literal["nifti", "npy"] = Field("nifti", description="nifti: .nii.gz in physical units; npy: model space")
+    format: OutputFormat = Field("nifti", description=FORMAT_DESCRIPTION)
 
     @field_validator("latent")
     @classmethod
@@ -82,7 +91,7 @@ class TraverseRequest(BaseModel):
     )
     n_steps: Int = Field(5, ge=1, le=32, description="volumes between the start and the target")
     label: str | Int | None = None
-    format: Literal["nifti", "npy"] = "nifti"
+    format: OutputFormat = Field("nifti", description=FORMAT_DESCRIPTION)
 
     @field_validator("latent", "direction")
     @classmethod
@@ -150,6 +159,11 @@ class JobResult(BaseModel, extra="allow"):
 
     files: list[ResultFile]
     latent: list[float] | None = None
+    provenance: str | None = Field(
+        None,
+        description="the URL of provenance.json (one of the files): model and sha256 of its weights, voxgen "
+        "version, seed or latent, the request's parameters, device, precision, threads, times",
+    )
 
 
 class JobStatus(BaseModel):

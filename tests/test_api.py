@@ -65,7 +65,14 @@ def test_generate_poll_download_read_back(embedded: TestClient, tmp_path: Path) 
     assert s["state"] == "succeeded", s
     assert s["progress"] == {"done": 1, "total": 1, "stage": "done"} and s["result"]["seed"] == 5
     files = {f["name"]: f for f in s["result"]["files"]}
-    assert set(files) == {"latent.npy", "volume_000.nii.gz", "volume_001.nii.gz", "volume_000.png", "volume_001.png"}
+    assert set(files) == {
+        "latent.npy",
+        "volume_000.nii.gz",
+        "volume_001.nii.gz",
+        "volume_000.png",
+        "volume_001.png",
+        "provenance.json",
+    }
     body = embedded.get(files["volume_000.nii.gz"]["url"]).content
     assert len(body) == files["volume_000.nii.gz"]["bytes"]
     (tmp_path / "v.nii.gz").write_bytes(body)
@@ -165,7 +172,7 @@ def test_encode_an_upload_with_reconstruction(embedded: TestClient, tmp_path: Pa
     s = wait(embedded, r.json()["job_id"])
     assert s["state"] == "succeeded", s
     names = {f["name"] for f in s["result"]["files"]}
-    assert names == {"latent.npy", "reconstruction.nii.gz", "reconstruction.png", "input.png"}
+    assert names == {"latent.npy", "reconstruction.nii.gz", "reconstruction.png", "input.png", "provenance.json"}
     assert len(s["result"]["latent"]) == LATENT
     z = np.load(io.BytesIO(embedded.get(f"/jobs/{s['job_id']}/files/latent.npy").content))
     assert np.allclose(z[0], s["result"]["latent"])

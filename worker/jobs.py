@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from worker import provenance
 from worker.settings import job_threads
 from worker.store import TERMINAL, Storage
 
@@ -58,10 +59,24 @@ def _label_index(model: Any, label: Any) -> int | None:
     return int(label)
 
 
+# the file written per volume for each ``format`` of /generate and /traverse; "dicom": one zip of
+# series (one folder per volume) for the whole job
+EXTENSIONS = {"nifti": ".nii.gz", "npy": ".npy", "nrrd": ".nrrd", "mha": ".mha"}
+DICOM_ZIP = "dicom.zip"
+
+
+def _source(params: dict[str, Any], index: int, count: int, what: str = "volume") -> Any:
+    from model.data.export import VolumeSource
+
+    seed = params.get("seed") if params.get("latent") is None else None
+    return VolumeSource(str(params.get("model") or ""), None if seed is None else int(seed), index, count, what)
+
+
 def job_generate(params: dict[str, Any], model: Any, out: Path, progress: Progress) -> dict[str, Any]:
     import numpy as np
     import torch
 
+    from model.data.export import DicomZip
     from model.data.volumes import write_volume
     from worker.previews import write_preview
 
@@ -70,13 +85,23 @@ def job_generate(params: dict[str, Any], model: Any, out: Path, progress: Progre
     else:
         z = model.sample_latents(int(params.get("n", 1)), int(params["seed"]))
     vols = model.generate(z, _label_index(model, params.get("label")), progress=progress)
-    ext = ".npy" if params.get("format") == "npy" else ".nii.gz"
-    for i in range(vols.shape[0]):
-        v = vols[i, 0].numpy()
-        write_volume(out / f"volume_{i:03d}{ext}", v, model.config)
-        write_preview(out / f"volume_{i:03d}.png", v, model.config)
+    fmt, n = params.get("format") or "nifti", vols.shape[0]
+    extra: dict[str, Any] = {"seed": params.get("seed")}
+    if fmt == "dicom":
+        with DicomZip(out / DICOM_ZIP, model.config, f"SYNTHETIC voxgen {params.get('model')} volumes") as dz:
+            for i in range(n):
+                v = vols[i, 0].numpy()
+                dz.add(f"volume_{i:03d}", v, _source(params, i, n))
+                write_preview(out / f"volume_{i:03d}.png", v, model.config)
+        extra["dicom"] = dz.series  # per volume its folder in the zip and its series UID
+    else:
+        ext = EXTENSIONS[fmt]
+        for i in range(n):
+            v = vols[i, 0].numpy()
+            write_volume(out / f"volume_{i:03d}{ext}", v, model.config, source=_source(params, i, n))
+            write_preview(out / f"volume_{i:03d}.png", v, model.config)
     np.save(out / "latent.npy", z.numpy())  # the latents stay in storage: only small metadata in Redis
-    return {"seed": params.get("seed")}
+    return extra
 
 
 def job_encode(params: dict[str, Any], model: Any, out: Path, progress: Progress) -> dict[str, Any]:
@@ -109,7 +134,8 @@ def job_encode(params: dict[str, Any], model: Any, out: Path, progress: Progress
         if params.get("space", "input") == "input":  # the upload's own grid and affine: it overlays the upload
             write_in_input_space(out / "reconstruction.nii.gz", v[0, 0].numpy(), model.config, info)
         else:
-            write_volume(out / "reconstruction.nii.gz", v[0, 0].numpy(), model.config)
+            src = _source(params | {"latent": "encoded"}, 0, 1, "reconstruction")
+            write_volume(out / "reconstruction.nii.gz", v[0, 0].numpy(), model.config, source=src)
         write_preview(out / "reconstruction.png", v[0, 0].numpy(), model.config)  # beside input.png: model grid
         return {"latent": z[0].tolist(), "space": params.get("space", "input")}
     return {"latent": z[0].tolist()}
@@ -119,6 +145,7 @@ def job_traverse(params: dict[str, Any], model: Any, out: Path, progress: Progre
     import numpy as np
     import torch
 
+    from model.data.export import DicomZip
     from model.data.volumes import write_volume
     from model.latent.directions import Direction, measure_attribute, traverse
     from worker.previews import write_preview
@@ -146,20 +173,37 @@ def job_traverse(params: dict[str, Any], model: Any, out: Path, progress: Progre
         n_steps=int(params.get("n_steps", 5)),
     )
     label = _label_index(model, params.get("label"))
-    ext = ".npy" if params.get("format") == "npy" else ".nii.gz"
+    fmt = params.get("format") or "nifti"
+    dz = None
+    if fmt == "dicom":
+        dz = DicomZip(out / DICOM_ZIP, model.config, f"SYNTHETIC voxgen {params.get('model')} traverse")
     steps = []
-    for i, row in enumerate(rows):
-        v = model.generate(row["latent"], label)[0, 0].numpy()
-        write_volume(out / f"step_{i:02d}{ext}", v, model.config)
-        write_preview(out / f"step_{i:02d}.png", v, model.config)
-        entry = {"alpha": row["alpha"], "latent": row["latent"][0].tolist(), "file": f"step_{i:02d}{ext}"}
-        if direction.attribute:
-            entry["predicted"] = row["predicted"]
-            entry["measured"] = measure_attribute(
-                model.config.intensity.to_physical(v), model.config.spacing, direction.attribute
-            )
-        steps.append(entry)
-        progress(i + 1, len(rows), "generate")
+    try:
+        for i, row in enumerate(rows):
+            v = model.generate(row["latent"], label)[0, 0].numpy()
+            src = _source(params, i, len(rows), "step")
+            if dz is not None:  # one series per step, in the folder step_XX of dicom.zip
+                info = dz.add(f"step_{i:02d}", v, src)
+                entry = {"alpha": row["alpha"], "latent": row["latent"][0].tolist(), "file": DICOM_ZIP}
+                entry |= {"folder": info["folder"], "series_uid": info["series_uid"]}
+            else:
+                name = f"step_{i:02d}{EXTENSIONS[fmt]}"
+                write_volume(out / name, v, model.config, source=src)
+                entry = {"alpha": row["alpha"], "latent": row["latent"][0].tolist(), "file": name}
+            write_preview(out / f"step_{i:02d}.png", v, model.config)
+            if direction.attribute:
+                entry["predicted"] = row["predicted"]
+                entry["measured"] = measure_attribute(
+                    model.config.intensity.to_physical(v), model.config.spacing, direction.attribute
+                )
+            steps.append(entry)
+            progress(i + 1, len(rows), "generate")
+    except BaseException:
+        if dz is not None:
+            dz.abort()  # nothing half-written stays in the job's folder
+        raise
+    if dz is not None:
+        dz.close()
     np.save(out / "latents.npy", np.stack([np.asarray(s["latent"], np.float32) for s in steps]))
     return {"direction": direction.name, "attribute": direction.attribute or None, "steps": steps}
 
@@ -296,10 +340,25 @@ def execute(
         extra = fn(params, model, scratch, progress)
         cur = records.get(job_id)
         if cur is not None and mine(cur):  # not cancelled or superseded meanwhile
+            doc = provenance.build(
+                job_id=job_id,
+                rec=rec,
+                params=params,
+                model=model,
+                models_dir=models_dir,
+                scratch=scratch,
+                device=dev,
+                threads=n_threads,
+                worker=worker_name(),
+                started=now,
+                finished=time.time(),
+            )
+            provenance.write(scratch, doc)  # beside the results, listed with them
             files = storage.publish(job_id, scratch)
             for f in files:
                 f["url"] = f"/jobs/{job_id}/files/{f['name']}"
-            result = {"files": files} | {k: v for k, v in extra.items() if v is not None}
+            result = {"files": files, "provenance": f"/jobs/{job_id}/files/{provenance.NAME}"}
+            result |= {k: v for k, v in extra.items() if v is not None}
             done = finish(state="succeeded", result=result, progress={"done": 1, "total": 1, "stage": "done"})
             if done is not None:
                 _keep_record_copy(storage, job_id, done)

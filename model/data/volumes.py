@@ -1008,7 +1008,9 @@ def write_in_input_space(path: str | os.PathLike, v_model: np.ndarray, config: A
     data = _physical(to_input_grid(v_model, info, config), config.intensity)
     img = nib.Nifti1Image(np.ascontiguousarray(data.transpose(2, 1, 0)), np.asarray(geo["affine"], dtype=np.float64))
     img.header.set_xyzt_units("mm")
-    img.header["descrip"] = f"voxgen {config.family} reconstruction ({config.intensity.units})".encode()[:79]
+    from model.data.export import mark_nifti_synthetic
+
+    mark_nifti_synthetic(img.header, config, kind="reconstruction")  # descrip and intent_name: SYNTHETIC
     img.set_qform(img.affine, code=1)
     img.set_sform(img.affine, code=1)
     _write_atomic(p, lambda f: _write_nifti_bytes(f, img.to_bytes(), ext == ".nii.gz"))
@@ -1082,28 +1084,36 @@ def nifti_image(data_dhw: np.ndarray, spacing_xyz: tuple[float, float, float], d
     return img
 
 
-def write_volume(path: str | os.PathLike, v_model: np.ndarray, config: Any) -> None:
+def write_volume(path: str | os.PathLike, v_model: np.ndarray, config: Any, source: Any = None) -> None:
     """Write a model-space (D, H, W) volume: .nii/.nii.gz in physical units with the RAS affine
-    (CT: int16 HU, rounded and clipped; MRI: float32), .npy as the raw float32 array.  Atomic: a
-    temporary file in the same folder is renamed over ``path``, so a reader never sees a
-    half-written file and a failed write leaves an existing file untouched."""
+    (CT: int16 HU, rounded and clipped; MRI: float32), its header marked synthetic (``descrip``
+    names voxgen and, from ``source`` (an ``export.VolumeSource``), the model and seed;
+    intent_name ``SYNTHETIC``); .nrrd / .mha the same voxels and geometry through SimpleITK
+    (model/data/export.py); .npy the raw float32 array.  Atomic: a temporary file in the same
+    folder is renamed over ``path``, so a reader never sees a half-written file and a failed write
+    leaves an existing file untouched."""
     p = Path(path)
     ext = _suffix(p)
-    if ext not in (".npy", ".nii.gz", ".nii"):
-        raise VolumeError(f"{p.name}: cannot write {ext or '(no extension)'}; use .nii.gz, .nii or .npy")
+    if ext not in (".npy", ".nii.gz", ".nii", ".nrrd", ".mha"):
+        raise VolumeError(f"{p.name}: cannot write {ext or '(no extension)'}; use .nii.gz, .nii, .nrrd, .mha or .npy")
     v = np.asarray(v_model, dtype=np.float32)
     if v.ndim != 3 or v.size == 0:
         raise VolumeError(f"expected a non-empty 3D volume (D, H, W), got shape {v.shape}")
     if not np.isfinite(v).all():
         raise VolumeError(f"{p.name}: the volume has NaN or infinite values; refusing to write it")
+    from model.data.export import mark_nifti_synthetic, write_sitk_volume
+
+    if ext in (".nrrd", ".mha"):
+        write_sitk_volume(p, v, config, source)
+        return
 
     def write(f: Any) -> None:
         if ext == ".npy":
             np.save(f, v)
             return
-        desc = f"voxgen {config.family} {config.modality} ({config.intensity.units})"
-        raw = nifti_image(_physical(v, config.intensity), config.spacing, desc).to_bytes()
-        _write_nifti_bytes(f, raw, ext == ".nii.gz")
+        img = nifti_image(_physical(v, config.intensity), config.spacing)
+        mark_nifti_synthetic(img.header, config, source)
+        _write_nifti_bytes(f, img.to_bytes(), ext == ".nii.gz")
 
     _write_atomic(p, write)
 

@@ -27,7 +27,13 @@ _FIELDS = (
     "threads",
     "gpu_peak_bytes",
 )
-_MEDIA = {".gz": "application/gzip", ".png": "image/png", ".json": "application/json", ".jsonl": "application/json"}
+_MEDIA = {
+    ".gz": "application/gzip",
+    ".png": "image/png",
+    ".json": "application/json",
+    ".jsonl": "application/json",
+    ".zip": "application/zip",
+}
 
 
 def status(rec: dict[str, Any]) -> JobStatus:
