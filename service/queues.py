@@ -2,7 +2,8 @@
 
 Both take ``submit(job_id, attempt, kind)`` (an encode job's upload is first pushed to shared
 storage: ``storage.commit_upload``), answer ``ping()``, ``pending()`` and ``queue_depth()`` (jobs
-waiting per queue, for GET /metrics), and expose the job ``records``."""
+waiting per queue, for GET /metrics), and expose the job ``records`` and ``waits`` (service/waits.py:
+woken by the records' pushed state changes, for the long poll ``GET /jobs/{id}?wait=S``)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import queue
 import threading
 import time
 
+from service.waits import JobWaits
 from worker.logs import bind_job, job_context, task_id_for
 from worker.settings import Settings, celery_conf
 from worker.store import MemoryRecords, RedisRecords, S3Storage, Storage, queue_for
@@ -33,6 +35,8 @@ class EmbeddedQueue:
         self.settings = settings
         self.storage = storage
         self.records = MemoryRecords()
+        self.waits = JobWaits()
+        self.records.subscribe(self.waits.notify)  # the worker thread's writes wake the long polls
         self._q: queue.Queue[tuple[str, int] | None] = queue.Queue()
         # this process's job records start empty: any scratch folder here is a previous process's
         if n := storage.sweep_scratch(self.records):
@@ -108,6 +112,12 @@ class CeleryQueue:
         self._stop = threading.Event()
         self._reaper = threading.Thread(target=self._reap_loop, name="voxgen-reaper", daemon=True)
         self._reaper.start()
+        # every process's state changes arrive by Redis pub/sub and wake this process's long polls
+        self.waits = JobWaits()
+        self._events = threading.Thread(
+            target=self.records.listen, args=(self.waits.notify, self._stop), name="voxgen-events", daemon=True
+        )
+        self._events.start()
 
     def submit(self, job_id: str, attempt: int, kind: str) -> None:
         bind_job(job_id, attempt=attempt)

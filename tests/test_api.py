@@ -790,3 +790,81 @@ def test_stale_and_duplicate_deliveries_do_not_run(service_models_dir: Path, tmp
     done = recs.get(jid)
     assert done["state"] == "succeeded" and done["lease_until"] is None
     assert [f["name"] for f in done["result"]["files"]] == ["latent.npy", "volume_000.npy", "volume_000.png"]
+
+
+# ------------------------------------------------------------------------------------ model cards, long poll
+CARD = "# tiny\n\nA **test** model card.\n\n<script>alert(1)</script>\n\n| a | b |\n|---|---|\n| 1 | 2 |\n"
+
+
+def test_model_card_is_served_as_markdown(embedded: TestClient) -> None:
+    models_dir = embedded.app.state.settings.models_dir
+    (models_dir / "tiny" / "README.md").write_text(CARD)
+    r = embedded.get("/models/tiny/card")
+    assert r.status_code == 200 and r.text == CARD
+    assert r.headers["content-type"].startswith("text/markdown")
+    # no card, unknown model, a name with a path: 404 with a message that names no server path
+    for name, msg in (("cond", "has no model card"), ("nope", "unknown model"), ("..%2Ftiny", "")):
+        r = embedded.get(f"/models/{name}/card")
+        assert r.status_code == 404 and msg in r.json()["detail"], (name, r.text)
+        assert str(models_dir) not in r.text and "README" not in r.text
+    spec = embedded.get("/openapi.json").json()["paths"]["/models/{name}/card"]["get"]
+    assert "text/markdown" in spec["responses"]["200"]["content"] and "404" in spec["responses"]
+
+
+def test_long_poll_returns_when_the_job_ends(embedded: TestClient) -> None:
+    """GET /jobs/{id}?wait=S: the job's final status as soon as it ends; after S seconds (capped)
+    the status then; a finished job's at once."""
+    import service.routes.jobs as jobs_route
+
+    waits = embedded.app.state.jobs.waits
+    jid = embedded.post("/generate", json={"model": "big", "seed": 3, "format": "npy"}).json()["job_id"]
+    s = embedded.get(f"/jobs/{jid}?wait=0.2").json()  # a 256^3 job does not end in 0.2 s
+    assert s["state"] in ("queued", "running"), s
+    s = embedded.get(f"/jobs/{jid}?wait=300").json()  # capped at 60 s; the job ends well before
+    if s["state"] not in ("succeeded", "failed", "cancelled"):  # a very slow machine: ask again
+        s = embedded.get(f"/jobs/{jid}?wait=300").json()
+    assert s["state"] == "succeeded" and s["result"]["files"], s
+    t = time.monotonic()
+    assert embedded.get(f"/jobs/{jid}?wait=60").json() == s  # finished: answered at once, the same status
+    assert time.monotonic() - t < 30
+    assert waits.waiting() == 0
+    # the cap: a huge wait on a running job comes back after the (here lowered) maximum, not never
+    jid = embedded.post("/generate", json={"model": "big", "seed": 4, "format": "npy"}).json()["job_id"]
+    old = jobs_route.WAIT_MAX_SECONDS
+    jobs_route.WAIT_MAX_SECONDS = 0.3
+    try:
+        assert embedded.get(f"/jobs/{jid}?wait=1e9").json()["state"] in ("queued", "running")
+    finally:
+        jobs_route.WAIT_MAX_SECONDS = old
+    embedded.delete(f"/jobs/{jid}")
+    for bad in ("-1", "soon", "nan"):
+        r = embedded.get(f"/jobs/{jid}?wait={bad}")
+        assert r.status_code == 422 and r.json()["errors"][0]["loc"] == ["query", "wait"], r.text
+    assert embedded.get("/jobs/" + "0" * 32 + "?wait=5").status_code == 404
+    _wait_idle(embedded)
+
+
+def _wait_idle(client: TestClient) -> None:
+    """Until the embedded worker thread has finished every job (a cancelled one stops at its next step)."""
+    t = time.monotonic()
+    while client.app.state.jobs.pending() and time.monotonic() - t < 120:
+        time.sleep(0.1)
+
+
+def test_long_poll_is_woken_by_a_cancel(embedded: TestClient) -> None:
+    """A waiting request is woken by a state change any writer makes (here DELETE from another
+    request), not by polling: it answers 'cancelled' long before its wait."""
+    import threading
+
+    jid = embedded.post("/generate", json={"model": "big", "seed": 5, "n": 4, "format": "npy"}).json()["job_id"]
+    got: dict = {}
+    waiter = threading.Thread(target=lambda: got.update(embedded.get(f"/jobs/{jid}?wait=60").json()))
+    t = time.monotonic()
+    waiter.start()
+    while embedded.app.state.jobs.waits.waiting() == 0:  # the request is asleep on its event
+        assert waiter.is_alive() and time.monotonic() - t < 30, got
+        time.sleep(0.02)
+    assert embedded.delete(f"/jobs/{jid}").json()["action"] == "cancelled"
+    waiter.join(60)
+    assert got["state"] == "cancelled" and time.monotonic() - t < 45, got
+    _wait_idle(embedded)

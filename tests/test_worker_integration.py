@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -122,3 +123,30 @@ def test_killed_worker_does_not_lose_the_job(celery: TestClient) -> None:
     names = [f["name"] for f in s["result"]["files"]]
     assert [n for n in names if n.endswith(".npy")][-1] == "volume_005.npy"
     assert "volume_005.png" in names  # its preview too
+
+
+def test_celery_long_poll_is_pushed_by_redis(celery: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    """GET /jobs/{id}?wait=S on Celery: the worker's state changes reach the API by Redis pub/sub.
+    With the safety re-read pushed out of reach, only the push can end the wait early: the answer
+    is the final status, well before the wait."""
+    import service.routes.jobs as jobs_route
+
+    monkeypatch.setattr(jobs_route, "RECHECK_SECONDS", 1000.0)
+    jid = celery.post("/generate", json={"model": "tiny", "seed": 21, "format": "npy"}).json()["job_id"]
+    t = time.monotonic()
+    s = celery.get(f"/jobs/{jid}?wait=60").json()
+    assert s["state"] == "succeeded" and time.monotonic() - t < 55, s
+    # a long job: a short wait answers with the status then; a cancel (the API's own write) wakes a waiter
+    jid = celery.post("/generate", json={"model": "big", "seed": 22, "n": 4, "format": "npy"}).json()["job_id"]
+    assert celery.get(f"/jobs/{jid}?wait=0.3").json()["state"] in ("queued", "running")
+    got: dict = {}
+    waiter = threading.Thread(target=lambda: got.update(celery.get(f"/jobs/{jid}?wait=60").json()))
+    t = time.monotonic()
+    waiter.start()
+    while celery.app.state.jobs.waits.waiting() == 0:
+        assert waiter.is_alive() and time.monotonic() - t < 30, got
+        time.sleep(0.02)
+    assert celery.delete(f"/jobs/{jid}").json()["action"] == "cancelled"
+    waiter.join(60)
+    assert got["state"] == "cancelled" and time.monotonic() - t < 55, got
+    assert celery.app.state.jobs.waits.waiting() == 0

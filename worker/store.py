@@ -27,6 +27,11 @@
   and the worker's reported GPU memory peak, in the same atomic write as the record itself (Redis:
   the same MULTI; memory: the same lock).  So the counts are exact whichever process -- API, reaper,
   worker -- made the change, once per change, and they outlive the records' TTL.
+* State changes are pushed, not polled: every write that changes a record's state (and every
+  deletion) tells the listeners -- in memory, callbacks run by the writing thread
+  (``MemoryRecords.subscribe``); in Redis, a PUBLISH on ``voxgen:events`` in the same MULTI as the
+  record, read by one subscriber thread per API process (``RedisRecords.listen``).  The API's long
+  poll ``GET /jobs/{id}?wait=S`` sleeps on them (service/waits.py).
 """
 
 from __future__ import annotations
@@ -554,6 +559,19 @@ class MemoryRecords:
         self._d: dict[str, dict[str, Any]] = {}
         self._lock = threading.Lock()
         self._stats = empty_stats()
+        self._listeners: list[Callable[[str], None]] = []
+
+    def subscribe(self, listener: Callable[[str], None]) -> None:
+        """Call ``listener(job_id)`` after every write that changes a job's state (a submission, a
+        state change, a deletion, a restored record), in the writing thread, outside the lock."""
+        self._listeners.append(listener)
+
+    def _notify(self, job_id: str) -> None:
+        for fn in self._listeners:
+            try:
+                fn(job_id)
+            except Exception:  # a listener's failure must not fail the write
+                pass
 
     def _count(self, ch: dict[str, Any] | None) -> None:  # under the lock
         if ch is None:
@@ -576,6 +594,7 @@ class MemoryRecords:
         with self._lock:
             self._d[rec["id"]] = json.loads(json.dumps(rec))
             self._count(_changes(None, rec))
+        self._notify(rec["id"])
 
     def get(self, job_id: str) -> dict[str, Any] | None:
         with self._lock:
@@ -593,8 +612,12 @@ class MemoryRecords:
                 return None
             old_state = r["state"]
             r.update(json.loads(json.dumps(fields)))
-            self._count(_changes({"state": old_state}, r))
-            return json.loads(json.dumps(r))
+            changed = _changes({"state": old_state}, r)
+            self._count(changed)
+            out = json.loads(json.dumps(r))
+        if changed is not None:
+            self._notify(job_id)
+        return out
 
     def all_ids(self) -> list[str]:
         with self._lock:
@@ -624,6 +647,7 @@ class MemoryRecords:
     def delete(self, job_id: str) -> None:
         with self._lock:
             self._d.pop(job_id, None)
+        self._notify(job_id)
 
     def restore(self, rec: dict[str, Any], ttl_seconds: float) -> bool:
         """Put back a record this store lost (from the copy beside the job's files), unless one is
@@ -634,7 +658,8 @@ class MemoryRecords:
             if rec["id"] in self._d:
                 return False
             self._d[rec["id"]] = json.loads(json.dumps(rec))
-            return True
+        self._notify(rec["id"])
+        return True
 
     def ping(self) -> bool:
         return True
@@ -649,6 +674,7 @@ class RedisRecords:
 
     PREFIX = "voxgen:job:"
     ACTIVE = "voxgen:active"
+    EVENTS = "voxgen:events"  # pub/sub channel: "{job id} {state}" after each state change ("deleted")
     COUNTS = "voxgen:stats:counts"
     DURATIONS = "voxgen:stats:durations"
     GPU_PEAK = "voxgen:stats:gpu_peak"
@@ -656,12 +682,14 @@ class RedisRecords:
     def __init__(self, url: str, ttl_seconds: float) -> None:
         import redis
 
+        self.url = url
         self.r = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
         self.ttl = max(60, int(ttl_seconds))
 
     def _count(self, pipe: Any, job_id: str, new: dict[str, Any], ch: dict[str, Any] | None) -> None:
         if ch is None:
             return
+        pipe.publish(self.EVENTS, f"{job_id} {new['state']}")  # in the same MULTI: sent once the write is
         kind, model = ch["labels"]
         pipe.hincrby(self.COUNTS, _SEP.join((ch["event"], kind, model)), 1)
         if ch["active"]:
@@ -766,7 +794,34 @@ class RedisRecords:
         with self.r.pipeline(transaction=True) as pipe:
             pipe.delete(self.PREFIX + job_id)
             pipe.hdel(self.ACTIVE, job_id)
+            pipe.publish(self.EVENTS, f"{job_id} deleted")
             pipe.execute()
+
+    def listen(self, on_event: Callable[[str | None], None], stop: threading.Event) -> None:
+        """Until ``stop`` is set: call ``on_event(job_id)`` for every state change any process
+        published (``voxgen:events``), and ``on_event(None)`` -- "anything may have changed" -- each
+        time the subscription is (re)established, since messages sent while it was down are lost.
+        Blocks in Redis (one connection, a 1 s read timeout to notice ``stop``); run it in a thread."""
+        import redis
+
+        client = redis.Redis.from_url(self.url, socket_connect_timeout=5, health_check_interval=30)
+        while not stop.is_set():
+            pubsub = client.pubsub(ignore_subscribe_messages=True)
+            try:
+                pubsub.subscribe(self.EVENTS)
+                on_event(None)
+                while not stop.is_set():
+                    msg = pubsub.get_message(timeout=1.0)
+                    if msg and msg.get("type") == "message":
+                        on_event(msg["data"].decode(errors="replace").split(" ", 1)[0])
+            except (redis.RedisError, OSError):  # Redis away for a moment: resubscribe
+                stop.wait(1.0)
+            finally:
+                try:
+                    pubsub.close()
+                except Exception:
+                    pass
+        client.close()
 
     def restore(self, rec: dict[str, Any], ttl_seconds: float | None = None) -> bool:
         """Put back a record Redis lost (restarted without persistence), from the copy beside the

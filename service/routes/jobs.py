@@ -1,15 +1,18 @@
 from __future__ import annotations
 
+import asyncio
 import time
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Request
+from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
 from service.errors import error_responses
 from service.routes.common import job_record
 from service.schemas import JobDeleted, JobStatus
 from service.storage import file_response
+from service.waits import RECHECK_SECONDS, WAIT_MAX_SECONDS
 from worker.store import TERMINAL
 
 router = APIRouter(tags=["jobs"])
@@ -41,10 +44,40 @@ def status(rec: dict[str, Any]) -> JobStatus:
 
 
 @router.get("/jobs/{job_id}", response_model_exclude_none=True, responses=error_responses(404, 422))
-def job_status(request: Request, job_id: str) -> JobStatus:
+async def job_status(
+    request: Request,
+    job_id: str,
+    wait: Annotated[
+        float | None,
+        Query(
+            ge=0,
+            description="long poll: answer as soon as the job has ended (succeeded, failed, cancelled), or "
+            f"after this many seconds with its status then (at most {WAIT_MAX_SECONDS:g}: a larger value is "
+            "capped); absent or 0: at once",
+        ),
+    ] = None,
+) -> JobStatus:
     """State, progress and, once succeeded, the result: files (complete once listed) and small
-    inline values (an encode job's latent, a traverse job's steps)."""
-    return status(job_record(request, job_id))
+    inline values (an encode job's latent, a traverse job's steps).  With ``wait`` the request is
+    a long poll: it returns when the job ends, pushed by the record store (no polling), or when
+    ``wait`` seconds have passed; a client loops on it instead of polling often."""
+    if not wait:
+        return status(await run_in_threadpool(job_record, request, job_id))
+    deadline = time.monotonic() + min(float(wait), WAIT_MAX_SECONDS)
+    # registered before the first read, cleared before each later one: no state change is missed
+    with request.app.state.jobs.waits.watch(job_id) as changed:
+        rec = await run_in_threadpool(job_record, request, job_id)
+        while rec["state"] not in TERMINAL:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                await asyncio.wait_for(changed.wait(), min(left, RECHECK_SECONDS))
+            except asyncio.TimeoutError:
+                pass
+            changed.clear()
+            rec = await run_in_threadpool(job_record, request, job_id)  # 404 if deleted meanwhile
+    return status(rec)
 
 
 _FILE_RESPONSES: dict[int | str, dict[str, Any]] = {
