@@ -8,7 +8,8 @@ high-resolution crop and the generated one cover the same slices) and runs, as t
 2. G step: non-saturating BCE against D (+ lambda_class * cross-entropy).
 3. E^H step: L1 between the real sub-volume and G^H(E^H(sub-volume)), G frozen.
 4. E^G step: L1 on the sub-volume and on the low-resolution volume, reconstructed by the frozen G
-   from E^G(E^H features of all slabs); E^H frozen.
+   from E^G(E^H features of all slabs); E^H frozen.  With ``lambda_rec`` > 0 this reconstruction
+   joins the G step instead, with gradients into G as well (steps 2 and 4 become one).
 
 Adam (0, 0.999), lr 1e-4 for G and the encoders, 4e-4 for D.  Checkpoints are model directories
 plus optimizer and RNG state in safetensors/JSON (no pickles); ``resume`` continues bit for bit.
@@ -20,7 +21,10 @@ and that the encoders learn to invert (``ema``), G^H normalised with whole-volum
 statistics as at inference (``whole_stats``), sub-volumes starting at any slice (``any_start``),
 the low-resolution real volume average-pooled instead of nearest-sampled (``lowres``), GroupNorm
 groups of at least two channels (``norm_min_group``), and for the encoder a latent reconstruction
-term on generated volumes and a prior on its codes (``lambda_latent``, ``lambda_prior``).
+term on generated volumes and a prior on its codes (``lambda_latent``, ``lambda_prior``), and G
+learning to reconstruct the real volumes from their codes beside fooling D (``lambda_rec``): a GAN's
+generator alone, on a few CPU iterations, spends hundreds of them on blobs before any anatomy, while a
+reconstruction signal gives it the anatomy of every training volume from the first iterations.
 ``monitor_every`` runs the evaluation's texture distance on a few EMA samples (``monitor``) and keeps
 the best model in RUN/best.
 """
@@ -93,6 +97,10 @@ DEFAULTS: dict[str, Any] = {
     "norm_min_group": 1,
     "lambda_latent": 0.0,  # E^G: L1 between z and E(G(z)) for generated volumes
     "lambda_prior": 0.0,  # E^G: its codes' per-sample mean 0 and mean square 1
+    # G and E^G trained together to reconstruct the real volume (alpha-GAN / VAE-GAN style): the G step
+    # adds lambda_rec * L1 of G(E^G(E^H features)) against the real sub-volume and low-resolution
+    # volume, with gradients into G and E^G (0: the authors' encoder, trained through a frozen G)
+    "lambda_rec": 0.0,
     "monitor_every": 0,  # quality monitor every N iterations (0: off)
     "monitor_n": 8,
     "keep_checkpoints": 3,  # the newest K checkpoints are kept (0: all); RUN/best is kept apart
@@ -215,7 +223,7 @@ class Trainer:
             description=f"HA-GAN trained by voxgen train on {mf.get('source', '?')}",
             norm_min_group=int(self.o["norm_min_group"]),
             preprocess=dict(mf.get("preprocess") or {}),
-            training={k: self.o[k] for k in ("recipe", *RECIPES["small-data"], "width", "latent_dim", "batch")},
+            training={k: self.o[k] for k in ("recipe", *RECIPES["small-data"], "lambda_rec", "width", "latent_dim", "batch")},
         )
         if self.cfg.preprocess.get("mode") == "physical":
             self.cfg.spacing = tuple(float(v) for v in self.cfg.preprocess["spacing"])  # type: ignore[assignment]
@@ -329,7 +337,32 @@ class Trainer:
         self._update("d")
         losses["d_real"], losses["d_fake"] = float(d_real.detach()), float(d_fake.detach())
 
-        # 2. G
+        def eg_terms(z_e: torch.Tensor, rec: torch.Tensor) -> torch.Tensor:
+            """E^G's loss: the reconstruction, its codes' prior and the latent term on generated volumes."""
+            loss = rec
+            if self.o["lambda_prior"]:
+                ze = z_e.float()
+                prior = (ze.mean(1) ** 2 + (ze.square().mean(1) - 1) ** 2).mean()
+                loss = loss + float(self.o["lambda_prior"]) * prior
+                losses["e_prior"] = float(prior.detach())
+            if self.o["lambda_latent"]:
+                with torch.no_grad():
+                    zf = z()
+                    fake = gen.gh(gen.features(zf, labels))  # whole volumes, as a user would encode them
+                    ffeats = net.encode_features(fake, self.slabs_per_call, self.channels_last)
+                    del fake
+                lat = (net.eg(ffeats).float() - zf).abs().mean()
+                loss = loss + float(self.o["lambda_latent"]) * lat
+                losses["e_latent"] = float(lat.detach())
+            return loss
+
+        joint = float(self.o["lambda_rec"])
+        feats = None
+        if joint:  # E^H features of every slab, for the reconstruction in the G step
+            with torch.no_grad(), ac():
+                feats = net.encode_features(x, self.slabs_per_call, self.channels_last)
+
+        # 2. G (with lambda_rec: and E^G, on the reconstruction of the real volume too)
         _requires_grad(net, OPTIMIZERS["d"], False)
         self.opts["g"].zero_grad(set_to_none=True)
         with ac():
@@ -338,11 +371,21 @@ class Trainer:
             g_loss = bce(logit, ones)
             if cls is not None:
                 g_loss = g_loss + self.o["lambda_class"] * ce(cls, labels)
-        g_loss.backward()
+            total = g_loss
+            if feats is not None:
+                self.opts["eg"].zero_grad(set_to_none=True)
+                z_e = net.eg(feats)
+                rec_hi, rec_lo = net.generate_train(z_e, r, labels, ws)
+                rec = (l1(rec_hi, x_crop) + l1(rec_lo, x_low)) / 2
+                losses["e_g"] = float(rec.detach())
+                total = total + joint * eg_terms(z_e, rec)
+        total.backward()
         self._update("g")
+        if feats is not None:
+            self._update("eg")
         self._ema_update()
         losses["g"] = float(g_loss.detach())
-        del fake_hi, fake_lo
+        del fake_hi, fake_lo, total
 
         # 3. E^H: reconstruct the real sub-volume through the frozen G^H
         _requires_grad(net, OPTIMIZERS["g"], False)
@@ -353,31 +396,19 @@ class Trainer:
         self._update("eh")
         losses["e_h"] = float(e_loss.detach())
 
-        # 4. E^G: through the frozen G, from the E^H features of every slab
-        with torch.no_grad(), ac():
-            feats = net.encode_features(x, self.slabs_per_call, self.channels_last)
-        self.opts["eg"].zero_grad(set_to_none=True)
-        with ac():
-            z_e = net.eg(feats)
-            rec_hi, rec_lo = gen.generate_train(z_e, r, labels, ws)
-            eg_loss = (l1(rec_hi, x_crop) + l1(rec_lo, x_low)) / 2
-            losses["e_g"] = float(eg_loss.detach())
-            if self.o["lambda_prior"]:
-                ze = z_e.float()
-                prior = (ze.mean(1) ** 2 + (ze.square().mean(1) - 1) ** 2).mean()
-                eg_loss = eg_loss + float(self.o["lambda_prior"]) * prior
-                losses["e_prior"] = float(prior.detach())
-            if self.o["lambda_latent"]:
-                with torch.no_grad():
-                    zf = z()
-                    fake = gen.gh(gen.features(zf, labels))  # whole volumes, as a user would encode them
-                    ffeats = net.encode_features(fake, self.slabs_per_call, self.channels_last)
-                    del fake
-                lat = (net.eg(ffeats).float() - zf).abs().mean()
-                eg_loss = eg_loss + float(self.o["lambda_latent"]) * lat
-                losses["e_latent"] = float(lat.detach())
-        eg_loss.backward()
-        self._update("eg")
+        # 4. E^G: through the frozen G, from the E^H features of every slab (done in step 2 when joint)
+        if feats is None:
+            with torch.no_grad(), ac():
+                feats = net.encode_features(x, self.slabs_per_call, self.channels_last)
+            self.opts["eg"].zero_grad(set_to_none=True)
+            with ac():
+                z_e = net.eg(feats)
+                rec_hi, rec_lo = gen.generate_train(z_e, r, labels, ws)
+                rec = (l1(rec_hi, x_crop) + l1(rec_lo, x_low)) / 2
+                losses["e_g"] = float(rec.detach())
+                eg_loss = eg_terms(z_e, rec)
+            eg_loss.backward()
+            self._update("eg")
         _requires_grad(net, OPTIMIZERS["g"], True)
         self.iteration += 1
         return losses
