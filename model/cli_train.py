@@ -122,7 +122,7 @@ def register(sub: argparse._SubParsersAction, commands: dict[str, Callable]) -> 
     g.add_argument("--lambda-latent", type=float, help="encoder: weight of |E(G(z)) - z|")
     g.add_argument("--lambda-prior", type=float, help="encoder: weight of the prior on its codes")
     g.add_argument(
-        "--lambda-rec", type=float, help="G and E^G learn together to reconstruct the real volumes, this weight (0: off)"
+        "--lambda-rec", type=float, help="G and E^G learn together to reconstruct the real volumes: its weight (0: off)"
     )
     g.add_argument("--monitor-every", type=int, help="quality monitor every N iterations (0: off)")
     g.add_argument("--monitor-n", type=int, help="volumes the quality monitor generates (default 8)")

@@ -789,7 +789,8 @@ def test_stale_and_duplicate_deliveries_do_not_run(service_models_dir: Path, tmp
     execute(jid, 2, recs, st, service_models_dir, device="cpu")
     done = recs.get(jid)
     assert done["state"] == "succeeded" and done["lease_until"] is None
-    assert [f["name"] for f in done["result"]["files"]] == ["latent.npy", "volume_000.npy", "volume_000.png"]
+    names = [f["name"] for f in done["result"]["files"]]
+    assert names == ["latent.npy", "provenance.json", "volume_000.npy", "volume_000.png"]
 
 
 # ------------------------------------------------------------------------------------ model cards, long poll

@@ -194,10 +194,9 @@ def test_a_killed_upload_is_never_listed(s3_endpoint: str, redis_url: str, tmp_p
         jobs.execute(jid, 2, recs, st, tmp_path, device="cpu", lease_seconds=1.5)
         done = api.get(f"/jobs/{jid}").json()
         assert done["state"] == "succeeded"
-        assert {f["name"]: f["bytes"] for f in done["result"]["files"]} == {
-            "a_small.npy": 100,
-            "b_large.nii.gz": len(big),
-        }
+        listed = {f["name"]: f["bytes"] for f in done["result"]["files"]}
+        assert listed.pop("provenance.json") > 0  # every job's results carry their provenance
+        assert listed == {"a_small.npy": 100, "b_large.nii.gz": len(big)}
         body = api.get(f"/jobs/{jid}/files/b_large.nii.gz")
         assert body.status_code == 200 and body.content == big
     # cleanup: the dead worker's incomplete upload is aborted and the expired job's objects deleted

@@ -121,6 +121,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         "monitor_every": 100,
     },
 }
+_RECORDED = ("lambda_rec", "width", "latent_dim", "batch")  # in config.training beside the recipe's parts
 _SWITCHES = ("augment", "diffaug", "whole_stats", "any_start")
 
 # glibc mallopt parameters (malloc.h)
@@ -223,7 +224,7 @@ class Trainer:
             description=f"HA-GAN trained by voxgen train on {mf.get('source', '?')}",
             norm_min_group=int(self.o["norm_min_group"]),
             preprocess=dict(mf.get("preprocess") or {}),
-            training={k: self.o[k] for k in ("recipe", *RECIPES["small-data"], "lambda_rec", "width", "latent_dim", "batch")},
+            training={k: self.o[k] for k in ("recipe", *RECIPES["small-data"], *_RECORDED)},
         )
         if self.cfg.preprocess.get("mode") == "physical":
             self.cfg.spacing = tuple(float(v) for v in self.cfg.preprocess["spacing"])  # type: ignore[assignment]
