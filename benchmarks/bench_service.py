@@ -1,21 +1,32 @@
-"""The service's own overhead, and throughput with one and two Celery workers.
+"""The service's own overhead, on both queues, and throughput with one and two Celery workers.
 
 Starts its own redis-server (free port) and `voxgen worker` processes, runs the API in-process
-(FastAPI TestClient, Celery mode), and compares, in one run:
+(FastAPI TestClient: one app on the embedded queue, one in Celery mode), and compares, in one run,
+round by round (each round runs every path once with the same seed, so background load on a shared
+machine falls on all of them alike):
 
-  direct   model.generate + write_volume (.nii.gz), the work a generate job does, called in-process
-  service  POST /generate -> poll GET /jobs/{id} every 10 ms -> download the .nii.gz
+  direct            model.generate + write_volume (.nii.gz): the work a generate job does, in-process
+  direct, job       worker.jobs.job_generate: the same plus what a job also writes (PNG preview,
+                    latent.npy), in-process
+  embedded          POST /generate -> GET /jobs/{id}?wait=60 (long poll) -> download the .nii.gz
+  celery            the same through Redis and a `voxgen worker` process
+  celery, polling   the same, polling GET /jobs/{id} every --poll-ms ms instead (how clients did
+                    before the long poll; --poll-ms 0 leaves the row out)
 
-    python benchmarks/bench_service.py [--res 128] [--width 1] [--repeats 5] [--jobs 12]
+    python benchmarks/bench_service.py [--res 128] [--width 1] [--repeats 7] [--jobs 12] [--poll-ms 10]
+                                       [--queues embedded,celery]
 
 The model is the authors' 128^3 configuration (width 1, latent 1024) with random weights unless
---width is given.  Each worker's first job (model load) is excluded as warm-up.
+--width is given.  Each path's first job (model load) is excluded as warm-up.  --jobs 0 skips
+the throughput table.  Prints markdown tables: medians and minima per path, and the overhead of each
+service path over direct generation (medians, and the median of the per-round ratios).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import platform
 import shutil
 import socket
 import statistics
@@ -25,6 +36,8 @@ import tempfile
 import time
 from pathlib import Path
 
+TERMINAL = ("succeeded", "failed", "cancelled")
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -32,23 +45,66 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait(client, job_id: str) -> dict:
+def wait(client, job_id: str, poll_ms: float = 0.0) -> dict:  # noqa: ANN001
+    """The job's final status: by long poll (poll_ms 0), or by polling every poll_ms."""
     while True:
-        s = client.get(f"/jobs/{job_id}").json()
-        if s["state"] in ("succeeded", "failed", "cancelled"):
+        if poll_ms > 0:
+            s = client.get(f"/jobs/{job_id}").json()
+        else:
+            s = client.get(f"/jobs/{job_id}", params={"wait": 60}).json()
+        if s["state"] in TERMINAL:
             return s
-        time.sleep(0.01)
+        if poll_ms > 0:
+            time.sleep(poll_ms / 1000)
+
+
+PHASES: dict[str, list[tuple[float, float, float]]] = {}
+
+
+def through_service(client, seed: int, poll_ms: float = 0.0, name: str = "") -> tuple[float, float]:  # noqa: ANN001
+    """(seconds from submit until the client sees succeeded, ... until the .nii.gz is downloaded).
+    Under ``name``, PHASES gets (submit to job start, job start to end, job end to the client's
+    answer) from the record's wall-clock times."""
+    t, wall = time.perf_counter(), time.time()
+    st = wait(client, client.post("/generate", json={"model": "m", "seed": seed}).json()["job_id"], poll_ms)
+    done, seen = time.perf_counter() - t, time.time()
+    assert st["state"] == "succeeded", st
+    if name:
+        PHASES.setdefault(name, []).append(
+            (st["started"] - wall, st["finished"] - st["started"], seen - st["finished"])
+        )
+    body = client.get(f"/jobs/{st['job_id']}/files/volume_000.nii.gz").content
+    assert len(body) > 0
+    return done, time.perf_counter() - t
+
+
+def cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return platform.processor() or "unknown CPU"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--res", type=int, default=128)
     ap.add_argument("--width", type=float, default=1.0)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--jobs", type=int, default=12, help="jobs per throughput measurement")
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--jobs", type=int, default=12, help="jobs per throughput measurement (0: none)")
+    ap.add_argument("--poll-ms", type=float, default=10.0, help="the polling row's interval (0: no polling row)")
+    ap.add_argument("--queues", default="embedded,celery", help="which service paths to run")
     a = ap.parse_args()
+    import logging
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request
+    queues = {q.strip() for q in a.queues.split(",") if q.strip()}
 
     import redis
+    import torch
     from fastapi.testclient import TestClient
 
     from model.data.volumes import write_volume
@@ -56,118 +112,150 @@ def main() -> None:
     from model.hagan.infer import HAGANModel
     from service.app import create_app
     from service.settings import Settings
+    from worker.jobs import job_generate
+    from worker.settings import job_threads
 
+    torch.set_num_threads(job_threads(0))  # what every job pins (VOXGEN_THREADS=0)
     tmp = Path(tempfile.mkdtemp(prefix="voxgen-bench-"))
     models = tmp / "models"
     HAGANModel.init(HAGANConfig(resolution=a.res, width=a.width), seed=0).save_pretrained(models / "m")
-    port = free_port()
-    rs = subprocess.Popen(
-        [
-            shutil.which("redis-server") or "redis-server",
-            "--port",
-            str(port),
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(tmp),
-        ],
-        stdout=subprocess.DEVNULL,
-    )
-    url = f"redis://127.0.0.1:{port}/0"
-    r = redis.Redis(port=port)
-    for _ in range(100):
-        try:
-            r.ping()
-            break
-        except redis.ConnectionError:
-            time.sleep(0.1)
-    env = os.environ | {
-        "VOXGEN_REDIS_URL": url,
-        "VOXGEN_MODELS_DIR": str(models),
-        "VOXGEN_STORAGE_DIR": str(tmp / "st"),
-    }
-    workers: list[subprocess.Popen] = []
+    procs: list[subprocess.Popen] = []
+    times: dict[str, list[float]] = {}
 
-    def start_worker() -> None:
-        workers.append(
-            subprocess.Popen(
-                [sys.executable, "-m", "model.cli", "worker", "--device", "cpu", "--log-level", "error"],
-                env=env,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-        )
+    def record(name: str, seconds: float) -> None:
+        times.setdefault(name, []).append(seconds)
 
-    rows = []
+    tput = {}
     try:
-        # direct, in this process
+        url = None
+        if "celery" in queues:
+            port = free_port()
+            procs.append(
+                subprocess.Popen(
+                    [shutil.which("redis-server") or "redis-server", "--port", str(port), "--save", ""]
+                    + ["--appendonly", "no", "--dir", str(tmp)],
+                    stdout=subprocess.DEVNULL,
+                )
+            )
+            url = f"redis://127.0.0.1:{port}/0"
+            r = redis.Redis(port=port)
+            for _ in range(100):
+                try:
+                    r.ping()
+                    break
+                except redis.ConnectionError:
+                    time.sleep(0.1)
+        env = os.environ | {
+            "VOXGEN_REDIS_URL": url or "",
+            "VOXGEN_MODELS_DIR": str(models),
+            "VOXGEN_STORAGE_DIR": str(tmp / "st-celery"),
+        }
+
+        def start_worker() -> None:
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "model.cli", "worker", "--device", "cpu", "--log-level", "error"],
+                    env=env,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
+
         m = HAGANModel.from_pretrained(models / "m")
         m.generate(m.sample_latents(1, 0))  # warm-up
-        direct = []
+        emb = cel = None
+        if "embedded" in queues:
+            emb = TestClient(create_app(Settings(models_dir=models, storage_dir=tmp / "st-emb", redis_url=None)))
+            emb.__enter__()
+            through_service(emb, 0)  # warm-up (model load)
+        if "celery" in queues:
+            start_worker()
+            cel = TestClient(create_app(Settings(models_dir=models, storage_dir=tmp / "st-celery", redis_url=url)))
+            cel.__enter__()
+            through_service(cel, 0)  # warm-up (model load in the worker)
+
         for i in range(a.repeats):
+            seed = i + 1
             t = time.perf_counter()
-            v = m.generate(m.sample_latents(1, i + 1))
+            v = m.generate(m.sample_latents(1, seed))
             write_volume(tmp / "direct.nii.gz", v[0, 0].numpy(), m.config)
-            direct.append(time.perf_counter() - t)
-        del m
+            record("direct", time.perf_counter() - t)
+            out = tmp / f"job-{i}"
+            out.mkdir()
+            t = time.perf_counter()
+            job_generate({"model": "m", "seed": seed, "n": 1}, m, out, lambda *_: None)
+            record("direct, job", time.perf_counter() - t)
+            if emb is not None:
+                done, dl = through_service(emb, seed, name="embedded")
+                record("embedded", done)
+                record("embedded + download", dl)
+            if cel is not None:
+                done, dl = through_service(cel, seed, name="celery")
+                record("celery", done)
+                record("celery + download", dl)
+                if a.poll_ms > 0:
+                    done, dl = through_service(cel, seed, a.poll_ms, name="celery, polling")
+                    record("celery, polling", done)
 
-        start_worker()
-        s = Settings(models_dir=models, storage_dir=tmp / "st", redis_url=url)
-        with TestClient(create_app(s)) as c:
-            wait(c, c.post("/generate", json={"model": "m", "seed": 0}).json()["job_id"])  # warm-up (model load)
-            service, done_at = [], []
-            for i in range(a.repeats):
-                t = time.perf_counter()
-                st = wait(c, c.post("/generate", json={"model": "m", "seed": i + 1}).json()["job_id"])
-                done_at.append(time.perf_counter() - t)
-                body = c.get(f"/jobs/{st['job_id']}/files/volume_000.nii.gz").content
-                assert len(body) > 0
-                service.append(time.perf_counter() - t)
-            rows.append(("direct (generate + write .nii.gz)", statistics.median(direct), min(direct)))
-            rows.append(("service: submit until the job reports succeeded", statistics.median(done_at), min(done_at)))
-            rows.append(("service: ... and download the .nii.gz", statistics.median(service), min(service)))
-
-            tput = {}
+        if cel is not None and a.jobs > 0:
             for n_workers in (1, 2):
-                while len(workers) < n_workers:
+                while len(procs) < n_workers + 1:  # redis-server + the workers
                     start_worker()
                     time.sleep(3)
                 if n_workers == 2:  # warm the new worker
-                    ids = [c.post("/generate", json={"model": "m", "seed": 100 + k}).json()["job_id"] for k in range(4)]
-                    for j in ids:
-                        wait(c, j)
+                    for j in [
+                        cel.post("/generate", json={"model": "m", "seed": 100 + k}).json()["job_id"] for k in range(4)
+                    ]:
+                        wait(cel, j)
                 t = time.perf_counter()
                 ids = [
-                    c.post("/generate", json={"model": "m", "seed": 1000 + k}).json()["job_id"] for k in range(a.jobs)
+                    cel.post("/generate", json={"model": "m", "seed": 1000 + k}).json()["job_id"] for k in range(a.jobs)
                 ]
-                states = [wait(c, j)["state"] for j in ids]
-                dt = time.perf_counter() - t
-                tput[n_workers] = (a.jobs / dt * 60, states.count("succeeded"))
+                states = [wait(cel, j)["state"] for j in ids]
+                tput[n_workers] = (a.jobs / (time.perf_counter() - t) * 60, states.count("succeeded"))
+        for c in (emb, cel):
+            if c is not None:
+                c.__exit__(None, None, None)
     finally:
-        for w in workers:
-            w.kill()
-        rs.kill()
+        for p in reversed(procs):
+            p.kill()
         shutil.rmtree(tmp, ignore_errors=True)
 
-    import torch
-
+    labels = {
+        "direct": "direct (generate + write .nii.gz)",
+        "direct, job": "direct, the job function (+ PNG preview, latent.npy)",
+        "embedded": "embedded queue: submit until the long poll answers succeeded",
+        "embedded + download": "embedded queue: ... and download the .nii.gz",
+        "celery": "Celery/Redis: submit until the long poll answers succeeded",
+        "celery + download": "Celery/Redis: ... and download the .nii.gz",
+        "celery, polling": f"Celery/Redis: submit until succeeded, polling every {a.poll_ms:g} ms",
+    }
     print(
-        f"# {a.res}^3 HA-GAN (width {a.width}), {os.cpu_count()} cores, torch {torch.__version__}, "
-        f"{a.repeats} runs per row\n"
+        f"# {a.res}^3 HA-GAN (width {a.width}), {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{job_threads(0)} threads, {a.repeats} interleaved rounds\n"
     )
-    print("| path | median s | min s |")
-    print("|---|---|---|")
-    for name, med, mn in rows:
-        print(f"| {name} | {med:.3f} | {mn:.3f} |")
-    for row in rows[1:]:
-        print(f"\noverhead of '{row[0]}' over direct (medians): {(row[1] - rows[0][1]) / rows[0][1] * 100:+.1f}%")
+    print("| path | median s | min s | overhead over direct (medians) | median of per-round ratios |")
+    print("|---|---|---|---|---|")
+    base = times["direct"]
+    for key, vals in times.items():
+        med = statistics.median(vals)
+        over = (med - statistics.median(base)) / statistics.median(base) * 100
+        ratio = statistics.median([v / b for v, b in zip(vals, base, strict=True)])
+        cells = "-" if key == "direct" else f"{over:+.1f}%"
+        rcell = "-" if key == "direct" else f"{ratio:.3f}"
+        print(f"| {labels[key]} | {med:.3f} | {min(vals):.3f} | {cells} | {rcell} |")
     print()
-    print("| workers | jobs/minute | succeeded |")
-    print("|---|---|---|")
-    for n, (jpm, ok) in tput.items():
-        print(f"| {n} | {jpm:.1f} | {ok}/{a.jobs} |")
+    print("| path | submit to job start, median s | job start to end | job end to the client's answer |")
+    print("|---|---|---|---|")
+    for key, rows in PHASES.items():
+        cols = [statistics.median(r[k] for r in rows) for k in range(3)]
+        print(f"| {labels[key]} | " + " | ".join(f"{c:.3f}" for c in cols) + " |")
+    if tput:
+        print()
+        print("| Celery workers | jobs/minute | succeeded |")
+        print("|---|---|---|")
+        for n, (jpm, ok) in tput.items():
+            print(f"| {n} | {jpm:.1f} | {ok}/{a.jobs} |")
 
 
 if __name__ == "__main__":

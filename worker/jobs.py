@@ -404,7 +404,11 @@ def reap(
     every minute).  Returns the re-queued ids."""
     now = time.time() if now is None else now
     out = []
-    for job_id in records.all_ids():
+    # the active index (queued and running jobs), not every record: a reaper runs every lease/3
+    # seconds in every worker and API process, and the records of a day's finished jobs are many
+    for job_id, state in records.active().items():
+        if state != "running":
+            continue
         rec = records.get(job_id)
         if not rec or rec["state"] != "running" or not rec.get("lease_until") or rec["lease_until"] >= now:
             continue
