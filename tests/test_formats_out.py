@@ -165,6 +165,30 @@ def test_dicom_series_has_the_nifti_geometry_and_values(tmp_path: Path, volume: 
     assert ds.pixel_array.dtype == np.int16 and ds.PixelRepresentation == 1 and ds.BitsStored == 16
 
 
+def test_a_non_cubic_grid_keeps_its_axes(tmp_path: Path) -> None:
+    """D, H and W all different (a StyleGAN grid is 32x64x64): no axis swapped in DICOM, NRRD or MHA."""
+    from model.data.export import DicomWriter
+    from model.data.volumes import read_volume, write_volume
+
+    rng = np.random.default_rng(1)
+    v = np.clip(rng.standard_normal((20, 24, 28)), -1, 1).astype(np.float32)  # (z, y, x)
+    cfg = _config("ct")
+    write_volume(tmp_path / "v.nii.gz", v, cfg)
+    write_volume(tmp_path / "v.nrrd", v, cfg)
+    write_volume(tmp_path / "v.mha", v, cfg)
+    DicomWriter(cfg).write_folder(tmp_path / "s", v)
+    ds = pydicom.dcmread(sorted((tmp_path / "s").iterdir())[0])
+    assert (ds.Rows, ds.Columns, len(list((tmp_path / "s").iterdir()))) == (24, 28, 20)
+    ref: dict = {}
+    x0, _ = read_volume(tmp_path / "v.nii.gz", geometry=ref)
+    for name in ("s", "v.nrrd", "v.mha"):
+        g: dict = {}
+        x, _ = read_volume(tmp_path / name, geometry=g)
+        assert x.shape == (20, 24, 28)
+        np.testing.assert_allclose(g["affine"], ref["affine"], atol=GEOMETRY_ATOL)
+        np.testing.assert_array_equal(x, x0)
+
+
 def test_dicom_series_are_marked_synthetic_with_fresh_uids(tmp_path: Path, volume: np.ndarray) -> None:
     from model.data.export import DicomWriter, VolumeSource
 
