@@ -219,3 +219,6 @@ class ModelInfo(BaseModel):
     intensity: dict[str, Any] | None = None
     directions: list[str] = []
     description: str = ""
+    card_url: str | None = Field(
+        None, description="GET it for the model card (markdown: data, training, measured figures, limits); null: none"
+    )

@@ -802,6 +802,8 @@ def test_model_card_is_served_as_markdown(embedded: TestClient) -> None:
     (models_dir / "tiny" / "README.md").write_text(CARD)
     r = embedded.get("/models/tiny/card")
     assert r.status_code == 200 and r.text == CARD
+    ms = {m["name"]: m for m in embedded.get("/models").json()}
+    assert ms["tiny"]["card_url"] == "/models/tiny/card" and ms["cond"]["card_url"] is None
     assert r.headers["content-type"].startswith("text/markdown")
     # no card, unknown model, a name with a path: 404 with a message that names no server path
     for name, msg in (("cond", "has no model card"), ("nope", "unknown model"), ("..%2Ftiny", "")):

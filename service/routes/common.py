@@ -31,7 +31,8 @@ def list_models(models_dir: Path) -> dict[str, dict[str, Any]]:
             except (json.JSONDecodeError, OSError, UnicodeDecodeError):
                 continue
             if isinstance(c, dict):
-                out[d.name] = {"name": d.name, "config": c, "directions": direction_names(d)}
+                card = (d / "README.md").is_file()
+                out[d.name] = {"name": d.name, "config": c, "directions": direction_names(d), "card": card}
     return out
 
 
@@ -85,6 +86,7 @@ def describe(name: str, entry: dict[str, Any]) -> dict[str, Any]:
         "intensity": c.get("intensity"),
         "directions": entry["directions"],
         "description": c.get("description", ""),
+        "card_url": f"/models/{name}/card" if entry.get("card") else None,
     }
 
 
