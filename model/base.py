@@ -65,10 +65,20 @@ class VolumeModel(Generic[ConfigT, NetT]):
     net_class: ClassVar[Callable[[Any], torch.nn.Module]]
     count_parameters: ClassVar[Callable[[Any], dict[str, int]]]
 
+    precision = "fp32"  # generation arithmetic; a family with a bf16 path overrides set_precision
+
     def __init__(self, net: NetT, device: str | torch.device = "cpu") -> None:
         self.net = net.eval()
         self.device = torch.device(device)
         self.net.to(self.device)
+
+    def set_precision(self, option: str | None = "auto") -> str:
+        """'auto' and 'fp32' give fp32 (this family has no bf16 path); 'bf16' is refused."""
+        if option in (None, "auto", "fp32"):
+            return "fp32"
+        if option == "bf16":
+            raise ValueError(f"bf16 generation is implemented for the hagan family only, not {self.family}")
+        raise ValueError(f"precision must be one of auto, fp32, bf16, got {option!r}")
 
     # ---------------------------------------------------------------- construction and storage
     @classmethod

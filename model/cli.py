@@ -113,10 +113,22 @@ def cmd_info(a: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------- generate & co
+def precision_arg(s: argparse.ArgumentParser) -> None:
+    s.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16"],
+        default=os.environ.get("VOXGEN_PRECISION") or "auto",
+        help="generation arithmetic: auto = bf16 on CPUs with AVX-512 BF16 or AMX (HA-GAN), else fp32 "
+        "(default: $VOXGEN_PRECISION, else auto)",
+    )
+
+
 def _load(a: argparse.Namespace):
     from model.registry import from_pretrained, resolve_device
 
-    return from_pretrained(a.model, device=resolve_device(a.device))
+    m = from_pretrained(a.model, device=resolve_device(a.device))
+    m.set_precision(getattr(a, "precision", "fp32"))
+    return m
 
 
 def _label_index(model, label: str | None) -> int | None:
@@ -300,6 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     def model_args(s: argparse.ArgumentParser) -> None:
         s.add_argument("--model", required=True, help="model directory")
         s.add_argument("--device", default="auto", help="cpu, cuda, cuda:0 (default: cuda if available)")
+        precision_arg(s)
 
     s = sub.add_parser(
         "generate",

@@ -168,6 +168,7 @@ def cmd_traverse(a: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction, commands: dict[str, Callable[[argparse.Namespace], int]]) -> None:
+    from model.cli import precision_arg
     from model.latent.directions import ATTRIBUTES
 
     s = sub.add_parser(
@@ -189,6 +190,7 @@ def register(sub: argparse._SubParsersAction, commands: dict[str, Callable[[argp
     s = sub.add_parser("traverse", help="volumes along a stored latent direction")
     s.add_argument("--model", required=True)
     s.add_argument("--device", default="auto")
+    precision_arg(s)
     s.add_argument("--direction", required=True)
     s.add_argument("--seed", type=int)
     s.add_argument("--latent", help="a .npy latent (e.g. latent.npy from encode)")

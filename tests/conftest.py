@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
+# Generation arithmetic is pinned to fp32 for the suite: 'auto' would take bf16 on CPUs with AVX-512
+# BF16 or AMX and fp32 elsewhere, so bit-for-bit comparisons would hold on some CI machines only.
+# Worker processes and CLI subprocesses inherit it; tests/test_precision.py tests auto and bf16.
+os.environ.setdefault("VOXGEN_PRECISION", "fp32")
+
 # ------------------------------------------------------------------------------------ service
 # Fixtures and helpers for tests/test_api.py and tests/test_worker_integration.py: tiny models, an
 # app on the embedded queue, a real redis-server on a free port.

@@ -46,7 +46,11 @@ def get_model(models_dir: str | os.PathLike, name: str, device: str = "auto") ->
     key = (str(path.resolve()), str(dev))
     with _MODELS_LOCK:
         if key not in _MODELS:
-            _MODELS[key] = from_pretrained(path, device=dev)
+            from worker.settings import get_settings
+
+            m = from_pretrained(path, device=dev)
+            m.set_precision(get_settings().precision)
+            _MODELS[key] = m
         return _MODELS[key]
 
 

@@ -66,7 +66,9 @@ def model_record(model_dir: str | os.PathLike, name: str) -> dict[str, Any]:
 
 
 def _precision(model: Any) -> str | None:
-    """The dtype of the model's weights (``float32``): the arithmetic of its inference."""
+    """The generation arithmetic: the model's ``precision`` (fp32 | bf16), else its weights' dtype."""
+    if isinstance(getattr(model, "precision", None), str):
+        return model.precision
     net = getattr(model, "net", None)
     if net is None:
         return None

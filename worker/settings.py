@@ -35,6 +35,9 @@ class Settings(BaseSettings):
     # every Celery worker before each job: same model, seed, device and thread count -> the same
     # volume, bit for bit.  0 = every CPU this process may run on (its affinity mask).
     threads: int = Field(default=0, ge=0)
+    # generation arithmetic (HA-GAN): auto = bf16 on CPUs with AVX-512 BF16 or AMX, fp32 elsewhere
+    # (AVX2-only CPUs and CUDA); fp32 | bf16 force it.  The error of bf16 is in the README.
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     max_n: int = 16
     # Shared object storage for several machines: s3://bucket/prefix (results and uploads go there;
     # storage_dir is then only this machine's spool for uploads in flight, scratch and training runs).

@@ -13,6 +13,12 @@ the paper serves HA-GAN.  Two exact rewrites make them cheaper than the plain ne
   gathered over the whole volume in a first pass (float64 sums), so the result equals whole-volume
   generation while peak memory follows the slab size.  This is the default when the whole volume
   would not fit the memory budget (512^3 on a 24 GiB machine or a 16 GB GPU).
+
+**Precision** (``set_precision``): ``fp32``, or ``bf16``: the convolution weights converted once and
+the activations of G^A and G^H held in bfloat16, GroupNorm statistics gathered in float32/float64
+and the tanh output returned as float32.  ``auto`` takes bf16 where the CPU has bf16 arithmetic
+(AVX-512 BF16 or AMX, as oneDNN reports it) and fp32 elsewhere (AVX2-only CPUs, where bf16
+convolutions fall back to a kernel tens of times slower, and CUDA until measured there).
 """
 
 from __future__ import annotations
@@ -41,12 +47,34 @@ def fold_upconv(weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor,
     return torch.cat(parts, 0).to(weight.dtype).contiguous(), bias.detach().repeat(8).contiguous()
 
 
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU runs bf16 convolutions natively (oneDNN: AVX-512 BF16 or AMX)."""
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_precision(option: str | None, device: torch.device) -> str:
+    """'auto' / None -> bf16 on a CPU with native bf16, else fp32; 'fp32' and 'bf16' as given."""
+    option = option or "auto"
+    if option not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {option!r}")
+    if option == "auto":
+        return "bf16" if device.type == "cpu" and cpu_has_bf16() else "fp32"
+    return option
+
+
 class FoldedUpConv:
     """Exact ``conv3d(upsample_nearest_x2(x), w, b, padding=1)`` computed on the input grid."""
 
-    def __init__(self, conv: torch.nn.Conv3d) -> None:
+    def __init__(self, conv: torch.nn.Conv3d, dtype: torch.dtype = torch.float32) -> None:
         self.cout = conv.out_channels
-        self.weight, self.bias = fold_upconv(conv.weight, conv.bias)
+        w, b = fold_upconv(conv.weight, conv.bias)
+        self.weight, self.bias = w.to(dtype), b.to(dtype)
 
     def to(self, device: torch.device) -> FoldedUpConv:
         self.weight, self.bias = self.weight.to(device), self.bias.to(device)
@@ -57,7 +85,7 @@ class FoldedUpConv:
         bsz, cin, d, h, w = x.shape
         co = self.cout
         out = x.new_empty(bsz, co, d, 2, h, 2, w, 2)
-        row_bytes = 4 * bsz * (8 * co * (h + 1) * (w + 1) + 2 * cin * h * w)
+        row_bytes = x.element_size() * bsz * (8 * co * (h + 1) * (w + 1) + 2 * cin * h * w)
         rows = max(1, min(d, chunk_bytes // max(1, row_bytes)))
         for s in range(0, d, rows):
             e = min(d, s + rows)
@@ -99,6 +127,19 @@ class HAGANModel(VolumeModel[HAGANConfig, HAGAN]):
     def __init__(self, net: HAGAN, device: str | torch.device = "cpu") -> None:
         super().__init__(net, device)
         self._folded: dict[str, Any] | None = None
+        self.precision = "fp32"
+
+    def set_precision(self, option: str | None = "auto") -> str:
+        """Generation precision: 'fp32', 'bf16' or 'auto' (see the module docstring); returns the
+        one chosen.  Encoding stays fp32."""
+        chosen = resolve_precision(option, self.device)
+        if chosen != self.precision:
+            self.precision, self._folded = chosen, None
+        return chosen
+
+    @property
+    def _dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.precision == "bf16" else torch.float32
 
     @property
     def class_names(self) -> list[str]:
@@ -112,13 +153,18 @@ class HAGANModel(VolumeModel[HAGANConfig, HAGAN]):
         return self._folded
 
     def _make_folded(self) -> dict[str, Any]:
-        ga, gh = self.net.ga, self.net.gh
+        ga, gh, dt = self.net.ga, self.net.gh, self._dtype
         return {
             "ga": [
-                FoldedUpConv(c).to(self.device) if up else None
+                FoldedUpConv(c, dt).to(self.device) if up else None
                 for c, up in zip(ga.convs, ga.upsample_before, strict=True)
             ],
-            "gh": [FoldedUpConv(c).to(self.device) for c in gh.convs],
+            "gh": [FoldedUpConv(c, dt).to(self.device) for c in gh.convs],
+            # the other G^A convs' weights in the generation dtype (the module keeps fp32 for encoding)
+            "ga_plain": [
+                None if up else (c.weight.detach().to(dt), c.bias.detach().to(dt), c.padding)
+                for c, up in zip(ga.convs, ga.upsample_before, strict=True)
+            ],
         }
 
     @torch.inference_mode()
@@ -127,10 +173,11 @@ class HAGANModel(VolumeModel[HAGANConfig, HAGAN]):
         net = self.net
         ga = net.ga
         x = net.latent_input(z.to(self.device, torch.float32), None if label is None else torch.as_tensor(label))
-        h = ga.fc(x).view(x.shape[0], ga.c0, 4, 4, 4)
-        for conv, fold, norm in zip(ga.convs, self._fold()["ga"], ga.norms, strict=True):
-            h = fold(h) if fold is not None else conv(h)
-            h = F.relu_(norm(h))
+        h = ga.fc(x).view(x.shape[0], ga.c0, 4, 4, 4).to(self._dtype)
+        folded = self._fold()
+        for fold, plain, norm in zip(folded["ga"], folded["ga_plain"], ga.norms, strict=True):
+            h = fold(h) if fold is not None else F.conv3d(h, plain[0], plain[1], padding=plain[2])
+            h = F.relu_(_group_norm_(h, norm))
         return h
 
     def whole_volume_bytes(self) -> int:
@@ -194,11 +241,7 @@ class HAGANModel(VolumeModel[HAGANConfig, HAGAN]):
         for k, fold in enumerate(self._fold()["gh"]):
             h = fold(h)
             if k < len(gh.norms):  # GroupNorm + ReLU in place: no second full-size tensor
-                norm = gh.norms[k]
-                var, mean = torch.var_mean(h.view(h.shape[0], norm.num_groups, -1), dim=-1, correction=0)
-                scale, shift = _gn_affine(norm, mean.double(), var.double())
-                h.mul_(scale[:, :, None, None, None]).add_(shift[:, :, None, None, None])
-                h = F.relu_(h)
+                h = F.relu_(_group_norm_(h, gh.norms[k]))
             else:
                 h = torch.tanh_(h)
         return h
@@ -279,6 +322,26 @@ class HAGANModel(VolumeModel[HAGANConfig, HAGAN]):
 
     def reconstruct(self, x: torch.Tensor, label: torch.Tensor | int | None = None, **kw: Any) -> torch.Tensor:
         return self.generate(self.encode(x), label, **kw)
+
+
+def _group_stats(h: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-(sample, group) mean and variance of h in float64, from float32 (or wider) arithmetic
+    whatever h's dtype: a bf16 tensor is read in float32 one group at a time."""
+    hg = h.view(h.shape[0], groups, -1)
+    if hg.dtype in (torch.float32, torch.float64):
+        var, mean = torch.var_mean(hg, dim=-1, correction=0)
+        return mean.double(), var.double()
+    parts = [torch.var_mean(hg[:, g].float(), dim=-1, correction=0) for g in range(groups)]
+    var = torch.stack([v for v, _ in parts], 1)
+    mean = torch.stack([m for _, m in parts], 1)
+    return mean.double(), var.double()
+
+
+def _group_norm_(h: torch.Tensor, norm: torch.nn.GroupNorm) -> torch.Tensor:
+    """GroupNorm of h in place (statistics in float32/64, then one scale-and-shift pass)."""
+    mean, var = _group_stats(h, norm.num_groups)
+    scale, shift = _gn_affine(norm, mean, var)
+    return h.mul_(scale[:, :, None, None, None]).add_(shift[:, :, None, None, None])
 
 
 def _chunked_sq_sum(yg: torch.Tensor) -> torch.Tensor:
