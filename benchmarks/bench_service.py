@@ -2,8 +2,8 @@
 
 Starts its own redis-server (free port) and `voxgen worker` processes, runs the API in-process
 (FastAPI TestClient: one app on the embedded queue, one in Celery mode), and compares, in one run,
-round by round (each round runs every path once with the same seed, so background load on a shared
-machine falls on all of them alike):
+round by round (each round runs every path once with the same seed, in an order rotated from round
+to round, so background load on a shared machine and what one path leaves behind fall on all alike):
 
   direct            model.generate + write_volume (.nii.gz): the work a generate job does, in-process
   direct, job       worker.jobs.job_generate: the same plus what a job also writes (PNG preview,
@@ -174,28 +174,41 @@ def main() -> None:
             cel.__enter__()
             through_service(cel, 0)  # warm-up (model load in the worker)
 
-        for i in range(a.repeats):
-            seed = i + 1
+        def run_direct(i: int, seed: int) -> None:
             t = time.perf_counter()
             v = m.generate(m.sample_latents(1, seed))
             write_volume(tmp / "direct.nii.gz", v[0, 0].numpy(), m.config)
             record("direct", time.perf_counter() - t)
+
+        def run_job_function(i: int, seed: int) -> None:
             out = tmp / f"job-{i}"
             out.mkdir()
             t = time.perf_counter()
             job_generate({"model": "m", "seed": seed, "n": 1}, m, out, lambda *_: None)
             record("direct, job", time.perf_counter() - t)
-            if emb is not None:
-                done, dl = through_service(emb, seed, name="embedded")
-                record("embedded", done)
-                record("embedded + download", dl)
-            if cel is not None:
-                done, dl = through_service(cel, seed, name="celery")
-                record("celery", done)
-                record("celery + download", dl)
-                if a.poll_ms > 0:
-                    done, dl = through_service(cel, seed, a.poll_ms, name="celery, polling")
-                    record("celery, polling", done)
+
+        def run_service(client, name: str, poll_ms: float = 0.0):  # noqa: ANN001, ANN202
+            def run(i: int, seed: int) -> None:
+                done, dl = through_service(client, seed, poll_ms, name=name)
+                record(name, done)
+                if not poll_ms:
+                    record(f"{name} + download", dl)
+
+            return run
+
+        paths = [run_direct, run_job_function]
+        if emb is not None:
+            paths.append(run_service(emb, "embedded"))
+        if cel is not None:
+            paths.append(run_service(cel, "celery"))
+            if a.poll_ms > 0:
+                paths.append(run_service(cel, "celery, polling", a.poll_ms))
+        for i in range(a.repeats):
+            # every path once per round, the order rotated from round to round: whatever a path leaves
+            # behind (a busy process, a cold worker) falls on each of the others alike
+            k = i % len(paths)
+            for run in paths[k:] + paths[:k]:
+                run(i, i + 1)
 
         if cel is not None and a.jobs > 0:
             for n_workers in (1, 2):

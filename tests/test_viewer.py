@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import service_nifti_upload, uvicorn_server
+from tests.conftest import uvicorn_server
 
 CHROMIUM = Path("/usr/bin/chromium")
 # WebGL2 without a GPU: Chromium's software rasteriser (SwiftShader) behind ANGLE, which recent
@@ -223,11 +223,32 @@ def test_traverse_slider_renders_each_step(page: Page, server: str, artifacts: P
     assert np.abs(shots[0].astype(int) - shots[1].astype(int)).mean() > 1
 
 
+def _fetch_nifti(url: str, tmp_path: Path) -> Any:
+    p = tmp_path / url.rsplit("/", 1)[-1]
+    p.write_bytes(httpx.get(url).content)
+    return nib.load(p)
+
+
+def _flipped_upload(path: Path) -> None:
+    """A CT-like scan stored left-right flipped (LAS: x decreasing along the first axis), with an
+    off-centre bright block: a difference computed in the wrong voxel order would not match."""
+    z, y, x = np.meshgrid(*[np.linspace(-1, 1, 32)] * 3, indexing="ij")
+    v = np.where(x**2 + y**2 + z**2 < 0.6, 40.0, -1000.0).astype(np.float32)
+    v[4:12, 20:28, 2:10] = 900.0  # beyond the model's 600 HU window: clipped, as the model sees it
+    ras = v.transpose(2, 1, 0)  # (x, y, z) in RAS order
+    affine = np.diag([-2.0, 2.0, 2.0, 1.0])
+    affine[0, 3] = 62.0  # the same world positions as the RAS array with its origin at 0
+    nib.save(nib.Nifti1Image(ras[::-1].copy(), affine), path)
+
+
 def test_encode_shows_reconstruction_beside_input(page: Page, server: str, artifacts: Path, tmp_path: Path) -> None:
+    """Upload, reconstruction and their difference side by side, all on the upload's grid; the
+    difference is the reconstruction minus the upload windowed as the model sees it, voxel by voxel
+    in world space although the upload stores its voxels flipped."""
     pg = page.page
     pg.select_option("#model-select", "tiny")
     scan = tmp_path / "ball.nii.gz"
-    scan.write_bytes(service_nifti_upload(tmp_path))
+    _flipped_upload(scan)
     pg.set_input_files("#encode-file", str(scan))
     assert pg.locator("#encode-reconstruct").is_checked()
     pg.click("#encode-button")
@@ -241,11 +262,142 @@ def test_encode_shows_reconstruction_beside_input(page: Page, server: str, artif
     pg.locator("#encode-result").screenshot(path=str(artifacts / "encode.png"))
     upload, recon = page.shot("#encode-input-canvas"), page.shot("#encode-recon-canvas")
     assert drawn_fraction(upload) > 0.05 and drawn_fraction(recon) > 0.3
+    wait_volume(page, "#encode-diff-canvas", f"{job}/difference")
+    diff = page.shot("#encode-diff-canvas", artifacts / "encode_difference.png")
+    assert drawn_fraction(diff) > 0.3
+    caption = pg.locator("#encode-diff-caption").inner_text()
+    assert caption.startswith("Difference: reconstruction − upload in the model's units (HU"), caption
+    # the same difference from the files, both brought to RAS order by nibabel
+    rec_img = _fetch_nifti(f"{server}jobs/{job}/files/reconstruction.nii.gz", tmp_path)
+    up = nib.as_closest_canonical(nib.load(scan))
+    assert np.allclose(rec_img.affine, up.affine) and rec_img.shape == up.shape
+    expected = np.abs(np.asarray(rec_img.dataobj, np.float64) - np.clip(up.get_fdata(), -1024, 600)).mean()
+    unflipped = np.abs(np.asarray(rec_img.dataobj, np.float64) - np.clip(up.get_fdata()[::-1], -1024, 600)).mean()
+    mean_abs = float(pg.get_attribute("#encode-diff-canvas", "data-mean-abs"))
+    assert mean_abs == pytest.approx(expected, rel=1e-4) and abs(unflipped - expected) > 1.0, (mean_abs, expected)
+    # the overlay of the reconstruction on the upload is there, off until asked for
+    assert not pg.locator("#encode-overlay").is_checked()
+    pg.check("#encode-overlay")
+    assert np.abs(page.shot("#encode-input-canvas").astype(int) - upload.astype(int)).mean() > 0.5
     assert pg.evaluate("document.getElementById('encode-recon-png').naturalWidth") == 3 * 128
     links = [a.get_attribute("href") for a in pg.locator("#encode-links a").all()]
     assert links == [f"jobs/{job}/files/reconstruction.nii.gz", f"jobs/{job}/files/latent.npy"]
     # the encoded scan can now be the start of a traverse
     assert pg.locator("#traverse-source option[value=encode]").count() == 1
+
+
+def _generate(page: Page) -> str:
+    """Generate tiny, seed 7, from the page; the job id once its volume is shown."""
+    pg = page.page
+    pg.select_option("#model-select", "tiny")
+    pg.fill("#seed-input", "7")
+    pg.click("#generate-button")
+    job = page.wait_job("generate")
+    wait_volume(page, "#viewer", f"{job}/volume_000.nii.gz")
+    return job
+
+
+def test_axial_chosen_before_the_first_volume_shows_one_plane(page: Page, artifacts: Path) -> None:
+    """The bug: choosing a single plane before anything was loaded left all four panes shown once
+    the first volume came.  What is drawn must be what is chosen, whenever it was chosen."""
+    pg = page.page
+    pg.check("input[name=view][value=axial]")  # before the viewer exists
+    _generate(page)
+    first = page.shot("#viewer", artifacts / "axial_before_load.png")
+    pg.check("input[name=view][value=multi]")
+    four = page.shot("#viewer", artifacts / "axial_before_load_four.png")
+    pg.check("input[name=view][value=axial]")  # chosen again with the volume shown: the known-good axial
+    axial = page.shot("#viewer", artifacts / "axial_after_load.png")
+    assert np.abs(four.astype(int) - axial.astype(int)).mean() > 5  # the two layouts differ
+    assert np.abs(first.astype(int) - axial.astype(int)).mean() < 1, "the first volume is not shown as chosen"
+
+
+def test_voxel_readout_and_slice_position(page: Page, server: str, tmp_path: Path) -> None:
+    """Under the pointer: the voxel value in HU (the file's value at that voxel), its voxel index and
+    position in mm; the slice position (index and mm) follows the crosshair."""
+    pg = page.page
+    pg.check("input[name=view][value=axial]")
+    job = _generate(page)
+    img = _fetch_nifti(f"{server}jobs/{job}/files/volume_000.nii.gz", tmp_path)
+    data = np.asarray(img.dataobj)
+    slices = pg.locator("#viewer-slices")
+    vox = [int(x) for x in slices.get_attribute("data-vox").split(",")]
+    mm = [float(x) for x in slices.get_attribute("data-mm").split(",")]
+    # the crosshair's voxel and its position agree with the file's affine (1 mm voxels, RAS)
+    assert np.allclose(img.affine[:3, :3] @ vox + img.affine[:3, 3], mm, atol=0.5 + 1e-6), (vox, mm)
+    text = slices.inner_text()
+    assert f"axial {vox[2]} of 0–127 (z = " in text and f"sagittal {vox[0]} of 0–127" in text, text
+    assert text.endswith(f"crosshair value {int(data[tuple(vox)])} HU"), text
+
+    box = pg.locator("#viewer").bounding_box()
+    pointer = pg.locator("#viewer-pointer")
+    seen = set()
+    for fx, fy in ((0.5, 0.5), (0.3, 0.4), (0.7, 0.62)):
+        pg.mouse.move(box["x"] + fx * box["width"], box["y"] + fy * box["height"])
+        pg.wait_for_function("document.getElementById('viewer-pointer').dataset.vox !== undefined")
+        at = [int(x) for x in pointer.get_attribute("data-vox").split(",")]
+        value = float(pointer.get_attribute("data-value"))
+        assert at[2] == vox[2], (at, vox)  # the axial slice on screen is the crosshair's
+        assert value == data[tuple(at)], (at, value, data[tuple(at)])
+        assert pointer.inner_text().startswith(f"Pointer: {int(value)} HU at voxel ({at[0]}, {at[1]}, {at[2]}), ")
+        seen.add(tuple(at))
+    assert len(seen) == 3
+    # a click moves the crosshair there: the slice readout follows (the sagittal and coronal slices)
+    pg.mouse.click(box["x"] + 0.7 * box["width"], box["y"] + 0.62 * box["height"])
+    pg.wait_for_function(
+        "(v) => document.getElementById('viewer-slices').dataset.vox === v", arg=",".join(map(str, at))
+    )
+    pg.mouse.move(box["x"] - 5, box["y"] - 5)  # off the canvas
+    assert pointer.inner_text() == "Pointer: outside the slices"
+
+
+CARD = """# tiny test model
+
+A **bold** claim, *emphasis*, `code`, [a link](https://example.org/x) and [a file](../other/README.md).
+
+<script>window.__pwned = 1</script>
+<img src="x" onerror="window.__pwned = 2">
+
+| metric | value |
+|---|---|
+| fd_texture | 12.5 |
+
+- one
+- two with `code`
+
+```
+voxgen generate --model tiny --seed 1 -o x.nii.gz
+```
+"""
+
+
+def test_model_card_is_shown_safely(page: Page, server: str, service_models_dir: Path) -> None:
+    """The page shows GET /models/{name}/card rendered from markdown without ever parsing the card as
+    HTML: markup in a card is shown as text and runs nothing."""
+    (service_models_dir / "tiny" / "README.md").write_text(CARD)
+    pg = page.page
+    pg.reload()  # the model list (which says who has a card) again, with the card in place
+    pg.wait_for_selector("body[data-ready=true]")
+    pg.select_option("#model-select", "cond")  # no card
+    pg.wait_for_selector("#model-card[data-model=cond]")
+    assert pg.locator("#model-card").get_attribute("data-state") == "none"
+    pg.select_option("#model-select", "tiny")
+    pg.wait_for_selector("#model-card[data-model=tiny][data-state=shown]")
+    pg.click("#model-card summary")
+    body = pg.locator("#model-card-body")
+    assert body.locator("h3").inner_text() == "tiny test model"
+    assert body.locator("strong").inner_text() == "bold" and body.locator("em").inner_text() == "emphasis"
+    assert body.locator("table td").all_inner_texts() == ["fd_texture", "12.5"]
+    assert body.locator("ul li").all_inner_texts() == ["one", "two with code"]
+    assert "voxgen generate --model tiny" in body.locator("pre code").inner_text()
+    link = body.locator("a")
+    assert link.count() == 1 and link.get_attribute("href") == "https://example.org/x"
+    assert link.get_attribute("rel") == "noopener noreferrer"
+    # the raw HTML is text: no element made from it, nothing ran
+    assert body.locator("script, img, [onerror]").count() == 0
+    assert "<script>window.__pwned = 1</script>" in body.inner_text()
+    assert pg.evaluate("window.__pwned") is None
+    assert "tiny" in pg.locator("#model-card summary").inner_text()
 
 
 def test_page_and_bundle_are_served_offline(server: str) -> None:
