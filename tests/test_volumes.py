@@ -107,6 +107,32 @@ def test_npy_keeps_the_model_space_array(tmp_path: Path) -> None:
     assert back.dtype == np.float32 and np.array_equal(back, v)
 
 
+def test_the_streamed_nifti_is_the_file_nibabel_writes(tmp_path: Path) -> None:
+    """write_volume streams the header and slabs of physical values into the gzip stream (ISA-L)
+    instead of building the whole file in memory: the bytes inside are nibabel's own for the same
+    image, CT (int16 HU, rounded and clipped) and MRI (float32), compressed or not."""
+    import gzip
+
+    from model.data.export import mark_nifti_synthetic
+
+    v = np.random.default_rng(5).uniform(-1.2, 1.2, (20, 24, 28)).astype(np.float32)  # clipping too
+    for cfg in (CT, MRI):
+        ref = volumes.nifti_image(np.ascontiguousarray(volumes._physical(v, cfg.intensity)), cfg.spacing)
+        mark_nifti_synthetic(ref.header, cfg)
+        expected = ref.to_bytes()
+        for ext in (".nii.gz", ".nii"):
+            p = tmp_path / f"{cfg.modality}{ext}"
+            with open(p, "wb") as f:
+                volumes._write_nifti_stream(f, v, cfg.intensity, ref, ext == ".nii.gz", 4096)
+            raw = p.read_bytes()
+            assert (gzip.decompress(raw) if ext == ".nii.gz" else raw) == expected, (cfg.modality, ext)
+    # the threaded ISA-L writer (large streams) gives one gzip stream any reader reads
+    data = np.random.default_rng(6).integers(0, 50, volumes.GZIP_THREADED_MIN_BYTES + 12345, dtype=np.uint8)
+    with open(tmp_path / "big.gz", "wb") as f, volumes.gzip_writer(f, data.nbytes, threads=2) as g:
+        g.write(memoryview(data))
+    assert gzip.decompress((tmp_path / "big.gz").read_bytes()) == data.tobytes()
+
+
 def test_writes_are_atomic_and_bad_requests_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     target = tmp_path / "out.nii.gz"
     write_volume(target, np.zeros(SHAPE, np.float32), CT)
@@ -122,7 +148,7 @@ def test_writes_are_atomic_and_bad_requests_refused(tmp_path: Path, monkeypatch:
     assert target.read_bytes() == before  # the old file is intact
     with pytest.raises(VolumeError, match="NaN"):
         write_volume(target, np.full(SHAPE, np.nan, np.float32), CT)
-    with pytest.raises(VolumeError, match=r"\.nii\.gz, \.nii or \.npy"):
+    with pytest.raises(VolumeError, match=r"\.nii\.gz, \.nii, \.nrrd, \.mha or \.npy"):
         write_volume(tmp_path / "out.png", np.zeros(SHAPE, np.float32), CT)
     with pytest.raises(VolumeError, match="3D"):
         write_volume(tmp_path / "flat.nii.gz", np.zeros((4, 4), np.float32), CT)

@@ -18,11 +18,13 @@ into the output array, NaN checks and percentiles never make full-size float64 (
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import math
 import os
 import re
 import struct
+import sys
 import tempfile
 import uuid
 import zipfile
@@ -1026,10 +1028,51 @@ def _physical(v: np.ndarray, it: Any) -> np.ndarray:
 
 def _write_nifti_bytes(f: Any, raw: bytes, gz: bool) -> None:
     if gz:
-        with gzip.GzipFile(filename="", fileobj=f, mode="wb", compresslevel=1, mtime=0) as g:
+        with gzip_writer(f, len(raw)) as g:
             g.write(raw)
     else:
         f.write(raw)
+
+
+GZIP_THREADED_MIN_BYTES = 16 << 20  # smaller streams gain nothing from the threaded writer
+
+
+def gzip_writer(f: Any, nbytes: int, threads: int | None = None) -> Any:
+    """A gzip stream (level 1) onto the open binary file ``f`` for about ``nbytes`` of data: Intel's
+    ISA-L (python-isal) where installed, 6-13x faster than zlib at level 1 for a similar size, with
+    ``threads`` (default: torch's intra-op thread count where torch is loaded, the job's) compressing blocks in parallel
+    for large streams; the standard library's zlib otherwise.  Any gzip reader reads either."""
+    try:
+        from isal import igzip, igzip_threaded
+    except ImportError:  # pragma: no cover - isal is a dependency; a platform without its wheel
+        return gzip.GzipFile(filename="", fileobj=f, mode="wb", compresslevel=1, mtime=0)
+    if threads is None:  # the API process never imports torch; a worker has pinned its threads
+        threads = sys.modules["torch"].get_num_threads() if "torch" in sys.modules else 1
+    if threads > 1 and nbytes >= GZIP_THREADED_MIN_BYTES:
+        return igzip_threaded.open(f, "wb", compresslevel=1, threads=threads)
+    return igzip.IGzipFile(fileobj=f, mode="wb", compresslevel=1, mtime=0)
+
+
+def _nifti_header_bytes(img: Any) -> bytes:
+    """The 352 bytes before a single-file NIfTI-1's voxels: the header, vox_offset 352, no extensions."""
+    hdr = img.header.copy()
+    hdr.set_data_offset(352)
+    hdr["magic"] = b"n+1"
+    return hdr.binaryblock + b"\x00\x00\x00\x00"
+
+
+def _write_nifti_stream(f: Any, v: np.ndarray, it: Any, img: Any, gz: bool, slab_bytes: int = 8 << 20) -> None:
+    """Header, then the model-space (D, H, W) volume converted to physical units a slab of depth
+    rows at a time, written straight into the (gzip) stream: no full-size physical copy, no bytes
+    copy of the whole file.  (D, H, W) C order is NIfTI's (x, y, z) voxel order."""
+    d = v.shape[0]
+    dtype = np.dtype(np.int16 if it.dtype == "int16" else np.float32)
+    rows = max(1, slab_bytes // max(1, v[0].size * 4))
+    out = gzip_writer(f, v.size * dtype.itemsize) if gz else contextlib.nullcontext(f)
+    with out as w:
+        w.write(_nifti_header_bytes(img))
+        for s in range(0, d, rows):
+            w.write(memoryview(np.ascontiguousarray(_physical(v[s : s + rows], it))).cast("B"))
 
 
 def _write_atomic(p: Path, write: Any) -> None:
@@ -1072,10 +1115,10 @@ def volume_affine(shape_dhw: tuple[int, int, int], spacing_xyz: tuple[float, flo
 
 def nifti_image(data_dhw: np.ndarray, spacing_xyz: tuple[float, float, float], description: str = "") -> Any:
     """A NIfTI-1 image of a (D, H, W) array already in its output dtype: RAS affine, qform and
-    sform codes set (scanner), units mm."""
+    sform codes set (scanner), units mm.  The image holds a (x, y, z) view of the array, no copy."""
     import nibabel as nib
 
-    img = nib.Nifti1Image(np.ascontiguousarray(data_dhw.transpose(2, 1, 0)), volume_affine(data_dhw.shape, spacing_xyz))
+    img = nib.Nifti1Image(data_dhw.transpose(2, 1, 0), volume_affine(data_dhw.shape, spacing_xyz))
     img.header.set_xyzt_units("mm", "sec")
     img.header.set_qform(img.affine, code=1)
     img.header.set_sform(img.affine, code=1)
@@ -1111,9 +1154,11 @@ def write_volume(path: str | os.PathLike, v_model: np.ndarray, config: Any, sour
         if ext == ".npy":
             np.save(f, v)
             return
-        img = nifti_image(_physical(v, config.intensity), config.spacing)
+        # the header of the file's dtype and shape, on a zero-stride stand-in for the voxels
+        dtype = np.int16 if config.intensity.dtype == "int16" else np.float32
+        img = nifti_image(np.broadcast_to(np.zeros((), dtype), v.shape), config.spacing)
         mark_nifti_synthetic(img.header, config, source)
-        _write_nifti_bytes(f, img.to_bytes(), ext == ".nii.gz")
+        _write_nifti_stream(f, v, config.intensity, img, ext == ".nii.gz")
 
     _write_atomic(p, write)
 
