@@ -1,15 +1,17 @@
 """The service's own overhead, on both queues, and throughput with one and two Celery workers.
 
-Starts its own redis-server (free port) and `voxgen worker` processes, runs the API in-process
-(FastAPI TestClient: one app on the embedded queue, one in Celery mode), and compares, in one run,
+Starts its own redis-server (free port), a `voxgen serve` process (embedded queue) and `voxgen
+worker` processes, runs a Celery-mode API in-process, and compares, in one run,
 round by round (each round runs every path once with the same seed, in an order rotated from round
 to round, so background load on a shared machine and what one path leaves behind fall on all alike):
 
   direct            model.generate + write_volume (.nii.gz): the work a generate job does, in-process
   direct, job       worker.jobs.job_generate: the same plus what a job also writes (PNG preview,
                     latent.npy), in-process
-  embedded          POST /generate -> GET /jobs/{id}?wait=60 (long poll) -> download the .nii.gz
-  celery            the same through Redis and a `voxgen worker` process
+  embedded          POST /generate -> GET /jobs/{id}?wait=60 (long poll) -> download the .nii.gz, over
+                    HTTP from a `voxgen serve` process (embedded queue) as deployed
+  celery            the same through Redis and a `voxgen worker` process (API in this process,
+                    FastAPI TestClient, Celery mode: it runs no model)
   celery, polling   the same, polling GET /jobs/{id} every --poll-ms ms instead (how clients did
                     before the long poll; --poll-ms 0 leaves the row out)
 
@@ -17,7 +19,9 @@ to round, so background load on a shared machine and what one path leaves behind
                                        [--queues embedded,celery]
 
 The model is the authors' 128^3 configuration (width 1, latent 1024) with random weights unless
---width is given.  Each path's first job (model load) is excluded as warm-up.  --jobs 0 skips
+--width is given.  `voxgen serve` and `voxgen worker` set OMP_WAIT_POLICY=PASSIVE (unless it is set);
+the direct paths run in this process with whatever the environment says (the OpenMP default unless
+set), as a library user's code does.  Each path's first job (model load) is excluded as warm-up.  --jobs 0 skips
 the throughput table.  Prints markdown tables: medians and minima per path, and the overhead of each
 service path over direct generation (medians, and the median of the per-round ratios).
 """
@@ -164,9 +168,28 @@ def main() -> None:
         m = HAGANModel.from_pretrained(models / "m")
         m.generate(m.sample_latents(1, 0))  # warm-up
         emb = cel = None
-        if "embedded" in queues:
-            emb = TestClient(create_app(Settings(models_dir=models, storage_dir=tmp / "st-emb", redis_url=None)))
-            emb.__enter__()
+        if "embedded" in queues:  # `voxgen serve` as deployed: its own process, real HTTP
+            import httpx
+
+            port = free_port()
+            serve_env = {k: v for k, v in env.items() if k != "VOXGEN_REDIS_URL"}
+            serve_env["VOXGEN_STORAGE_DIR"] = str(tmp / "st-emb")
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "model.cli", "serve", "--port", str(port), "--log-level", "warning"],
+                    env=serve_env,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
+            emb = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
+            for _ in range(300):
+                try:
+                    if emb.get("/health/ready").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.1)
             through_service(emb, 0)  # warm-up (model load)
         if "celery" in queues:
             start_worker()
@@ -212,7 +235,7 @@ def main() -> None:
 
         if cel is not None and a.jobs > 0:
             for n_workers in (1, 2):
-                while len(procs) < n_workers + 1:  # redis-server + the workers
+                while len(procs) < n_workers + 1 + (emb is not None):  # redis-server, `serve`, the workers
                     start_worker()
                     time.sleep(3)
                 if n_workers == 2:  # warm the new worker
@@ -226,9 +249,10 @@ def main() -> None:
                 ]
                 states = [wait(cel, j)["state"] for j in ids]
                 tput[n_workers] = (a.jobs / (time.perf_counter() - t) * 60, states.count("succeeded"))
-        for c in (emb, cel):
-            if c is not None:
-                c.__exit__(None, None, None)
+        if emb is not None:
+            emb.close()
+        if cel is not None:
+            cel.__exit__(None, None, None)
     finally:
         for p in reversed(procs):
             p.kill()
@@ -237,8 +261,8 @@ def main() -> None:
     labels = {
         "direct": "direct (generate + write .nii.gz)",
         "direct, job": "direct, the job function (+ PNG preview, latent.npy)",
-        "embedded": "embedded queue: submit until the long poll answers succeeded",
-        "embedded + download": "embedded queue: ... and download the .nii.gz",
+        "embedded": "embedded queue (`voxgen serve`): submit until the long poll answers succeeded",
+        "embedded + download": "embedded queue (`voxgen serve`): ... and download the .nii.gz",
         "celery": "Celery/Redis: submit until the long poll answers succeeded",
         "celery + download": "Celery/Redis: ... and download the .nii.gz",
         "celery, polling": f"Celery/Redis: submit until succeeded, polling every {a.poll_ms:g} ms",

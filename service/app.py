@@ -130,7 +130,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         lifespan=lifespan,
         description="Generate, encode and edit high-resolution 3D medical volumes (HA-GAN). Jobs are "
-        "asynchronous: POST returns 202 with a job id; poll GET /jobs/{id}; download the listed files.",
+        "asynchronous: POST returns 202 with a job id; long-poll GET /jobs/{id}?wait=60 (answers when the job "
+        "ends); download the listed files.",
     )
     app.state.settings, app.state.storage, app.state.jobs = settings, storage, jobs
     app.state.metrics_registry = metrics.make_registry(jobs)
