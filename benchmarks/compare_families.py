@@ -35,10 +35,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from model import families  # noqa: E402
 from model.metrics.evaluate import evaluate  # noqa: E402
 from model.training import trainer_module  # noqa: E402
 
-FAMILIES = ("hagan", "splitshuffle", "stylegan3d", "alphawgan")
+FAMILIES = families.NAMES
 FAMILY_OPTIONS: dict[str, dict[str, Any]] = {
     "hagan": {"width": 0.25, "latent_dim": 64, "batch": 2},  # the shipped demo model's CPU setting
     "splitshuffle": {"shape": "64x64x64"},

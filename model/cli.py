@@ -11,6 +11,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from model import families
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
 
 
@@ -35,21 +37,27 @@ def _parse_shape(s: str) -> tuple[int, ...]:
 def cmd_init(a: argparse.Namespace) -> int:
     import torch  # noqa: F401
 
-    if a.family in ("splitshuffle", "stylegan3d"):
-        return _init_stylegan3d(a)
-    if a.family == "alphawgan":
-        from model.alphawgan.model import init_model_dir
+    return families.get(a.family).init_function()(a)
 
-        m = init_model_dir(
-            a.output,
-            latent_dim=a.latent_dim or 1000,
-            width=a.width,
-            modality=a.modality,
-            spacing=tuple(a.spacing) if a.spacing else None,
-            seed=a.seed,
-        )
-        print(f"wrote an untrained alpha-WGAN-GP (64^3, latent {m.latent_dim}, width {m.config.width}) to {a.output}")
-        return 0
+
+def init_alphawgan(a: argparse.Namespace) -> int:
+    """voxgen init --family alphawgan."""
+    from model.alphawgan.model import init_model_dir
+
+    m = init_model_dir(
+        a.output,
+        latent_dim=a.latent_dim or 1000,
+        width=a.width,
+        modality=a.modality,
+        spacing=tuple(a.spacing) if a.spacing else None,
+        seed=a.seed,
+    )
+    print(f"wrote an untrained alpha-WGAN-GP (64^3, latent {m.latent_dim}, width {m.config.width}) to {a.output}")
+    return 0
+
+
+def init_hagan(a: argparse.Namespace) -> int:
+    """voxgen init --family hagan."""
     from model.hagan.config import HAGANConfig, Intensity
     from model.hagan.infer import HAGANModel
 
@@ -69,7 +77,8 @@ def cmd_init(a: argparse.Namespace) -> int:
     return 0
 
 
-def _init_stylegan3d(a: argparse.Namespace) -> int:
+def init_stylegan3d(a: argparse.Namespace) -> int:
+    """voxgen init --family splitshuffle | stylegan3d."""
     from model.hagan.config import Intensity
     from model.stylegan3d.config import StyleGAN3DConfig
     from model.stylegan3d.model import StyleGAN3DModel
@@ -287,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("init", help="write a freshly initialised model directory")
-    s.add_argument("--family", default="hagan", choices=["hagan", "splitshuffle", "stylegan3d", "alphawgan"])
+    s.add_argument("--family", default="hagan", choices=families.NAMES)
     s.add_argument("--resolution", type=int, default=256, choices=[128, 256, 512])
     s.add_argument("--latent-dim", type=int, default=None, help="default: hagan 1024, alphawgan 1000")
     s.add_argument("--width", type=float, default=1.0, help="channel-width multiplier (1 = the authors' widths)")

@@ -6,6 +6,8 @@ import argparse
 import json
 from collections.abc import Callable
 
+from model import families
+
 
 def cmd_prepare(a: argparse.Namespace) -> int:
     from model.cli import _progress_printer
@@ -87,7 +89,7 @@ def register(sub: argparse._SubParsersAction, commands: dict[str, Callable]) -> 
     commands["prepare"] = cmd_prepare
 
     s = sub.add_parser("train", help="train a model on a prepared dataset")
-    s.add_argument("--family", default="hagan", choices=["hagan", "splitshuffle", "stylegan3d", "alphawgan"])
+    s.add_argument("--family", default="hagan", choices=families.NAMES)
     s.add_argument("--data", required=True)
     s.add_argument("-o", "--output", required=True, help="run folder (checkpoints, metrics, previews, model)")
     s.add_argument("--iterations", type=int, default=1000)

@@ -8,6 +8,7 @@ from typing import Any, Protocol
 
 import torch
 
+from model import families
 from model.checkpoint import ModelDirError, read_config
 
 
@@ -37,23 +38,15 @@ class GenerativeModel(Protocol):
     def save_pretrained(self, path: str | os.PathLike) -> Path: ...
 
 
-FAMILIES = ("hagan", "splitshuffle", "stylegan3d", "alphawgan")
+FAMILIES = families.NAMES
 
 
 def family_class(family: str) -> type:
-    if family == "hagan":
-        from model.hagan.infer import HAGANModel
-
-        return HAGANModel
-    if family in ("splitshuffle", "stylegan3d"):
-        from model.stylegan3d.model import StyleGAN3DModel
-
-        return StyleGAN3DModel
-    if family == "alphawgan":
-        from model.alphawgan.model import AlphaWGANModel
-
-        return AlphaWGANModel
-    raise ModelDirError(f"unknown model family {family!r}; known: {', '.join(FAMILIES)}")
+    """The loaded-model class of a family (model/families.py)."""
+    try:
+        return families.get(family).model_class()
+    except ValueError as e:
+        raise ModelDirError(str(e)) from None
 
 
 def from_pretrained(path: str | os.PathLike, device: str | torch.device = "cpu") -> GenerativeModel:

@@ -9,7 +9,6 @@ options that are not its own, and an option given as None takes the family's def
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import sys
@@ -18,12 +17,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-TRAINERS: dict[str, str] = {
-    "hagan": "model.hagan.train",
-    "splitshuffle": "model.stylegan3d.train",
-    "stylegan3d": "model.stylegan3d.train",
-    "alphawgan": "model.alphawgan.train",
-}
+from model import families
+
+TRAINERS: dict[str, str] = {name: f.trainer for name, f in families.FAMILIES.items()}
 
 
 class LoopTrainer(Protocol):
@@ -102,15 +98,8 @@ def prune_checkpoints(folder: Path, keep: int) -> list[Path]:
 
 
 def trainer_module(family: str) -> Any:
-    """The training module of a family; a clear error for unknown or not-yet-available ones."""
-    if family not in TRAINERS:
-        raise ValueError(f"unknown model family {family!r}; known: {', '.join(TRAINERS)}")
-    try:
-        return importlib.import_module(TRAINERS[family])
-    except ModuleNotFoundError as e:
-        if e.name == TRAINERS[family]:
-            raise ValueError(f"training of family {family!r} is not available in this version") from e
-        raise
+    """The training module of a family (model/families.py); ValueError for an unknown one."""
+    return families.get(family).trainer_module()
 
 
 def train(options: dict[str, Any], progress: Callable[[int, int, str], None] | None = None) -> Path:

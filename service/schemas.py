@@ -7,6 +7,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, field_validator
 
+from model import families
+
 # Latent codes are drawn from N(0, 1); a value far outside that is a mistake, and an enormous one
 # would overflow inside the network (NaN volumes) instead of being refused here with a 4xx.
 LATENT_LIMIT = 1000.0
@@ -118,7 +120,7 @@ class TraverseRequest(BaseModel):
 class TrainRequest(BaseModel):
     model_config = STRICT
 
-    family: Literal["hagan", "splitshuffle", "stylegan3d", "alphawgan"] = "hagan"
+    family: Literal[families.NAMES] = "hagan"  # type: ignore[valid-type]
     data: str = Field(description="a dataset folder made by `voxgen prepare`, as the worker sees it")
     name: str = Field(pattern=MODEL_NAME, description="the new model's served name")
     resolution: Annotated[Literal[128, 256, 512] | None, BeforeValidator(_json_integer)] = None

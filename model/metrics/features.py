@@ -23,6 +23,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from model import families
+
 PLANES = ("axial", "coronal", "sagittal")
 
 
@@ -77,7 +79,7 @@ class PooledSlices:
         return F.adaptive_avg_pool2d(s.float()[:, None], self.size).flatten(1).cpu()
 
 
-AMORTISED_ENCODERS = ("hagan", "alphawgan")
+AMORTISED_ENCODERS = families.with_encoder("amortised")
 
 
 class EncoderFeatures:

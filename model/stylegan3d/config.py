@@ -10,9 +10,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from model import families
 from model.hagan.config import Intensity
 
-FAMILIES = ("splitshuffle", "stylegan3d")
+FAMILIES = families.sharing_config("model.stylegan3d.config:StyleGAN3DConfig")  # the style-based ones
 D_VARIANTS = ("baseline", "split-shuffle", "split", "group", "depthwise")
 
 # The paper's ablation variants (Table III): name -> (split_g, shuffle_g, d_variant)
