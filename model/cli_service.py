@@ -12,8 +12,8 @@ def passive_omp_threads() -> None:
     environment says otherwise.  A service shares its cores: the API, Redis, other workers, the
     machine's other jobs; threads spinning between a job's parallel regions (the OpenMP default)
     take those cores from them and from each other.  Measured on the 2-core development machine
-    under load: 128^3 generation 27% faster with it, and a Celery worker's job no slower than the
-    same work in-process (benchmarks/RESULTS.md).  Must run before torch (its OpenMP) is loaded."""
+    under load (benchmarks/RESULTS.md): a Celery worker's 128^3 job went from about 1.4x the same
+    work in-process to 1.0-1.15x.  Must run before torch (its OpenMP) is loaded."""
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
