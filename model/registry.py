@@ -55,10 +55,6 @@ def from_pretrained(path: str | os.PathLike, device: str | torch.device = "cpu")
     return family_class(family).from_pretrained(path, device=device)
 
 
-def save_pretrained(model: GenerativeModel, path: str | os.PathLike) -> Path:
-    return model.save_pretrained(path)
-
-
 def resolve_device(device: str | None) -> torch.device:
     """'auto' / None -> cuda if available else cpu; refuses a CUDA device that is not there."""
     if device in (None, "", "auto"):

@@ -69,11 +69,6 @@ def bind_job(job_id: str, **fields: Any) -> None:
         ctx.update(job_id=job_id, **fields)
 
 
-def current_job_id() -> str | None:
-    ctx = _CTX.get()
-    return ctx.get("job_id") if ctx else None
-
-
 def _context_of(record: logging.LogRecord) -> dict[str, Any]:
     """The job fields of a line: the context variable's, a ``job_id`` passed with ``extra=``, or
     those of Celery's task lines (``extra={'data': {'id': task id, ...}}``)."""

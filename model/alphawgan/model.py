@@ -14,11 +14,6 @@ from model.alphawgan.networks import AlphaWGAN, parameter_counts
 from model.base import Progress, VolumeModel
 
 
-def load_net(path: str | os.PathLike) -> AlphaWGAN:
-    """The networks of a model directory (config.json + model.safetensors), checked key by key."""
-    return AlphaWGANModel.load_net(path)
-
-
 class AlphaWGANModel(VolumeModel[AlphaWGANConfig, AlphaWGAN]):
     """``generate(z)`` -> [n, 1, 64, 64, 64] float32 in [-1, 1] on the CPU; ``encode(x)`` -> [n, latent].
 

@@ -1163,14 +1163,6 @@ def write_volume(path: str | os.PathLike, v_model: np.ndarray, config: Any, sour
     _write_atomic(p, write)
 
 
-def to_bytes_nifti(v_model: np.ndarray, config: Any) -> bytes:
-    """The .nii.gz bytes write_volume would write (for streaming results)."""
-    with tempfile.TemporaryDirectory() as d:
-        f = Path(d) / "v.nii.gz"
-        write_volume(f, v_model, config)
-        return f.read_bytes()
-
-
 __all__ = [
     "VolumeError",
     "read_volume",

@@ -181,10 +181,6 @@ class Widths:
             raise ValueError(f"width {cfg.width} gives {c} base channels; it must be a multiple of 8 (>= 8)")
         return cls(c)
 
-    @property
-    def feat(self) -> int:  # channels of the G^A feature map
-        return 2 * self.c
-
 
 # --------------------------------------------------------------------------------------------
 # generator
