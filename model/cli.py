@@ -333,7 +333,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--latent", help="a .npy of shape [n, latent_dim] or [latent_dim]")
     s.add_argument("--label", help="class name or index (class-conditional models)")
     s.add_argument("--mode", choices=["auto", "whole", "slab"], default="auto")
-    s.add_argument("--budget-mb", type=int, default=None, help="memory budget for G^H (default 1024)")
+    s.add_argument(
+        "--budget-mb",
+        type=int,
+        default=int(os.environ.get("VOXGEN_MEMORY_BUDGET_MB") or 1024),
+        help="memory budget for G^H: above it, slabs (default: $VOXGEN_MEMORY_BUDGET_MB, else 1024)",
+    )
     s.add_argument(
         "-o",
         "--output",

@@ -78,3 +78,26 @@ def test_families_without_a_bf16_path_refuse_it() -> None:
     assert m.set_precision("auto") == "fp32" and m.set_precision("fp32") == "fp32"
     with pytest.raises(ValueError, match="bf16"):
         m.set_precision("bf16")
+
+
+def test_the_worker_applies_its_precision_and_memory_budget(
+    model: HAGANModel, tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:  # noqa: ANN001
+    from worker import jobs
+    from worker.settings import get_settings
+
+    model.save_pretrained(tmp_path / "m")
+    monkeypatch.setenv("VOXGEN_PRECISION", "bf16")
+    monkeypatch.setenv("VOXGEN_MEMORY_BUDGET_MB", "64")  # the lowest allowed
+    get_settings.cache_clear()
+    monkeypatch.setattr(jobs, "_MODELS", {})
+    try:
+        m = jobs.get_model(tmp_path, "m", "cpu")
+        assert m.precision == "bf16" and m.memory_budget_mb == 64
+        m.memory_budget_mb = 8  # below the 24 MiB this tiny model needs whole: slabs
+        calls: list[str] = []
+        m.set_precision("fp32")
+        m.generate(m.sample_latents(1, 0), progress=lambda d, t, s: calls.append(s))
+        assert "statistics" in calls
+    finally:
+        get_settings.cache_clear()

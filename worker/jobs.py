@@ -50,6 +50,8 @@ def get_model(models_dir: str | os.PathLike, name: str, device: str = "auto") ->
 
             m = from_pretrained(path, device=dev)
             m.set_precision(get_settings().precision)
+            if hasattr(m, "memory_budget_mb"):
+                m.memory_budget_mb = get_settings().memory_budget_mb
             _MODELS[key] = m
         return _MODELS[key]
 

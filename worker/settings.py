@@ -38,6 +38,9 @@ class Settings(BaseSettings):
     # generation arithmetic (HA-GAN): auto = bf16 on CPUs with AVX-512 BF16 or AMX, fp32 elsewhere
     # (AVX2-only CPUs and CUDA); fp32 | bf16 force it.  The error of bf16 is in the README.
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # HA-GAN: G^H runs on the whole volume when it needs at most this much memory, else in slabs with
+    # the same output (512^3 at the authors' width needs slabs on a 24 GiB machine or a 16 GB GPU)
+    memory_budget_mb: int = Field(default=1024, ge=64)
     max_n: int = 16
     # Shared object storage for several machines: s3://bucket/prefix (results and uploads go there;
     # storage_dir is then only this machine's spool for uploads in flight, scratch and training runs).

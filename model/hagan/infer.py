@@ -23,7 +23,6 @@ convolutions fall back to a kernel tens of times slower, and CUDA until measured
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
@@ -37,7 +36,7 @@ _PARITIES = [(a, b, c) for a in (0, 1) for b in (0, 1) for c in (0, 1)]
 # 3 taps of a conv on the upsampled grid -> 2 taps on the original grid, per output parity
 _TAPS = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]], [[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]]], dtype=torch.float64)
 
-DEFAULT_BUDGET_MB = int(os.environ.get("VOXGEN_MEMORY_BUDGET_MB", "1024"))
+DEFAULT_BUDGET_MB = 1024  # a model's memory_budget_mb unless set (the worker: VOXGEN_MEMORY_BUDGET_MB)
 
 
 def fold_upconv(weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,6 +127,7 @@ class HAGANModel(VolumeModel[HAGANConfig, HAGAN]):
         super().__init__(net, device)
         self._folded: dict[str, Any] | None = None
         self.precision = "fp32"
+        self.memory_budget_mb = DEFAULT_BUDGET_MB  # G^H runs in slabs when the whole volume needs more
 
     def set_precision(self, option: str | None = "auto") -> str:
         """Generation precision: 'fp32', 'bf16' or 'auto' (see the module docstring); returns the
@@ -211,7 +211,7 @@ class HAGANModel(VolumeModel[HAGANConfig, HAGAN]):
             raise ValueError(f"latent must have shape [n, {self.latent_dim}], got {list(z.shape)}")
         if not torch.isfinite(z).all():
             raise ValueError("latent contains NaN or infinite values")
-        budget = (budget_mb or DEFAULT_BUDGET_MB) * 2**20
+        budget = (budget_mb or self.memory_budget_mb) * 2**20
         if mode == "auto":
             mode = "whole" if self.whole_volume_bytes() <= budget else "slab"
         if mode not in ("whole", "slab"):
