@@ -107,6 +107,9 @@ def register(sub: argparse._SubParsersAction, commands: dict[str, Callable]) -> 
     g.add_argument("--width", type=float, help="channel width multiplier (default 1.0 = the paper's)")
     g.add_argument("--latent-dim", type=int, help="latent size (hagan default 1024, alphawgan 1000)")
     g.add_argument("--amp", choices=["auto", "on", "off"], default="auto", help="mixed precision (CUDA only)")
+    g.add_argument("--lr-g", type=float, help="G's learning rate (default 1e-4; a resumed run takes the new one)")
+    g.add_argument("--lr-d", type=float, help="D's learning rate (default 4e-4)")
+    g.add_argument("--lr-e", type=float, help="the encoders' learning rate (default 1e-4)")
     g.add_argument(
         "--recipe",
         choices=["authors", "small-data"],

@@ -164,6 +164,9 @@ def test_small_data_recipe_resumes_exactly(brain_ds: Path, tmp_path: Path) -> No
     assert [k for k in sa if not torch.equal(sa[k], sb[k])] == []
     ea, eb = a.ema.state_dict(), b.ema.state_dict()  # the EMA's G (its D and E copies are not used)
     assert [k for k in ea if k.split(".")[0] in ("ga", "gl", "gh") and not torch.equal(ea[k], eb[k])] == []
+    # a resumed run takes the learning rates asked for now (a run may continue at another rate)
+    c = Trainer(opts | {"output": str(tmp_path / "b"), "iterations": 4, "resume": True, "lr_g": 3e-4})
+    assert c.iteration == 3 and c.opts["g"].param_groups[0]["lr"] == 3e-4 and c.opts["d"].param_groups[0]["lr"] == 4e-4
 
 
 def test_recipe_options_are_checked(brain_ds: Path, tmp_path: Path) -> None:

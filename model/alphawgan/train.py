@@ -47,6 +47,7 @@ from model.alphawgan.networks import AlphaWGAN
 from model.checkpoint import (
     load_optimizer_tensors,
     optimizer_tensors,
+    read_config,
     read_weights,
     save_model_dir,
     save_tensors_atomic,
@@ -236,7 +237,7 @@ class Trainer:
             raise ValueError(f"{self.run}: nothing to resume (no latest.json)")
         ck = self.run / "checkpoints" / json.loads(ptr.read_text())["checkpoint"]
         state = json.loads((ck / "state.json").read_text())
-        saved = AlphaWGANConfig.from_dict(json.loads((ck / "config.json").read_text()))
+        saved = AlphaWGANConfig.from_dict(read_config(ck))
         if saved.to_dict() != self.cfg.to_dict():
             raise ValueError(f"{ck}: the checkpoint's config differs from this run's options (width, latent_dim, ...)")
         self.net.load_state_dict(read_weights(ck))

@@ -177,6 +177,11 @@ def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
 OPTIMIZERS = {"g": ("ga", "gl", "gh"), "d": ("dh", "dl"), "eh": ("eh",), "eg": ("eg",)}
 
 
+def _lr(options: dict[str, Any], group: str) -> float:
+    """The learning rate of an optimizer group (g, d, eh, eg) from the options."""
+    return float(options["lr_d" if group == "d" else ("lr_g" if group == "g" else "lr_e")])
+
+
 def _params(net: HAGAN, names: tuple[str, ...]) -> list[torch.nn.Parameter]:
     return [p for n in names for p in getattr(net, n).parameters()]
 
@@ -243,7 +248,7 @@ class Trainer:
         self.opts = {
             k: torch.optim.Adam(
                 _params(self.net, v),
-                lr=self.o["lr_d" if k == "d" else ("lr_g" if k == "g" else "lr_e")],
+                lr=_lr(self.o, k),
                 betas=(0.0, 0.999),
                 eps=1e-8,
                 fused=fused or None,
@@ -532,6 +537,9 @@ class Trainer:
             self.aug_gen.set_state(tensors.pop("rng.torch_augment"))
         self.best = state.get("best")
         load_optimizer_tensors(self.opts, tensors, state["optimizers"])
+        for k, opt in self.opts.items():  # the learning rates asked for now (the same unless changed)
+            for group in opt.param_groups:
+                group["lr"] = _lr(self.o, k)
         self.rng.bit_generator.state = state["numpy_rng"]
         self.iteration = int(state["iteration"])
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from pathlib import Path
@@ -10,6 +9,13 @@ from typing import Any
 
 from fastapi import HTTPException, Request
 
+from model.checkpoint import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    ModelDirError,
+    direction_names,
+    read_config_cached,
+)
 from service.errors import invalid
 from service.schemas import JobAccepted
 from worker.store import new_job_id, new_record
@@ -19,56 +25,20 @@ JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 
 def list_models(models_dir: Path) -> dict[str, dict[str, Any]]:
     """Each sub-directory of the models directory with a config.json and weights is a model,
-    served under its directory name.  A missing models directory serves none."""
+    served under its directory name.  A missing models directory serves none.  Configs and
+    direction names are read by model/checkpoint.py (torch-free, cached until a file changes)."""
     out: dict[str, dict[str, Any]] = {}
     if not models_dir.is_dir():
         return out
     for d in sorted(models_dir.iterdir()):
-        cfg = d / "config.json"
-        if d.is_dir() and not d.name.startswith(".") and cfg.is_file() and (d / "model.safetensors").is_file():
+        if d.is_dir() and not d.name.startswith(".") and (d / CONFIG_NAME).is_file() and (d / WEIGHTS_NAME).is_file():
             try:
-                c = json.loads(cfg.read_text())
-            except (json.JSONDecodeError, OSError, UnicodeDecodeError):
+                c = read_config_cached(d)
+            except (ModelDirError, OSError, UnicodeDecodeError):
                 continue
-            if isinstance(c, dict):
-                card = (d / "README.md").is_file()
-                out[d.name] = {"name": d.name, "config": c, "directions": direction_names(d), "card": card}
+            card = (d / "README.md").is_file()
+            out[d.name] = {"name": d.name, "config": c, "directions": direction_names(d), "card": card}
     return out
-
-
-def direction_names(d: Path) -> list[str]:
-    f = d / "directions.safetensors"
-    if not f.is_file():
-        return []
-    try:
-        from safetensors import safe_open
-
-        with safe_open(str(f), framework="numpy") as sf:
-            return sorted(sf.keys())
-    except Exception:  # an unreadable directions file lists none rather than breaking /models
-        return []
-
-
-def read_direction(model_dir: Path, name: str) -> dict[str, Any] | None:
-    """A stored direction as plain JSON (name, attribute, intercept, vector), or None."""
-    f = model_dir / "directions.safetensors"
-    if not f.is_file():
-        return None
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(f), framework="numpy") as sf:
-            if name not in sf.keys():
-                return None
-            meta = json.loads((sf.metadata() or {})[name])
-            return {
-                "name": name,
-                "attribute": meta["attribute"],
-                "intercept": meta["intercept"],
-                "vector": sf.get_tensor(name).astype(float).tolist(),
-            }
-    except Exception:
-        return None
 
 
 def describe(name: str, entry: dict[str, Any]) -> dict[str, Any]:
