@@ -6,8 +6,9 @@ from typing import Any
 
 from fastapi import APIRouter, HTTPException, Request
 
+from model.checkpoint import read_direction
 from service.errors import error_responses, invalid
-from service.routes.common import check_label, find_record, model_or_404, read_direction, submit
+from service.routes.common import check_label, find_record, model_or_404, submit
 from service.schemas import ALPHA_LIMIT, JobAccepted, TraverseRequest
 
 router = APIRouter(tags=["jobs"])
