@@ -54,7 +54,7 @@ def load_state_dict_checked(net: torch.nn.Module, sd: dict[str, torch.Tensor], p
             f"{Path(path) / 'model.safetensors'}: does not match config.json "
             f"(missing {missing[:3]}, unexpected {unexpected[:3]}, wrong shapes {wrong[:3]})"
         )
-    net.load_state_dict(sd)
+    net.load_state_dict(sd, assign=True)  # the loaded tensors become the parameters: no second copy
 
 
 class VolumeModel(Generic[ConfigT, NetT]):
@@ -97,8 +97,15 @@ class VolumeModel(Generic[ConfigT, NetT]):
             cfg = cls.config_class.from_dict(d)
         except (TypeError, ValueError) as e:
             raise ModelDirError(f"{Path(path) / 'config.json'}: {e}") from e
-        net = cls.net_class(cfg)
+        # built on the meta device (no memory, no random initialisation of weights about to be
+        # replaced), then the loaded tensors become its parameters; a network with state outside its
+        # state dict (non-persistent buffers) is built for real instead
+        with torch.device("meta"):
+            net = cls.net_class(cfg)
         load_state_dict_checked(net, read_weights(path), path)
+        if any(t.is_meta for t in (*net.parameters(), *net.buffers())):
+            net = cls.net_class(cfg)
+            load_state_dict_checked(net, read_weights(path), path)
         return net  # type: ignore[return-value]
 
     @classmethod
