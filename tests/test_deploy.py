@@ -599,7 +599,7 @@ def json_logs() -> object:
 
 def test_json_logs_carry_the_job_id(tmp_path: Path, capsys: pytest.CaptureFixture, json_logs: object) -> None:
     (tmp_path / "models" / "broken").mkdir(parents=True)
-    (tmp_path / "models" / "broken" / "config.json").write_text("{}")
+    (tmp_path / "models" / "broken" / "config.json").write_text('{"family": "hagan"}')  # listed, fails to load
     (tmp_path / "models" / "broken" / "model.safetensors").write_bytes(b"x")
     s = Settings(models_dir=tmp_path / "models", storage_dir=tmp_path / "st", log_format="json")
     with TestClient(create_app(s)) as c:
@@ -648,7 +648,7 @@ def test_a_celery_worker_logs_json_lines_with_the_job_id(redis_url: str, tmp_pat
     url = own_redis_db(redis_url, 10)
     models = tmp_path / "models"
     (models / "broken").mkdir(parents=True)
-    (models / "broken" / "config.json").write_text("{}")
+    (models / "broken" / "config.json").write_text('{"family": "hagan"}')  # listed, fails to load
     (models / "broken" / "model.safetensors").write_bytes(b"x")  # the job fails at once: no compute
     env = {k: v for k, v in os.environ.items() if not k.startswith("VOXGEN_")} | {
         "VOXGEN_REDIS_URL": url,
