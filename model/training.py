@@ -5,12 +5,18 @@ Each family's trainer lives in ``model/<family>/train.py`` and exposes
 (``RUN/model``).  Options common to every family: ``data``, ``output``, ``iterations``, ``batch``,
 ``device``, ``resume``, ``seed``, ``checkpoint_every``, ``preview_every``; a family ignores the
 options that are not its own, and an option given as None takes the family's default.
+
+Under torchrun (``WORLD_SIZE`` > 1) ``train`` joins the process group first (model/distributed.py) and
+the families that support it (hagan, splitshuffle, stylegan3d) train data-parallel; ``fit_loop`` lets
+rank 0 alone write the metrics, checkpoints, previews, the quality monitor, the final model and the
+progress, while every rank steps.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -43,7 +49,14 @@ def fit_loop(t: LoopTrainer) -> Path:
     and preview every ``preview_every`` iterations (and at the last one), run the trainer's quality
     ``monitor()`` every ``monitor_every`` iterations where it has one (its figures join that
     iteration's row and progress line), and report ``progress(done, total, "train")``.  Returns
-    ``RUN/model``."""
+    ``RUN/model``.  In a distributed run every rank steps and rank 0 alone does the rest (its
+    ``step()`` losses are already the global batch's); the other ranks return once rank 0 is done."""
+    from model import distributed
+
+    if not distributed.is_main():
+        while t.iteration < int(t.o["iterations"]):
+            t.step()
+        return t.run / "model"
     t.run.mkdir(parents=True, exist_ok=True)
     total = int(t.o["iterations"])
     f = t.run / "metrics.jsonl"
@@ -103,6 +116,23 @@ def trainer_module(family: str) -> Any:
 
 
 def train(options: dict[str, Any], progress: Callable[[int, int, str], None] | None = None) -> Path:
-    """Train (or resume, with ``options['resume']``) a run of ``options['family']`` (default hagan)."""
+    """Train (or resume, with ``options['resume']``) a run of ``options['family']`` (default hagan).
+
+    Started by torchrun (``WORLD_SIZE`` > 1): joins the process group (model/distributed.py), trains on
+    this rank's device (``cuda:LOCAL_RANK`` on CUDA) and reports ``progress`` from rank 0 only.  Where
+    no callback is given, ``VOXGEN_PROGRESS_FILE`` names a file rank 0 writes its progress to."""
+    from model import distributed
+
     family = options.get("family") or "hagan"
-    return trainer_module(family).train(dict(options, family=family), progress)
+    world = distributed.env_world_size()
+    if world > 1 and family not in distributed.FAMILIES:
+        raise ValueError(
+            f"family {family!r} trains in one process only; torchrun with several processes trains "
+            f"{', '.join(distributed.FAMILIES)}"
+        )
+    with distributed.session(options.get("device")) as (ctx, device):
+        if world > 1:
+            options = dict(options, device=device)
+        if progress is None and os.environ.get("VOXGEN_PROGRESS_FILE"):
+            progress = distributed.progress_file_writer(os.environ["VOXGEN_PROGRESS_FILE"])
+        return trainer_module(family).train(dict(options, family=family), progress if ctx.main else None)

@@ -14,6 +14,11 @@ Two kinds, both drawn from an explicit ``torch.Generator`` so a resumed run cont
   (Zhao et al., "Differentiable Augmentation for Data-Efficient GAN Training", NeurIPS 2020):
   brightness, contrast, translation (zero-filled: background) and cutout, so D cannot memorise a
   small set and G still gets gradients through the same transforms.
+
+Every random number is drawn per sample, for the whole batch at once, so a batch split over several
+processes (data-parallel training, model/distributed.py) gets the same transforms: with
+``rows=(global_n, lo, hi)`` the numbers of a batch of ``global_n`` are drawn and those of rows [lo, hi)
+applied to ``x`` (which holds those rows), and the generator moves as it would for the whole batch.
 """
 
 from __future__ import annotations
@@ -24,6 +29,16 @@ import torch
 import torch.nn.functional as F
 
 BACKGROUND = -1.0
+
+
+def _rows(rows: tuple[int, int, int] | None, b: int) -> tuple[int, int, int]:
+    """(global_n, lo, hi) of a batch of ``b`` local rows; the whole batch when ``rows`` is None."""
+    if rows is None:
+        return b, 0, b
+    n, lo, hi = (int(v) for v in rows)
+    if not (0 <= lo <= hi <= n and hi - lo == b):
+        raise ValueError(f"rows {rows} do not hold a batch of {b}")
+    return n, lo, hi
 
 
 def _rotation(angles: torch.Tensor) -> torch.Tensor:
@@ -66,12 +81,15 @@ class RandomAugment:
             "noise": self.noise,
         }
 
-    def __call__(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, gen: torch.Generator, rows: tuple[int, int, int] | None = None) -> torch.Tensor:
+        """Transform the batch ``x``: rows [lo, hi) of a batch of ``global_n`` when ``rows`` is
+        ``(global_n, lo, hi)`` (the draws are the whole batch's), the whole batch otherwise."""
         b = x.shape[0]
         dev = x.device
+        n, r0, r1 = _rows(rows, b)
 
-        def u(*shape: int, lo: float = -1.0, hi: float = 1.0) -> torch.Tensor:
-            return (torch.rand(*shape, generator=gen) * (hi - lo) + lo).to(dev)
+        def u(*shape: int, lo: float = -1.0, hi: float = 1.0) -> torch.Tensor:  # shape[0]: the batch
+            return (torch.rand(n, *shape[1:], generator=gen) * (hi - lo) + lo)[r0:r1].to(dev)
 
         # spatial: output grid point p -> sample the input at A p + t + elastic(p) (normalised coords)
         s = torch.exp(u(b, 1, lo=math.log(self.scale[0]), hi=math.log(self.scale[1])))
@@ -97,7 +115,7 @@ class RandomAugment:
         v = v.clamp(0, 1) ** g
         if self.noise > 0:
             sigma = u(b, 1, 1, 1, 1, lo=0.0, hi=self.noise)
-            v = v + sigma * torch.randn(v.shape, generator=gen).to(dev)
+            v = v + sigma * torch.randn(n, *v.shape[1:], generator=gen)[r0:r1].to(dev)
         out = (v.clamp(0, 1) * 2 - 1).where(fg, torch.full_like(v, BACKGROUND))
         return out.contiguous()
 
@@ -112,16 +130,19 @@ def diff_augment(
     translate: float = 0.125,
     cutout: float = 0.5,
     axes: tuple[int, ...] = (2, 3, 4),
+    rows: tuple[int, int, int] | None = None,
 ) -> torch.Tensor:
     """DiffAugment for 3D model-space volumes [B, C, D, H, W]: differentiable in ``x``, random
     parameters per sample drawn from ``gen``.  ``color``: brightness +-0.2 and contrast x0.5-1.5
     about each volume's mean; ``translation``: integer shifts up to ``translate`` of the size along
     ``axes`` (the vacated voxels are background); ``cutout``: one box of ``cutout`` of the size per
-    axis (along ``axes``) set to background."""
+    axis (along ``axes``) set to background.  ``rows=(global_n, lo, hi)``: ``x`` is rows [lo, hi) of
+    a batch of ``global_n``, whose parameters are drawn (module docstring)."""
     b, dev = x.shape[0], x.device
+    n, r0, r1 = _rows(rows, b)
 
-    def u(*shape: int) -> torch.Tensor:
-        return torch.rand(*shape, generator=gen).to(dev)
+    def u(*shape: int) -> torch.Tensor:  # shape[0]: the batch
+        return torch.rand(n, *shape[1:], generator=gen)[r0:r1].to(dev)
 
     if "color" in policy:
         x = x + (u(b, 1, 1, 1, 1) - 0.5) * 0.4
@@ -148,16 +169,17 @@ def diff_augment(
         x = torch.cat(out)
     if "cutout" in policy:
         mask = torch.ones_like(x[:, :1], dtype=torch.bool)
-        for i in range(b):
-            sl: list[slice] = [slice(i, i + 1), slice(None)]
+        for i in range(n):  # every sample of the whole batch draws; the rows here are cut
+            sl: list[slice] = [slice(i - r0, i - r0 + 1), slice(None)]
             for a in range(2, x.ndim):
-                n = x.shape[a]
+                size_a = x.shape[a]
                 if a in axes:
-                    size = max(1, int(n * cutout))
-                    start = int(u(1) * (n - size + 1))
+                    size = max(1, int(size_a * cutout))
+                    start = int(torch.rand(1, generator=gen).to(dev) * (size_a - size + 1))
                     sl.append(slice(start, start + size))
                 else:
                     sl.append(slice(None))
-            mask[tuple(sl)] = False
+            if r0 <= i < r1:
+                mask[tuple(sl)] = False
         x = torch.where(mask, x, torch.full_like(x, BACKGROUND))
     return x

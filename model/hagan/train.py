@@ -27,6 +27,17 @@ generator alone, on a few CPU iterations, spends hundreds of them on blobs befor
 reconstruction signal gives it the anatomy of every training volume from the first iterations.
 ``monitor_every`` runs the evaluation's texture distance on a few EMA samples (``monitor``) and keeps
 the best model in RUN/best.
+
+Data-parallel under torchrun (model/distributed.py): each rank computes rows [lo, hi) of the global
+``batch`` (which the world size must divide) and reads only those volumes; the batch's indices, the
+latents, r and the augmentation and DiffAugment parameters are drawn for the whole batch on every rank
+from the same seeds, so the iteration is the single-process one at the global batch.  The gradients of
+each optimizer group are averaged over the ranks right before its step (``distributed.average_gradients``:
+bucketed all_reduce divided by the world size, which is what DistributedDataParallel does; DDP wrappers
+do not fit the four steps on overlapping sub-networks with ``requires_grad`` toggled between them).
+Every loss is a per-sample mean, so the mean of the ranks' losses is the global batch's.  Rank 0 alone
+writes checkpoints, the metrics, previews, the monitor and the model; a checkpoint holds no rank's state
+of its own and resumes with any number of ranks.
 """
 
 from __future__ import annotations
@@ -45,6 +56,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from model import distributed
 from model.checkpoint import (
     load_optimizer_tensors,
     optimizer_tensors,
@@ -213,6 +225,7 @@ class Trainer:
             raise ValueError(f"{self.o['data']}: the dataset is empty")
         self.device = resolve_device(self.o["device"])
         self.progress = progress
+        self.rows = distributed.part(int(self.o["batch"]))  # this rank's rows of the global batch
         res = int(self.o["resolution"] or self.data.resolution)
         if res != self.data.resolution:
             raise ValueError(f"the dataset was prepared at {self.data.resolution}^3, not {res}^3")
@@ -239,7 +252,7 @@ class Trainer:
         self.net.set_mixed_layout(self.channels_last)
         # E^G step: slabs through E^H per call; one slab of every volume, as the authors' loop (all at
         # once is no faster on the CPU and its intermediates add ~0.7 GiB at 256^3, batch 2)
-        self.slabs_per_call: int | None = int(self.o["batch"])
+        self.slabs_per_call: int | None = self.rows[1] - self.rows[0]
         self.amp_dtype = amp_dtype(str(self.o["amp"]), self.device)
         fused = use_fused_adam(str(self.o["fused_adam"]), self.device)
         if str(self.o["tune_malloc"]) not in ("on", "off"):
@@ -268,10 +281,20 @@ class Trainer:
         self._monitor_real: dict[str, torch.Tensor] | None = None
         if self.o["resume"]:
             self._load_latest()
+        distributed.broadcast_module(self.net)
+        if self.ema is not None:
+            distributed.broadcast_module(self.ema)
 
     # ------------------------------------------------------------------ one iteration
+    def _part(self) -> tuple[int, int, int] | None:
+        """(global batch, lo, hi) of this rank's rows in a distributed run; None in one process."""
+        lo, hi = self.rows
+        n = int(self.o["batch"])
+        return None if (lo, hi) == (0, n) else (n, lo, hi)
+
     def _batch(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         idx = self.rng.integers(0, len(self.data), size=int(self.o["batch"]))
+        idx = idx[self.rows[0] : self.rows[1]]  # this rank's shard: only its volumes are read
         x = torch.from_numpy(np.stack([np.asarray(self.data.volume(int(i)), np.float32) for i in idx]))[:, None]
         labels = None
         if self.cfg.num_classes:
@@ -285,7 +308,9 @@ class Trainer:
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
     def _update(self, group: str) -> None:
-        """One optimizer step; the gradients are freed at once, so no step holds another group's."""
+        """One optimizer step (on the gradients averaged over the ranks in a distributed run); the
+        gradients are freed at once, so no step holds another group's."""
+        distributed.average_gradients(_params(self.net, OPTIMIZERS[group]))
         self.opts[group].step()
         self.opts[group].zero_grad(set_to_none=True)
 
@@ -301,9 +326,10 @@ class Trainer:
         def ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
             return F.cross_entropy(logits.float(), labels)
 
+        part = self._part()
         x, labels = self._batch()
         if self.augment is not None:
-            x = self.augment(x, self.aug_gen)
+            x = self.augment(x, self.aug_gen, rows=part)
         b = x.shape[0]
         s, depth = net.feat_scale, net.sub_depth
         if self.o["any_start"] == "on":
@@ -321,12 +347,15 @@ class Trainer:
         losses: dict[str, float] = {}
 
         def z() -> torch.Tensor:
-            return torch.randn(b, self.cfg.latent_dim, generator=self.gen).to(self.device)
+            if part is None:
+                return torch.randn(b, self.cfg.latent_dim, generator=self.gen).to(self.device)
+            g = torch.randn(part[0], self.cfg.latent_dim, generator=self.gen)  # the global batch's
+            return g[part[1] : part[2]].to(self.device)
 
         def d_of(hi: torch.Tensor, lo: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
             if self.o["diffaug"] == "on":  # depth stays put in the sub-volume: D^H is told where it starts
-                hi = diff_augment(hi, self.aug_gen, axes=(3, 4))
-                lo = diff_augment(lo, self.aug_gen)
+                hi = diff_augment(hi, self.aug_gen, axes=(3, 4), rows=part)
+                lo = diff_augment(lo, self.aug_gen, rows=part)
             return net.discriminate(hi, lo, r)
 
         # 1. D
@@ -417,7 +446,7 @@ class Trainer:
             self._update("eg")
         _requires_grad(net, OPTIMIZERS["g"], True)
         self.iteration += 1
-        return losses
+        return distributed.average_scalars(losses)
 
     def _ema_update(self) -> None:
         """EMA of G's weights (G^A, G^L, G^H), decay ramped up as min(ema, (1 + it) / (10 + it))."""

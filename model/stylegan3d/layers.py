@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model import distributed
+
 LRELU_GAIN = math.sqrt(2.0)
 
 
@@ -199,7 +201,9 @@ class SynthesisLayer(nn.Module):
             x = upsample2x(x)
         x = modulated_conv(x, self.weight, styles)
         if noise_mode == "random":
-            x = x + torch.randn(x.shape[0], 1, *x.shape[2:], device=x.device, dtype=x.dtype) * self.noise_strength
+            # drawn for the whole batch when it is split over ranks (model/distributed.py)
+            noise = distributed.randn_rows(x.shape[0], (1, *x.shape[2:]), device=x.device, dtype=x.dtype)
+            x = x + noise * self.noise_strength
         elif noise_mode == "const":
             x = x + self.noise_const * self.noise_strength
         elif noise_mode != "none":
@@ -303,13 +307,16 @@ def d_conv(
 
 
 class MinibatchStd(nn.Module):
-    """Appends one channel: the std over groups of samples, averaged over channels and space."""
+    """Appends one channel: the std over groups of samples, averaged over channels and space.  In a
+    data-parallel run the groups are the global batch's, gathered from every rank (differentiably)."""
 
     def __init__(self, group_size: int = 4) -> None:
         super().__init__()
         self.group_size = group_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        local = x
+        x, lo, hi = distributed.gather_rows(x)  # x itself, 0, n in one process
         n = x.shape[0]
         g = min(self.group_size, n)
         while n % g:
@@ -319,7 +326,7 @@ class MinibatchStd(nn.Module):
         y = (y - y.mean(0)).square().mean(0).add(1e-8).sqrt()  # [n/g, C, *S]
         y = y.mean(dim=tuple(range(1, y.ndim)))  # [n/g]
         y = y.reshape(1, n // g, *([1] * len(rest))).expand(g, n // g, 1, *rest[1:]).reshape(n, 1, *rest[1:])
-        return torch.cat([x, y], 1)
+        return torch.cat([local, y if hi - lo == n else y[lo:hi]], 1)  # (no slice op: the same backward sums)
 
 
 def prod(s: tuple[int, ...]) -> int:

@@ -20,6 +20,7 @@ import math
 import torch
 from torch import nn
 
+from model import distributed
 from model.stylegan3d.config import StyleGAN3DConfig
 from model.stylegan3d.layers import (
     EqualConv,
@@ -57,7 +58,8 @@ class MappingNetwork(nn.Module):
             x = layer(x)
         if update_w_avg:
             with torch.no_grad():
-                self.w_avg.copy_(x.detach().mean(0).lerp(self.w_avg, self.w_avg_beta))
+                mean = distributed.mean_over_ranks(x.detach().mean(0))  # the global batch's (model/distributed.py)
+                self.w_avg.copy_(mean.lerp(self.w_avg, self.w_avg_beta))
         if truncation_psi != 1.0:
             x = self.w_avg.lerp(x, truncation_psi)
         return x.unsqueeze(1).repeat(1, self.num_ws, 1) if broadcast else x

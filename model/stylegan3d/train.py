@@ -27,6 +27,18 @@ options, optimizer hyper-parameters, the numpy RNG); ``latest.json`` is written 
 checkpoint and ``model/`` are complete; ``metrics.jsonl`` has the losses of every iteration;
 ``previews/iter_N.png`` the middle axial, coronal and sagittal slices of four fixed latents (2D:
 four slices).  ``resume`` continues bit for bit on the same device.
+
+Data-parallel under torchrun (model/distributed.py): each rank computes rows [lo, hi) of the global
+``batch`` (which the world size must divide) and reads only those volumes; the indices, latents,
+mixing draws, the noise inputs and the path-length noise are drawn for the whole batch on every rank
+and sliced, the minibatch standard deviation of D gathers the global batch (differentiably, R1
+included), and ``w_avg`` and the path-length mean move by the global batch's means, so an iteration is
+the single-process one at the global batch.  The gradients are averaged over the ranks before each
+optimizer step (``distributed.average_gradients``, what DDP's reducer does; DDP itself does not support
+the double backward of R1 and the path-length term, and StyleGAN2-ADA averages the same way).  The
+path-length batch (``batch // pl_batch_shrink``) is rounded up to a multiple of the world size (the
+one departure from the single-process run: StyleGAN2-ADA takes it per GPU).  Rank 0 alone writes;
+checkpoints resume with any number of ranks.
 """
 
 from __future__ import annotations
@@ -43,6 +55,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from model import distributed
 from model.checkpoint import (
     ModelDirError,
     load_optimizer_tensors,
@@ -164,6 +177,7 @@ class Trainer:
         self.batch = int(self.o["batch"] or (4 if self.cfg.dims == 3 else 16))
         if self.batch < 1:
             raise ValueError(f"batch must be >= 1, got {self.batch}")
+        self.rows = distributed.part(self.batch)  # this rank's rows of the global batch
         inflated = bool(self.o["init_from"]) if ck is None else bool(self._state(ck).get("init"))
         self.lr = float(self.o["lr"] or (LR_INFLATED if inflated else LR_SCRATCH))
         self.opts = {
@@ -183,6 +197,9 @@ class Trainer:
             torch.cuda.manual_seed(seed + 3)
         if ck is not None:
             self._load_checkpoint(ck)
+            self.rows = distributed.part(self.batch)  # the checkpoint's batch
+        distributed.broadcast_module(self.net)
+        distributed.broadcast_module(self.G_ema)
 
     # ------------------------------------------------------------------ construction
     def _adam(self, params: Any, interval: int) -> torch.optim.Adam:
@@ -279,84 +296,106 @@ class Trainer:
 
     def _batch(self) -> torch.Tensor:
         b = self.batch
+        lo, hi = self.rows  # this rank's shard of the global batch: only its volumes are read
         idx = self.rng.integers(0, len(self.data), size=b)
         if self.cfg.dims == 3:
-            x = np.stack([self._volume(int(i)) for i in idx])
+            x = np.stack([self._volume(int(i)) for i in idx[lo:hi]])
         else:
             sl = self.rng.integers(0, self.cfg.shape[0], size=b)
-            x = np.stack([self._volume(int(i))[int(s)] for i, s in zip(idx, sl, strict=True)])
+            x = np.stack([self._volume(int(i))[int(s)] for i, s in zip(idx[lo:hi], sl[lo:hi], strict=True)])
         return torch.from_numpy(x)[:, None].to(self.device)
 
     # ------------------------------------------------------------------ one iteration
-    def _ws(self, n: int, update_w_avg: bool = False) -> torch.Tensor:
-        """Per-layer styles for ``n`` fresh latents, with style mixing at a random layer."""
-        z = torch.randn(n, self.cfg.z_dim, generator=self.gen).to(self.device)
+    def _ws(self, n: int, update_w_avg: bool = False, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """Per-layer styles for ``n`` fresh latents, with style mixing at a random layer; with ``rows``
+        (lo, hi) the latents of rows [lo, hi) of those ``n`` (all ``n`` are drawn)."""
+        lo, hi = rows if rows is not None else (0, n)
+        z = torch.randn(n, self.cfg.z_dim, generator=self.gen)[lo:hi].to(self.device)
         ws = self.G.mapping(z, update_w_avg=update_w_avg)
         p = float(self.o["style_mixing"])
         if p > 0:
             mix = float(torch.rand([], generator=self.gen)) < p
             cutoff = int(torch.randint(1, ws.shape[1], [], generator=self.gen)) if ws.shape[1] > 1 else 1
             if mix and cutoff < ws.shape[1]:
-                z2 = torch.randn(n, self.cfg.z_dim, generator=self.gen).to(self.device)
+                z2 = torch.randn(n, self.cfg.z_dim, generator=self.gen)[lo:hi].to(self.device)
                 ws = torch.cat([ws[:, :cutoff], self.G.mapping(z2)[:, cutoff:]], 1)
         return ws
+
+    def _step(self, name: str) -> None:
+        """One optimizer step on the gradients averaged over the ranks (a distributed run)."""
+        net = self.G if name == "g" else self.D
+        distributed.average_gradients(net.parameters())
+        self.opts[name].step()
 
     def step(self) -> dict[str, float]:
         G, D, o, t, b = self.G, self.D, self.o, self.iteration, self.batch
         losses: dict[str, float] = {}
         real = self._batch()
+        lo, hi = self.rows  # inside distributed.rows: noise and minibatch std of the global batch
 
         # G: non-saturating logistic loss
         G.requires_grad_(True)
         D.requires_grad_(False)
-        logits = D(G.synthesis(self._ws(b, update_w_avg=True)))
-        g_loss = F.softplus(-logits).mean()
-        self.opts["g"].zero_grad(set_to_none=True)
-        g_loss.backward()
-        self.opts["g"].step()
+        with distributed.rows(b, lo, hi):
+            logits = D(G.synthesis(self._ws(b, update_w_avg=True, rows=self.rows)))
+            g_loss = F.softplus(-logits).mean()
+            self.opts["g"].zero_grad(set_to_none=True)
+            g_loss.backward()
+        self._step("g")
         losses["g"] = float(g_loss.detach())
 
         # G: lazy path-length regularisation
         if o["pl_weight"] > 0 and t % int(o["pl_every"]) == 0:
             n = max(1, b // int(o["pl_batch_shrink"]))
-            ws = self._ws(n)
-            img = G.synthesis(ws)
-            noise = torch.randn_like(img) / math.sqrt(img[0, 0].numel())
-            (grad,) = torch.autograd.grad((img * noise).sum(), ws, create_graph=True)
-            lengths = grad.square().sum(2).mean(1).sqrt()
-            self.pl_mean.copy_(self.pl_mean.lerp(lengths.mean().detach(), float(o["pl_decay"])))
-            pl = (lengths - self.pl_mean).square().mean()
-            self.opts["g"].zero_grad(set_to_none=True)
-            (pl * float(o["pl_weight"]) * int(o["pl_every"])).backward()
-            self.opts["g"].step()
+            w = distributed.context().world
+            n = -(-n // w) * w  # a multiple of the ranks (the same n in one process)
+            plo, phi = distributed.part(n, "path-length batch")
+            with distributed.rows(n, plo, phi):
+                ws = self._ws(n, rows=(plo, phi))
+                img = G.synthesis(ws)
+                if (plo, phi) == (0, n):
+                    noise = torch.randn_like(img)
+                else:  # the global batch's noise, this rank's rows
+                    noise = distributed.randn_rows(phi - plo, tuple(img.shape[1:]), device=img.device, dtype=img.dtype)
+                noise = noise / math.sqrt(img[0, 0].numel())
+                (grad,) = torch.autograd.grad((img * noise).sum(), ws, create_graph=True)
+                lengths = grad.square().sum(2).mean(1).sqrt()
+                batch_mean = distributed.mean_over_ranks(lengths.mean().detach())
+                self.pl_mean.copy_(self.pl_mean.lerp(batch_mean, float(o["pl_decay"])))
+                pl = (lengths - self.pl_mean).square().mean()
+                self.opts["g"].zero_grad(set_to_none=True)
+                (pl * float(o["pl_weight"]) * int(o["pl_every"])).backward()
+            self._step("g")
             losses["pl"], losses["pl_mean"] = float(pl.detach()), float(self.pl_mean)
 
         # D: logistic loss on generated and real data
         G.requires_grad_(False)
         D.requires_grad_(True)
-        with torch.no_grad():
-            fake = G.synthesis(self._ws(b))
-        d_fake = F.softplus(D(fake)).mean()
-        d_real = F.softplus(-D(real)).mean()
-        self.opts["d"].zero_grad(set_to_none=True)
-        (d_fake + d_real).backward()
-        self.opts["d"].step()
+        with distributed.rows(b, lo, hi):
+            with torch.no_grad():
+                fake = G.synthesis(self._ws(b, rows=self.rows))
+            d_fake = F.softplus(D(fake)).mean()
+            d_real = F.softplus(-D(real)).mean()
+            self.opts["d"].zero_grad(set_to_none=True)
+            (d_fake + d_real).backward()
+        self._step("d")
         losses["d_fake"], losses["d_real"] = float(d_fake.detach()), float(d_real.detach())
 
         # D: lazy R1 on real data
         if o["r1_gamma"] > 0 and t % int(o["r1_every"]) == 0:
             x = real.detach().requires_grad_(True)
-            (grad,) = torch.autograd.grad(D(x).sum(), x, create_graph=True)
-            r1 = grad.square().flatten(1).sum(1).mean()
-            self.opts["d"].zero_grad(set_to_none=True)
-            (r1 * (float(o["r1_gamma"]) / 2) * int(o["r1_every"])).backward()
-            self.opts["d"].step()
+            with distributed.rows(b, lo, hi):
+                (grad,) = torch.autograd.grad(D(x).sum(), x, create_graph=True)
+                r1 = grad.square().flatten(1).sum(1).mean()
+                self.opts["d"].zero_grad(set_to_none=True)
+                (r1 * (float(o["r1_gamma"]) / 2) * int(o["r1_every"])).backward()
+            self._step("d")
             losses["r1"] = float(r1.detach())
         G.requires_grad_(True)
 
         self.iteration += 1
         self._update_ema()
-        return losses
+        return distributed.average_scalars(losses)
 
     @torch.no_grad()
     def _update_ema(self) -> None:
@@ -462,13 +501,14 @@ class Trainer:
         from model.training import fit_loop
 
         total = int(self.o["iterations"])
-        sys.stderr.write(
-            f"{self.cfg.family} ({self.cfg.variant}, {'x'.join(map(str, self.cfg.image_shape))}, "
-            f"{'2D' if self.cfg.dims == 2 else '3D'}) on {self.device}: iterations {self.iteration}..{total}, batch "
-            f"{self.batch}, lr {self.lr}"
-            + (f", inflated from {self.init_info['from']}" if self.init_info else "")
-            + "\n"
-        )
+        if distributed.is_main():
+            sys.stderr.write(
+                f"{self.cfg.family} ({self.cfg.variant}, {'x'.join(map(str, self.cfg.image_shape))}, "
+                f"{'2D' if self.cfg.dims == 2 else '3D'}) on {self.device}: iterations {self.iteration}..{total}, "
+                f"batch {self.batch}, lr {self.lr}"
+                + (f", inflated from {self.init_info['from']}" if self.init_info else "")
+                + "\n"
+            )
         return fit_loop(self)
 
 
