@@ -33,6 +33,16 @@ def check_seed(n: int, seed: int) -> None:
         raise ValueError("n must be >= 1")
 
 
+def check_latent(z: torch.Tensor, dim: int, what: str = "latent") -> None:
+    """Refuses latents that are not [n, dim] or hold NaN or infinite values: the check a loaded
+    model makes for its direct (library) users.  The service validates a request's latent once, at
+    the API (worker/params.py ``latent_rows``), before any job runs."""
+    if z.ndim != 2 or z.shape[1] != dim:
+        raise ValueError(f"{what} must have shape [n, {dim}], got {list(z.shape)}")
+    if not torch.isfinite(z).all():
+        raise ValueError("latent contains NaN or infinite values")
+
+
 def seeded_normal(n: int, seed: int, dim: int) -> torch.Tensor:
     """Standard-normal [n, dim] from a CPU generator seeded with ``seed``: the same on every device."""
     check_seed(n, seed)

@@ -10,7 +10,8 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSche
 from model import families
 
 # Latent codes are drawn from N(0, 1); a value far outside that is a mistake, and an enormous one
-# would overflow inside the network (NaN volumes) instead of being refused here with a 4xx.
+# would overflow inside the network (NaN volumes) instead of being refused with a 4xx: the routes
+# refuse it (worker/params.py latent_rows, the one latent check).
 LATENT_LIMIT = 1000.0
 ALPHA_LIMIT = 1e4
 TARGET_LIMIT = 1e6  # a traverse target (an attribute value: mL, HU, ...) beyond this is a mistake
@@ -65,14 +66,7 @@ class GenerateRequest(BaseModel):
     )
     label: str | Int | None = Field(None, description="class name or index, for class-conditional models")
     format: OutputFormat = Field("nifti", description=FORMAT_DESCRIPTION)
-
-    @field_validator("latent")
-    @classmethod
-    def _finite(cls, v: Any) -> Any:
-        if v:
-            flat = [x for row in v for x in row] if isinstance(v[0], list) else v
-            _check_values(flat, "latent", LATENT_LIMIT)
-        return v
+    # the latent's values, length and rows are checked once, by the route (worker/params.py latent_rows)
 
 
 class TraverseRequest(BaseModel):
@@ -95,12 +89,7 @@ class TraverseRequest(BaseModel):
     label: str | Int | None = None
     format: OutputFormat = Field("nifti", description=FORMAT_DESCRIPTION)
 
-    @field_validator("latent", "direction")
-    @classmethod
-    def _finite_latent(cls, v: Any) -> Any:
-        if isinstance(v, list):
-            _check_values(v, "latent/direction", LATENT_LIMIT)
-        return v
+    # the latent and a direction vector are checked by the route (worker/params.py latent_rows)
 
     @field_validator("steps")
     @classmethod

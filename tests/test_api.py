@@ -773,6 +773,47 @@ def test_lapsed_leases_are_requeued_exactly_once() -> None:
     assert sent[-1] == (ids[1], 2, "train")
 
 
+def test_job_parameters_travel_typed_from_route_to_worker(embedded: TestClient, tmp_path: Path) -> None:
+    """Each route submits its kind's parameter model; the record holds its JSON, which parses back
+    into the same model (what the worker runs), with the label resolved and a seed drawn."""
+    from worker.params import EncodeParams, GenerateParams, TraverseParams, parse
+
+    recs = embedded.app.state.jobs.records
+    r = embedded.post("/generate", json={"model": "cond", "label": 1, "format": "npy"})
+    p = parse("generate", recs.get(r.json()["job_id"])["params"])
+    assert isinstance(p, GenerateParams) and p.label == "copd" and p.seed is not None and p.latent is None
+    r = embedded.post("/generate", json={"model": "tiny", "latent": [0.5] * LATENT, "format": "npy"})
+    p = parse("generate", recs.get(r.json()["job_id"])["params"])
+    assert p.latent == [[0.5] * LATENT] and p.n == 1 and p.dump() == recs.get(r.json()["job_id"])["params"]
+    r = embedded.post("/traverse", json={"model": "tiny", "direction": "soft", "steps": [0, 1], "seed": 3})
+    t = parse("traverse", recs.get(r.json()["job_id"])["params"])
+    assert isinstance(t, TraverseParams) and t.direction.name == "soft" and t.direction.attribute == "soft_tissue_ml"
+    assert len(t.direction.vector) == LATENT and t.direction.intercept == 5.0 and t.steps == [0.0, 1.0]
+    r = embedded.post("/encode", data={"model": "tiny"}, files={"file": ("scan.nii.gz", nifti_upload(tmp_path))})
+    e = parse("encode", recs.get(r.json()["job_id"])["params"])
+    assert isinstance(e, EncodeParams) and e.filename == "scan.nii.gz" and e.space == "input" and e.series_uid is None
+    for kind in ("generate", "traverse", "encode", "nope"):  # a record that does not fit names fields, not values
+        with pytest.raises(ValueError, match="parameters do not fit|unknown job kind") as err:
+            parse(kind, {"model": 3, "upload": "/srv/secret"})
+        assert "/srv/secret" not in str(err.value)
+
+
+def test_the_latent_is_checked_once_in_one_function() -> None:
+    from worker.params import ParamError, latent_rows
+
+    assert latent_rows([0.0, 1.0], 2) == [[0.0, 1.0]] and latent_rows([[0.0] * 2] * 3, 2, max_rows=3) == [[0.0] * 2] * 3
+    for bad, msg in (
+        ([0.0], "latent must have 2 values"),
+        ([], "latent must have 2 values"),
+        ([[0.0] * 2] * 4, "at most 3 latents"),
+        ([[0.0] * 2, [0.0]], "per volume"),
+        ([1e300, 0.0], r"within \+-1000"),
+        ([float("inf"), 0.0], "NaN or infinite"),
+    ):
+        with pytest.raises(ParamError, match=msg):
+            latent_rows(bad, 2, max_rows=3)
+
+
 def test_stale_and_duplicate_deliveries_do_not_run(service_models_dir: Path, tmp_path: Path) -> None:
     from worker.jobs import execute
     from worker.store import MemoryRecords, Storage, new_record

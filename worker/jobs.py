@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from worker import provenance
+from worker.params import EncodeParams, GenerateParams, JobParams, ParamError, TrainParams, TrainRun, TraverseParams
+from worker.params import parse as parse_params
 from worker.settings import job_threads
 from worker.store import TERMINAL, Storage
 
@@ -71,14 +73,14 @@ EXTENSIONS = {"nifti": ".nii.gz", "npy": ".npy", "nrrd": ".nrrd", "mha": ".mha"}
 DICOM_ZIP = "dicom.zip"
 
 
-def _source(params: dict[str, Any], index: int, count: int, what: str = "volume") -> Any:
+def _source(model: str, seed: int | None, index: int, count: int, what: str = "volume") -> Any:
+    """What an output file says made it: the served model, and the seed (None: a latent was given)."""
     from model.data.export import VolumeSource
 
-    seed = params.get("seed") if params.get("latent") is None else None
-    return VolumeSource(str(params.get("model") or ""), None if seed is None else int(seed), index, count, what)
+    return VolumeSource(model, seed, index, count, what)
 
 
-def job_generate(params: dict[str, Any], model: Any, out: Path, progress: Progress) -> dict[str, Any]:
+def job_generate(params: GenerateParams, model: Any, out: Path, progress: Progress) -> dict[str, Any]:
     import numpy as np
     import torch
 
@@ -86,68 +88,68 @@ def job_generate(params: dict[str, Any], model: Any, out: Path, progress: Progre
     from model.data.volumes import write_volume
     from worker.previews import write_preview
 
-    if params.get("latent") is not None:
-        z = torch.tensor(params["latent"], dtype=torch.float32).reshape(-1, model.latent_dim)
+    if params.latent is not None:
+        z, seed = torch.tensor(params.latent, dtype=torch.float32), None
     else:
-        z = model.sample_latents(int(params.get("n", 1)), int(params["seed"]))
-    vols = model.generate(z, _label_index(model, params.get("label")), progress=progress)
-    fmt, n = params.get("format") or "nifti", vols.shape[0]
-    extra: dict[str, Any] = {"seed": params.get("seed")}
+        z, seed = model.sample_latents(params.n, int(params.seed)), params.seed  # type: ignore[arg-type]
+    vols = model.generate(z, _label_index(model, params.label), progress=progress)
+    fmt, n = params.format, vols.shape[0]
+    extra: dict[str, Any] = {"seed": params.seed}
     if fmt == "dicom":
-        with DicomZip(out / DICOM_ZIP, model.config, f"SYNTHETIC voxgen {params.get('model')} volumes") as dz:
+        with DicomZip(out / DICOM_ZIP, model.config, f"SYNTHETIC voxgen {params.model} volumes") as dz:
             for i in range(n):
                 v = vols[i, 0].numpy()
-                dz.add(f"volume_{i:03d}", v, _source(params, i, n))
+                dz.add(f"volume_{i:03d}", v, _source(params.model, seed, i, n))
                 write_preview(out / f"volume_{i:03d}.png", v, model.config)
         extra["dicom"] = dz.series  # per volume its folder in the zip and its series UID
     else:
         ext = EXTENSIONS[fmt]
         for i in range(n):
             v = vols[i, 0].numpy()
-            write_volume(out / f"volume_{i:03d}{ext}", v, model.config, source=_source(params, i, n))
+            write_volume(out / f"volume_{i:03d}{ext}", v, model.config, source=_source(params.model, seed, i, n))
             write_preview(out / f"volume_{i:03d}.png", v, model.config)
     np.save(out / "latent.npy", z.numpy())  # the latents stay in storage: only small metadata in Redis
     return extra
 
 
-def job_encode(params: dict[str, Any], model: Any, out: Path, progress: Progress) -> dict[str, Any]:
+def job_encode(params: EncodeParams, model: Any, out: Path, progress: Progress) -> dict[str, Any]:
     import numpy as np
     import torch
 
     from model.data.volumes import VolumeError, load_for_model, write_in_input_space, write_volume
     from worker.previews import write_preview
 
-    name = params.get("filename") or "upload"
+    name = params.filename or "upload"
     info: dict[str, Any] = {}
     try:  # an upload: one file only, messages without server paths, the API's voxel bound
         x = load_for_model(
-            params["upload"],
+            params.upload,
             model.config,
             info=info,
             untrusted=True,
-            max_voxels=params.get("max_voxels"),
-            series_uid=params.get("series_uid"),
+            max_voxels=params.max_voxels,
+            series_uid=params.series_uid,
         )
     except VolumeError as e:
-        raise JobError(str(e).replace(Path(params["upload"]).name, name)) from e
+        raise JobError(str(e).replace(Path(params.upload).name, name)) from e
     except (OSError, RuntimeError, MemoryError) as e:  # a reader's own error may name paths: not shown
         raise JobError(f"{name}: not a readable 3D volume ({type(e).__name__})") from e
     write_preview(out / "input.png", x, model.config)  # the upload on the model grid, for comparison
     z = model.encode(torch.from_numpy(x)[None, None], progress=progress)
     np.save(out / "latent.npy", z.numpy())
-    if params.get("reconstruct"):
-        v = model.generate(z, _label_index(model, params.get("label")), progress=progress)
-        if params.get("space", "input") == "input":  # the upload's own grid and affine: it overlays the upload
+    if params.reconstruct:
+        v = model.generate(z, _label_index(model, params.label), progress=progress)
+        if params.space == "input":  # the upload's own grid and affine: it overlays the upload
             write_in_input_space(out / "reconstruction.nii.gz", v[0, 0].numpy(), model.config, info)
         else:
-            src = _source(params | {"latent": "encoded"}, 0, 1, "reconstruction")
+            src = _source(params.model, None, 0, 1, "reconstruction")
             write_volume(out / "reconstruction.nii.gz", v[0, 0].numpy(), model.config, source=src)
         write_preview(out / "reconstruction.png", v[0, 0].numpy(), model.config)  # beside input.png: model grid
-        return {"latent": z[0].tolist(), "space": params.get("space", "input")}
+        return {"latent": z[0].tolist(), "space": params.space}
     return {"latent": z[0].tolist()}
 
 
-def job_traverse(params: dict[str, Any], model: Any, out: Path, progress: Progress) -> dict[str, Any]:
+def job_traverse(params: TraverseParams, model: Any, out: Path, progress: Progress) -> dict[str, Any]:
     import numpy as np
     import torch
 
@@ -156,38 +158,23 @@ def job_traverse(params: dict[str, Any], model: Any, out: Path, progress: Progre
     from model.latent.directions import Direction, measure_attribute, traverse
     from worker.previews import write_preview
 
-    d = params["direction"]
-    direction = Direction(
-        d.get("name") or "vector",
-        d.get("attribute") or "",
-        torch.tensor(d["vector"]),
-        float(d.get("intercept") or 0.0),
-        0.0,
-        None,
-        0,
-    )
-    if params.get("latent") is not None:
-        z0 = torch.tensor(params["latent"], dtype=torch.float32).reshape(1, -1)
+    d = params.direction
+    direction = Direction(d.name, d.attribute or "", torch.tensor(d.vector), d.intercept, 0.0, None, 0)
+    if params.latent is not None:
+        z0, seed = torch.tensor([params.latent], dtype=torch.float32), None
     else:
-        z0 = model.sample_latents(1, int(params["seed"]))
-    rows = traverse(
-        model,
-        z0,
-        direction,
-        steps=params.get("steps"),
-        target=params.get("target"),
-        n_steps=int(params.get("n_steps", 5)),
-    )
-    label = _label_index(model, params.get("label"))
-    fmt = params.get("format") or "nifti"
+        z0, seed = model.sample_latents(1, int(params.seed)), params.seed  # type: ignore[arg-type]
+    rows = traverse(model, z0, direction, steps=params.steps, target=params.target, n_steps=params.n_steps)
+    label = _label_index(model, params.label)
+    fmt = params.format
     dz = None
     if fmt == "dicom":
-        dz = DicomZip(out / DICOM_ZIP, model.config, f"SYNTHETIC voxgen {params.get('model')} traverse")
+        dz = DicomZip(out / DICOM_ZIP, model.config, f"SYNTHETIC voxgen {params.model} traverse")
     steps = []
     try:
         for i, row in enumerate(rows):
             v = model.generate(row["latent"], label)[0, 0].numpy()
-            src = _source(params, i, len(rows), "step")
+            src = _source(params.model, seed, i, len(rows), "step")
             if dz is not None:  # one series per step, in the folder step_XX of dicom.zip
                 info = dz.add(f"step_{i:02d}", v, src)
                 entry = {"alpha": row["alpha"], "latent": row["latent"][0].tolist(), "file": DICOM_ZIP}
@@ -214,32 +201,38 @@ def job_traverse(params: dict[str, Any], model: Any, out: Path, progress: Progre
     return {"direction": direction.name, "attribute": direction.attribute or None, "steps": steps}
 
 
-def job_train(params: dict[str, Any], model: Any, out: Path, progress: Progress) -> dict[str, Any]:
+def job_train(params: TrainParams, model: Any, out: Path, progress: Progress) -> dict[str, Any]:
     """Train a model (any family) on a prepared dataset, then register it so GET /models lists it.  A
-    re-run of the same job (after its worker died) resumes from the run's last checkpoint."""
+    re-run of the same job (after its worker died) resumes from the run's last checkpoint.  Where
+    it runs (``params.run``: models directory, storage root, job id, device) the worker sets."""
     import shutil
 
     from model.hagan.train import register_model
     from model.training import train
 
-    run = Path(params["_storage_root"]) / "runs" / params["_job_id"]
-    opts = {k: v for k, v in params.items() if not k.startswith("_") and k not in ("name", "model")}
-    opts |= {"output": str(run), "resume": (run / "latest.json").is_file(), "device": params.get("_device")}
-    opts["checkpoint_every"] = max(1, min(100, int(params.get("iterations") or 1000) // 10))
+    place = params.run
+    if place is None:
+        raise JobError("a training job needs its run place (set by worker.jobs.execute)")
+    run = Path(place.storage_root) / "runs" / place.job_id
+    opts = params.model_dump(exclude={"name", "model"})
+    opts |= {"output": str(run), "resume": (run / "latest.json").is_file(), "device": place.device}
+    opts["checkpoint_every"] = max(1, min(100, params.iterations // 10))
     opts["preview_every"] = opts["checkpoint_every"]
     try:
         model_dir = train(opts, progress)
     except (ValueError, FileNotFoundError) as e:
         raise JobError(str(e)) from e
-    register_model(model_dir, Path(params["_models_dir"]), params["name"])
+    register_model(model_dir, Path(place.models_dir), params.name)
     shutil.copy2(run / "metrics.jsonl", out / "metrics.jsonl")
     previews = sorted((run / "previews").glob("*.png"))
     if previews:
         shutil.copy2(previews[-1], out / "preview.png")
-    return {"model": params["name"]}
+    return {"model": params.name}
 
 
-JOBS: dict[str, Callable[[dict[str, Any], Any, Path, Progress], dict[str, Any]]] = {
+# each takes its kind's parameters (worker/params.py), the loaded model (None for train), the
+# scratch folder and the progress callback, and returns the small inline values of its result
+JOBS: dict[str, Callable[[Any, Any, Path, Progress], dict[str, Any]]] = {
     "generate": job_generate,
     "encode": job_encode,
     "traverse": job_traverse,
@@ -330,26 +323,26 @@ def execute(
 
     try:
         fn = JOBS[rec["kind"]]
-        params = dict(rec["params"])
-        if params.get("upload"):  # an encode job's input: from shared storage onto this machine
-            params["upload"] = str(storage.fetch_upload(job_id, params["upload"]))
-        if rec["kind"] == "train":
+        try:  # the parameters the API validated, back into their model (worker/params.py)
+            params: JobParams = parse_params(rec["kind"], rec["params"])
+        except ParamError as e:
+            raise JobError(str(e)) from e
+        if isinstance(params, EncodeParams):  # its input: from shared storage onto this machine
+            params = params.model_copy(update={"upload": str(storage.fetch_upload(job_id, params.upload))})
+        if isinstance(params, TrainParams):
             model = None
-            params |= {
-                "_models_dir": str(models_dir),
-                "_storage_root": str(storage.root),
-                "_job_id": job_id,
-                "_device": device,
-            }
+            params.run = TrainRun(
+                models_dir=str(models_dir), storage_root=str(storage.root), job_id=job_id, device=device
+            )
         else:
-            model = get_model(models_dir, params["model"], device)
+            model = get_model(models_dir, str(params.model), device)
         extra = fn(params, model, scratch, progress)
         cur = records.get(job_id)
         if cur is not None and mine(cur):  # not cancelled or superseded meanwhile
             doc = provenance.build(
                 job_id=job_id,
                 rec=rec,
-                params=params,
+                params=params.model_dump(),
                 model=model,
                 models_dir=models_dir,
                 scratch=scratch,

@@ -11,7 +11,7 @@ import torch
 
 from model.alphawgan.config import AlphaWGANConfig
 from model.alphawgan.networks import AlphaWGAN, parameter_counts
-from model.base import Progress, VolumeModel
+from model.base import Progress, VolumeModel, check_latent
 
 
 class AlphaWGANModel(VolumeModel[AlphaWGANConfig, AlphaWGAN]):
@@ -38,10 +38,7 @@ class AlphaWGANModel(VolumeModel[AlphaWGANConfig, AlphaWGAN]):
         are accepted and ignored: a 64^3 volume always fits."""
         if label is not None:
             raise ValueError("this model is not class-conditional; label must be None")
-        if z.ndim != 2 or z.shape[1] != self.latent_dim:
-            raise ValueError(f"latent must have shape [n, {self.latent_dim}], got {list(z.shape)}")
-        if not torch.isfinite(z).all():
-            raise ValueError("latent contains NaN or infinite values")
+        check_latent(z, self.latent_dim)
         n = z.shape[0]
         out = torch.empty(n, 1, *self.output_shape, dtype=torch.float32)
         for s in range(0, n, self.batch):

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from model.base import Progress, VolumeModel
+from model.base import Progress, VolumeModel, check_latent
 from model.hagan.config import HAGANConfig
 from model.hagan.networks import HAGAN, parameter_counts
 
@@ -207,10 +207,7 @@ class HAGANModel(VolumeModel[HAGANConfig, HAGAN]):
         ``mode``: "whole" (G^H on the whole feature map at once), "slab" (memory-bounded, equal
         output), or "auto" (whole when it fits ``budget_mb``, else slab).
         """
-        if z.ndim != 2 or z.shape[1] != self.latent_dim:
-            raise ValueError(f"latent must have shape [n, {self.latent_dim}], got {list(z.shape)}")
-        if not torch.isfinite(z).all():
-            raise ValueError("latent contains NaN or infinite values")
+        check_latent(z, self.latent_dim)
         budget = (budget_mb or self.memory_budget_mb) * 2**20
         if mode == "auto":
             mode = "whole" if self.whole_volume_bytes() <= budget else "slab"

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from model.base import Progress, VolumeModel, seeded_normal
+from model.base import Progress, VolumeModel, check_latent, seeded_normal
 from model.stylegan3d.config import StyleGAN3DConfig
 from model.stylegan3d.data import resample
 from model.stylegan3d.networks import MappingNetwork, StyleGAN3D, parameter_counts
@@ -74,10 +74,7 @@ class StyleGAN3DModel(VolumeModel[StyleGAN3DConfig, StyleGAN3D]):
         if space not in ("z", "w"):
             raise ValueError(f"space must be 'z' or 'w', got {space!r}")
         dim = self.config.z_dim if space == "z" else self.config.w_dim
-        if z.ndim != 2 or z.shape[1] != dim:
-            raise ValueError(f"latent ({space}) must have shape [n, {dim}], got {list(z.shape)}")
-        if not torch.isfinite(z).all():
-            raise ValueError("latent contains NaN or infinite values")
+        check_latent(z, dim, f"latent ({space})")
         return z.detach().cpu().float()
 
     @torch.no_grad()

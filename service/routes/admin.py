@@ -6,6 +6,7 @@ from service.auth import require_admin
 from service.errors import error_responses
 from service.routes.common import models, submit
 from service.schemas import JobAccepted, TrainRequest
+from worker.params import TrainParams
 
 router = APIRouter(tags=["admin"], dependencies=[Depends(require_admin)])
 
@@ -16,4 +17,4 @@ def admin_train(request: Request, req: TrainRequest) -> JobAccepted:
     ``name``.  Bearer token: VOXGEN_ADMIN_TOKEN."""
     if req.name in models(request):
         raise HTTPException(409, f"a model named {req.name!r} is already served; choose another name")
-    return submit(request, "train", req.model_dump() | {"model": None})
+    return submit(request, TrainParams.model_validate(req.model_dump()))

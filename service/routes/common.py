@@ -18,6 +18,7 @@ from model.checkpoint import (
 )
 from service.errors import invalid
 from service.schemas import JobAccepted
+from worker.params import JobParams
 from worker.store import new_job_id, new_record
 
 JOB_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -71,7 +72,7 @@ def model_or_404(request: Request, name: str) -> dict[str, Any]:
     return m[name]
 
 
-def check_label(cfg: dict[str, Any], label: str | int | None) -> str | int | None:
+def check_label(cfg: dict[str, Any], label: str | int | None) -> str | None:
     """The label as the job gets it: a class name, or None.  422 when it does not fit the model."""
     names = cfg.get("class_names") or []
     if label is None or label == "":
@@ -89,11 +90,13 @@ def check_label(cfg: dict[str, Any], label: str | int | None) -> str | int | Non
     raise invalid(f"unknown label {label!r}; this model's classes: {names} (or their index)", "label")
 
 
-def submit(request: Request, kind: str, params: dict[str, Any], job_id: str | None = None) -> JobAccepted:
+def submit(request: Request, params: JobParams, job_id: str | None = None) -> JobAccepted:
+    """Queue a job of ``params``' kind: its record carries the validated parameters as JSON, which
+    the worker parses back into the same model (worker/params.py)."""
     jobs = request.app.state.jobs
     job_id = job_id or new_job_id()
-    jobs.records.put(new_record(job_id, kind, params))
-    jobs.submit(job_id, 1, kind)
+    jobs.records.put(new_record(job_id, params.kind, params.dump()))
+    jobs.submit(job_id, 1, params.kind)
     return JobAccepted(job_id=job_id, status_url=f"/jobs/{job_id}")
 
 

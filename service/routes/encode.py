@@ -10,6 +10,7 @@ from starlette.concurrency import run_in_threadpool
 from service.errors import error_responses
 from service.routes.common import check_label, model_or_404, submit
 from service.schemas import JobAccepted
+from worker.params import EncodeParams
 from worker.store import new_job_id
 
 router = APIRouter(tags=["jobs"])
@@ -79,7 +80,7 @@ async def encode(
     before it is queued: 413 over VOXGEN_MAX_UPLOAD_MB or VOXGEN_MAX_INPUT_VOXELS, 422 otherwise."""
     settings, storage = request.app.state.settings, request.app.state.storage
     cfg = model_or_404(request, model)["config"]
-    label = check_label(cfg, label)  # type: ignore[assignment]
+    label = check_label(cfg, label)
     name = file.filename or ""
     if (problem := filename_problem(name)) is not None:
         raise HTTPException(422, problem)
@@ -110,9 +111,14 @@ async def encode(
     except BaseException:
         storage.delete_job(job_id)
         raise
-    params = {"model": model, "upload": str(dst), "reconstruct": reconstruct, "label": label, "filename": name}
-    params["space"] = space
-    if series_uid is not None:
-        params["series_uid"] = series_uid  # the worker reads the same series
-    params["max_voxels"] = settings.max_input_voxels  # the worker reads it with the same bound
-    return submit(request, "encode", params, job_id)
+    params = EncodeParams(
+        model=model,
+        upload=str(dst),
+        filename=name,
+        reconstruct=reconstruct,
+        label=label,
+        space=space,
+        series_uid=series_uid,  # the worker reads the same series
+        max_voxels=settings.max_input_voxels,  # and with the same bound
+    )
+    return submit(request, params, job_id)

@@ -10,6 +10,7 @@ from model.checkpoint import read_direction
 from service.errors import error_responses, invalid
 from service.routes.common import check_label, find_record, model_or_404, submit
 from service.schemas import ALPHA_LIMIT, JobAccepted, TraverseRequest
+from worker.params import DirectionParams, ParamError, TraverseParams, latent_rows
 
 router = APIRouter(tags=["jobs"])
 
@@ -45,8 +46,7 @@ def traverse(request: Request, req: TraverseRequest) -> JobAccepted:
     settings = request.app.state.settings
     entry = model_or_404(request, req.model)
     cfg = entry["config"]
-    params = req.model_dump()
-    params["label"] = check_label(cfg, req.label)
+    label = check_label(cfg, req.label)
     latent_dim = int(cfg.get("latent_dim") or 0)
     if sum(x is not None for x in (req.seed, req.latent, req.job_id)) > 1:
         raise invalid("give at most one of seed, latent, job_id")
@@ -57,25 +57,45 @@ def traverse(request: Request, req: TraverseRequest) -> JobAccepted:
         if d is None:
             stored = ", ".join(entry["directions"]) or "none"
             raise HTTPException(404, f"model {req.model!r} has no direction {req.direction!r}; stored: {stored}")
+        direction = DirectionParams.model_validate(d)
     else:
         if len(req.direction) != latent_dim or not any(req.direction):
             raise invalid(f"a direction vector needs {latent_dim} values, not all zero", "direction")
         if req.target is not None:
             raise invalid("target needs a named (fitted) direction; a raw vector takes steps", "target")
-        d = {"name": "vector", "attribute": None, "vector": req.direction, "intercept": 0.0}
-    params["direction"] = d
+        direction = DirectionParams(vector=_latent(req.direction, latent_dim, "direction"))
+    latent, seed = None, req.seed
     if req.job_id is not None:
         src = find_record(request, req.job_id)
         if src is None or src["kind"] != "encode" or src["state"] != "succeeded":
             raise invalid(f"job_id {req.job_id!r} is not a succeeded encode job", "job_id")
         if src["model"] != req.model:
             raise invalid(f"job {req.job_id} encoded with model {src['model']!r}, not {req.model!r}", "job_id")
-        params["latent"] = src["result"]["latent"]
+        latent = src["result"]["latent"]  # the model's own output: already a latent of this model
     elif req.latent is not None:
-        if len(req.latent) != latent_dim:
-            raise invalid(f"latent must have {latent_dim} values", "latent")
+        latent = _latent(req.latent, latent_dim, "latent")
     elif req.seed is None:
-        params["seed"] = secrets.randbelow(2**63)
-    if req.target is not None and (problem := target_problem(req.target, d, params.get("latent"))):
+        seed = secrets.randbelow(2**63)
+    if req.target is not None and (problem := target_problem(req.target, direction.model_dump(), latent)):
         raise HTTPException(422, problem)  # checked here: a job would only fail with "latent contains NaN"
-    return submit(request, "traverse", params)
+    params = TraverseParams(
+        model=req.model,
+        seed=seed,
+        latent=latent,
+        job_id=req.job_id,
+        direction=direction,
+        steps=req.steps,
+        target=req.target,
+        n_steps=req.n_steps,
+        label=label,
+        format=req.format,
+    )
+    return submit(request, params)
+
+
+def _latent(value: list[float], latent_dim: int, what: str) -> list[float]:
+    """One latent-space vector of the request, through the one latent check (422 at ``what``)."""
+    try:
+        return latent_rows(value, latent_dim, what=what)[0]
+    except ParamError as e:
+        raise invalid(str(e), what) from None
