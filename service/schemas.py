@@ -125,6 +125,14 @@ class TrainRequest(BaseModel):
     init_from: str | None = Field(None, description="stylegan: a 2D run or model directory to inflate from")
     inflate: str = Field("inflate-1", max_length=32)
     inflate_parts: Literal["g", "d", "gd"] = "gd"
+    processes: Int = Field(
+        1,
+        ge=1,
+        le=16,
+        description="training processes on the worker (hagan, splitshuffle, stylegan3d): > 1 runs them under "
+        "torch.distributed.run, one per GPU on CUDA (the worker needs that many) or sharing the CPU; batch must be "
+        "a multiple of it",
+    )
 
 
 class JobAccepted(BaseModel):

@@ -219,7 +219,13 @@ def job_train(params: TrainParams, model: Any, out: Path, progress: Progress) ->
     opts["checkpoint_every"] = max(1, min(100, params.iterations // 10))
     opts["preview_every"] = opts["checkpoint_every"]
     try:
-        model_dir = train(opts, progress)
+        processes = int(opts.pop("processes", None) or 1)  # > 1: ranks of torch.distributed.run
+        if processes > 1:
+            from model.distributed import launch
+
+            model_dir = launch(opts, processes, progress)
+        else:
+            model_dir = train(opts, progress)
     except (ValueError, FileNotFoundError) as e:
         raise JobError(str(e)) from e
     register_model(model_dir, Path(place.models_dir), params.name)
