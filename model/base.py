@@ -17,6 +17,9 @@ import torch
 
 from model.checkpoint import ModelDirError, read_config, read_weights, save_model_dir
 
+# The progress callback every long operation takes, ``progress(done, total, stage)``: the one
+# definition (the job functions, evaluation, directions and projection import it; GET /jobs/{id}
+# reports the last call as ``progress: {done, total, stage}``).
 Progress = Callable[[int, int, str], None]
 
 

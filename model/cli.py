@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from model import families
+from model.labels import LabelError, label_index
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
 
@@ -141,20 +142,11 @@ def _load(a: argparse.Namespace):
 
 
 def _label_index(model, label: str | None) -> int | None:
-    if label is None:
-        return None
-    names = model.class_names
-    if not names:
-        raise SystemExit("voxgen: this model is not class-conditional; --label is not accepted")
-    if label in names:
-        return names.index(label)
+    """``--label`` as the networks take it (model/labels.py, the one resolver); exits with its message."""
     try:
-        i = int(label)
-    except ValueError:
-        raise SystemExit(f"voxgen: unknown label {label!r}; this model's classes: {', '.join(names)}") from None
-    if not 0 <= i < len(names):
-        raise SystemExit(f"voxgen: label index {i} out of range 0..{len(names) - 1}")
-    return i
+        return label_index(model.class_names, label)
+    except LabelError as e:
+        raise SystemExit(f"voxgen: {e} (--label)") from None
 
 
 def _numbered(path: Path, i: int, n: int) -> Path:

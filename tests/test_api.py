@@ -814,6 +814,22 @@ def test_the_latent_is_checked_once_in_one_function() -> None:
             latent_rows(bad, 2, max_rows=3)
 
 
+def test_one_label_resolver(embedded: TestClient) -> None:
+    """model/labels.py label_index: what the CLI, the API's check and the job functions all call."""
+    from model.labels import LabelError, label_index
+
+    names = ["healthy", "copd"]
+    assert [label_index(names, x) for x in ("copd", 1, "1", "healthy", 0)] == [1, 1, 1, 0, 0]
+    assert label_index([], None) is None and label_index([], "") is None
+    for bad, msg in ((None, "class-conditional: give label"), (2, "unknown label"), ("²", "unknown label"), (True, "")):
+        with pytest.raises(LabelError, match=msg):
+            label_index(names, bad)
+    with pytest.raises(LabelError, match="not class-conditional"):
+        label_index([], 0)
+    r = embedded.post("/generate", json={"model": "cond", "seed": 1, "label": "²"})  # a digit int() cannot read
+    assert r.status_code == 422 and "unknown label" in r.json()["detail"]
+
+
 def test_stale_and_duplicate_deliveries_do_not_run(service_models_dir: Path, tmp_path: Path) -> None:
     from worker.jobs import execute
     from worker.store import MemoryRecords, Storage, new_record

@@ -12,15 +12,18 @@ import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from model.labels import label_index
 from worker import provenance
 from worker.params import EncodeParams, GenerateParams, JobParams, ParamError, TrainParams, TrainRun, TraverseParams
 from worker.params import parse as parse_params
 from worker.settings import job_threads
 from worker.store import TERMINAL, Storage
 
-Progress = Callable[[int, int, str], None]
+if TYPE_CHECKING:  # model.base imports torch; this module must not (the API imports reap)
+    from model.base import Progress
+
 log = logging.getLogger("voxgen.worker")
 
 _MODELS: dict[tuple[str, str], Any] = {}
@@ -58,15 +61,6 @@ def get_model(models_dir: str | os.PathLike, name: str, device: str = "auto") ->
         return _MODELS[key]
 
 
-def _label_index(model: Any, label: Any) -> int | None:
-    if label is None:
-        return None
-    names = model.class_names
-    if isinstance(label, str) and label in names:
-        return names.index(label)
-    return int(label)
-
-
 # the file written per volume for each ``format`` of /generate and /traverse; "dicom": one zip of
 # series (one folder per volume) for the whole job
 EXTENSIONS = {"nifti": ".nii.gz", "npy": ".npy", "nrrd": ".nrrd", "mha": ".mha"}
@@ -92,7 +86,7 @@ def job_generate(params: GenerateParams, model: Any, out: Path, progress: Progre
         z, seed = torch.tensor(params.latent, dtype=torch.float32), None
     else:
         z, seed = model.sample_latents(params.n, int(params.seed)), params.seed  # type: ignore[arg-type]
-    vols = model.generate(z, _label_index(model, params.label), progress=progress)
+    vols = model.generate(z, label_index(model.class_names, params.label), progress=progress)
     fmt, n = params.format, vols.shape[0]
     extra: dict[str, Any] = {"seed": params.seed}
     if fmt == "dicom":
@@ -138,7 +132,7 @@ def job_encode(params: EncodeParams, model: Any, out: Path, progress: Progress) 
     z = model.encode(torch.from_numpy(x)[None, None], progress=progress)
     np.save(out / "latent.npy", z.numpy())
     if params.reconstruct:
-        v = model.generate(z, _label_index(model, params.label), progress=progress)
+        v = model.generate(z, label_index(model.class_names, params.label), progress=progress)
         if params.space == "input":  # the upload's own grid and affine: it overlays the upload
             write_in_input_space(out / "reconstruction.nii.gz", v[0, 0].numpy(), model.config, info)
         else:
@@ -165,7 +159,7 @@ def job_traverse(params: TraverseParams, model: Any, out: Path, progress: Progre
     else:
         z0, seed = model.sample_latents(1, int(params.seed)), params.seed  # type: ignore[arg-type]
     rows = traverse(model, z0, direction, steps=params.steps, target=params.target, n_steps=params.n_steps)
-    label = _label_index(model, params.label)
+    label = label_index(model.class_names, params.label)
     fmt = params.format
     dz = None
     if fmt == "dicom":

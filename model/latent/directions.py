@@ -14,7 +14,7 @@ import fcntl
 import json
 import math
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,9 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from model.base import Progress
 from model.checkpoint import DIRECTIONS_NAME, ModelDirError, save_tensors_atomic
-
-Progress = Callable[[int, int, str], None]
 
 
 @dataclass(frozen=True)

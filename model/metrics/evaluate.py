@@ -33,13 +33,14 @@ import json
 import os
 import platform
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from model.base import Progress
 from model.metrics.features import (
     AMORTISED_ENCODERS,
     PLANES,
@@ -55,7 +56,6 @@ from model.metrics.mmd import batch_mmd2_from_means, kid
 from model.metrics.msssim import pairwise_ms_ssim
 from model.metrics.texture import TextureBank
 
-Progress = Callable[[int, int, str], None]
 BMMD_MAX_SIDE = 64
 _FID_SUFFIX = {"axial": "ax", "coronal": "cor", "sagittal": "sag", "average": "avg"}  # Split&Shuffle's names
 MONTAGE_ROWS = 8

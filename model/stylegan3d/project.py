@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from model.base import Progress
 from model.stylegan3d.networks import Generator, SynthesisNetwork
-
-Progress = Callable[[int, int, str], None]
 
 
 @dataclass

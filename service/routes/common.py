@@ -16,6 +16,7 @@ from model.checkpoint import (
     direction_names,
     read_config_cached,
 )
+from model.labels import LabelError, label_index
 from service.errors import invalid
 from service.schemas import JobAccepted
 from worker.params import JobParams
@@ -73,21 +74,14 @@ def model_or_404(request: Request, name: str) -> dict[str, Any]:
 
 
 def check_label(cfg: dict[str, Any], label: str | int | None) -> str | None:
-    """The label as the job gets it: a class name, or None.  422 when it does not fit the model."""
-    names = cfg.get("class_names") or []
-    if label is None or label == "":
-        if names:
-            raise invalid(f"this model is class-conditional: give label, one of {names}", "label")
-        return None
-    if not names:
-        raise invalid("this model is not class-conditional; do not give a label", "label")
-    if isinstance(label, str) and label in names:
-        return label
-    if isinstance(label, str) and label.isdigit():
-        label = int(label)
-    if isinstance(label, int) and 0 <= label < len(names):
-        return names[label]
-    raise invalid(f"unknown label {label!r}; this model's classes: {names} (or their index)", "label")
+    """The label as the job gets it: a class name, or None (model/labels.py ``label_index``, the one
+    resolver).  422 at ``label`` when it does not fit the model."""
+    names = list(cfg.get("class_names") or [])
+    try:
+        i = label_index(names, label)
+    except LabelError as e:
+        raise invalid(str(e), "label") from None
+    return None if i is None else names[i]
 
 
 def submit(request: Request, params: JobParams, job_id: str | None = None) -> JobAccepted:
