@@ -213,7 +213,7 @@ def test_encode_a_zipped_dicom_series(embedded: TestClient, tmp_path: Path) -> N
 
 
 def test_a_zip_of_several_series_needs_a_series_uid(embedded: TestClient, tmp_path: Path) -> None:
-    from tests.test_volume_io import _two_series
+    from tests.test_volumes import _two_series
 
     _, zipped, ras = _two_series(tmp_path)  # two CT series, files named by their UIDs
     a, b = ras

@@ -112,7 +112,8 @@ def test_encode_and_reconstruct_a_scan(tiny_dir: Path, tmp_path: Path) -> None:
 
 
 def test_encode_and_reconstruct_pick_a_series_by_uid(tiny_dir: Path, tmp_path: Path) -> None:
-    from tests.test_volume_io import phantom, save_dicom_series
+    from model.data.phantoms import ct_phantom as phantom
+    from tests.test_volumes import save_dicom_series
 
     a, b = "1.2.826.0.1.3680043.8.498.31", "1.2.826.0.1.3680043.8.498.32"
     study = tmp_path / "study"

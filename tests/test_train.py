@@ -49,7 +49,7 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_prepare_skips_bad_inputs_reads_dicom_and_leaves_src_alone(tmp_path: Path) -> None:
-    from tests.test_volume_io import save_dicom_series
+    from tests.test_volumes import save_dicom_series
 
     src = tmp_path / "src"
     src.mkdir()
@@ -70,7 +70,7 @@ def test_prepare_skips_bad_inputs_reads_dicom_and_leaves_src_alone(tmp_path: Pat
 
 
 def test_prepare_reads_every_series_of_a_folder_and_series_uid_restricts_it(tmp_path: Path) -> None:
-    from tests.test_volume_io import save_dicom_series
+    from tests.test_volumes import save_dicom_series
 
     src = tmp_path / "src"
     a, b = "1.2.826.0.1.3680043.8.498.101", "1.2.826.0.1.3680043.8.498.102"
@@ -169,7 +169,7 @@ def test_cli_prepare_and_train(tmp_path: Path) -> None:
         return p.stdout + p.stderr
 
     run("prepare", str(src), "-o", str(tmp_path / "ds"), "--modality", "ct", "--resolution", "128")
-    from tests.test_volume_io import save_dicom_series
+    from tests.test_volumes import save_dicom_series
 
     for i, uid in enumerate(("1.2.3.41", "1.2.3.42")):
         save_dicom_series(src / "study", np.rint(_scan(i).transpose(2, 1, 0)), uid=uid, name="{uid}.{k}")

@@ -1,8 +1,11 @@
 """Volumes in and out (model/data/volumes.py) and the synthetic phantoms (model/data/phantoms.py):
-formats, orientation, the HU round trip, the paper's preprocessing, and every refused input."""
+formats, orientation, the HU round trip, the paper's preprocessing, every refused input, DICOM as
+hospitals export it (found by content, several series picked by UID) and uploads (one file, headers
+bounded, messages without server paths, one float32 copy, blank checks)."""
 
 from __future__ import annotations
 
+import os
 import struct
 import tracemalloc
 import zipfile
@@ -47,6 +50,39 @@ def zip_folder(path: Path, folder: Path, prefix: str = "series/") -> Path:
     return path
 
 
+def save_dicom_series(
+    folder: Path,
+    zyx: np.ndarray,
+    spacing=(1.0, 1.25, 2.0),
+    uid="1.2.826.0.1.3680043.2.1125.1",
+    name="slice{k:03d}.dcm",
+    description: str | None = None,
+):
+    """Write a (z, y, x) array as one DICOM series with ITK's GDCM writer (not model/data/phantoms.py's:
+    an independent writer, identity direction, so DICOM's LPS index order), a file a slice named
+    ``name.format(k=k, uid=uid)``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    img = sitk.GetImageFromArray(zyx.astype(np.int16))
+    img.SetSpacing(spacing)
+    w = sitk.ImageFileWriter()
+    w.SetImageIO("GDCMImageIO")  # whatever the file names
+    w.KeepOriginalImageUIDOn()
+    for k in range(img.GetDepth()):
+        s = img[:, :, k]
+        s.SetMetaData("0020|000e", uid)  # series instance UID
+        s.SetMetaData("0020|0013", str(k + 1))
+        s.SetMetaData("0020|0032", f"0\\0\\{k * spacing[2]}")  # image position (patient)
+        s.SetMetaData("0020|0037", "1\\0\\0\\0\\1\\0")
+        s.SetMetaData("0018|0050", str(spacing[2]))
+        s.SetMetaData("0008|0060", "CT")
+        s.SetMetaData("0008|0018", f"{uid}.{k + 1}")
+        if description is not None:
+            s.SetMetaData("0008|103e", description)
+        w.SetFileName(str(folder / name.format(k=k, uid=uid)))
+        w.Execute(s)
+    return folder
+
+
 # ------------------------------------------------------------------------------------ phantoms
 def test_ct_phantom_has_its_tissues_is_seeded_and_asymmetric() -> None:
     v = ct_phantom(SHAPE, seed=0)
@@ -87,6 +123,7 @@ def test_nifti_is_written_in_hounsfield_units_with_a_ras_affine(tmp_path: Path) 
     assert img.header.get_xyzt_units()[0] == "mm"
     hu = np.asarray(img.dataobj).transpose(2, 1, 0)
     assert np.abs(hu - CT.intensity.to_physical(np.clip(v, -1, 1))).max() <= 0.5
+    assert np.abs(hu - (-1024 + (np.clip(v, -1, 1) + 1) / 2 * 1624)).max() <= 0.5  # the window, spelled out
     assert tuple(hu[0, 0, :3]) == (-1024, 600, 600)
     back, spacing = read_volume(tmp_path / "v.nii.gz")
     assert np.array_equal(back, hu) and np.allclose(spacing, SPACING)
@@ -171,6 +208,11 @@ def test_every_format_reads_the_same_phantom(tmp_path: Path) -> None:
         write_phantom(tmp_path / name, "ct", SHAPE, SPACING, seed=3)
         arr, sp = read_volume(tmp_path / name)
         assert np.array_equal(arr, ref) and np.allclose(sp, SPACING), name
+    img = sitk.ReadImage(str(tmp_path / "a.nii.gz"))
+    for name in ("itk.nrrd", "itk.mha"):  # converted by ITK, not written by write_phantom
+        sitk.WriteImage(img, str(tmp_path / name))
+        arr, sp = read_volume(tmp_path / name)
+        assert np.allclose(arr, ref) and np.allclose(sp, SPACING), name
     dcm = write_dicom_series(tmp_path / "dicom", ref, SPACING)
     arr, sp = read_volume(dcm)
     assert np.array_equal(arr, ref) and np.allclose(sp, SPACING)
@@ -294,8 +336,14 @@ def test_gzip_of_random_bytes_and_truncated_files_are_refused(tmp_path: Path) ->
         p = tmp_path / name
         write_phantom(p, "ct", SHAPE, SPACING)
         p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
-        with pytest.raises(VolumeError, match="truncated|corrupt"):
+        with pytest.raises(VolumeError, match="truncated|corrupt") as e:
             read_volume(p)
+        assert name in str(e.value), name  # the message names the file
+    raw = tmp_path / "short.nii"
+    write_phantom(raw, "ct", SHAPE, SPACING)
+    raw.write_bytes(raw.read_bytes()[:2000])  # cut inside the voxels
+    with pytest.raises(VolumeError, match="short.nii"):
+        read_volume(raw)
 
 
 def test_2d_4d_and_small_images_are_refused(tmp_path: Path) -> None:
@@ -350,8 +398,17 @@ def test_gzip_bombs_are_refused_by_declared_and_actual_size_without_inflating(tm
     wrapped = tmp_path / "wrapped.nii.gz"
     wrapped.write_bytes(gzip_of_zeros(header, 4 * 1024))  # 4 GiB + 352 bytes: ISIZE wraps to 352
     assert honest.stat().st_size < 4 * MiB
+    big = nib.Nifti1Header()  # a header alone: no array of the declared size is made
+    big.set_data_shape((1024, 512, 512))
+    big.set_data_dtype(np.uint8)
+    big["vox_offset"] = 352
+    over = tmp_path / "over.nii.gz"
+    over.write_bytes(gzip_of_zeros(big.binaryblock + b"\0" * 4, 256))
     tracemalloc.start()
     try:
+        # an honest header with more voxels than allowed: refused by the header, before inflating
+        with pytest.raises(volumes.VolumeTooLarge, match="1024x512x512 = 268435456 voxels, over the limit of 2097152"):
+            read_volume(over, max_voxels=128**3)
         with pytest.raises(VolumeError, match="declares 3221225824 uncompressed bytes, over the limit"):
             read_volume(honest, max_bytes=64 * MiB)
         for bomb in (liar, wrapped):
@@ -373,6 +430,18 @@ def test_check_gzip_refuses_a_cut_stream(tmp_path: Path) -> None:
     cut.write_bytes(ok.read_bytes()[:-100])
     with pytest.raises(VolumeError, match="truncated|corrupt"):
         check_gzip(cut, 2**32)  # whatever the cut trailer declares, the stream ends early
+
+
+def test_truncated_gzip_is_reported_as_truncated_not_over_the_limit(tmp_path: Path) -> None:
+    p = save_nifti(tmp_path / "t.nii.gz", ct_phantom((40, 48, 48)))
+    data = p.read_bytes()
+    for cut in (len(data) // 2, len(data) - 9, 400):
+        cut_file = tmp_path / f"cut{cut}.nii.gz"
+        # the last four bytes of a cut file are whatever came there: make them declare 4 GiB
+        cut_file.write_bytes(data[:cut] + b"\xff\xff\xff\xff")
+        with pytest.raises(VolumeError, match="truncated|corrupt") as e:
+            read_volume(cut_file, max_voxels=64**3)
+        assert "over the limit" not in str(e.value)
 
 
 def test_a_second_gzip_member_counts_towards_the_cap(tmp_path: Path) -> None:
@@ -484,3 +553,278 @@ def test_headers_that_overstate_their_size_are_refused_before_allocating(tmp_pat
         read_volume(tmp_path / "z.mha")
     with pytest.raises(VolumeError, match="over the limit"):
         read_volume(tmp_path / "z.mha", max_bytes=64 * MiB)
+
+
+# ------------------------------------------------------------------------------------ DICOM as hospitals export it
+def test_dicom_files_are_found_by_content_whatever_their_names(tmp_path: Path) -> None:
+    from model.data.datasets import find_scans
+    from model.data.volumes import is_dicom_file
+
+    v = np.rint(ct_phantom((10, 16, 16)))
+    ref, ref_sp = read_volume(save_dicom_series(tmp_path / "src" / "dcm", v))
+    uid = "1.3.12.2.1107.5.1.4.99.30000024"
+    folders = {
+        "uids": save_dicom_series(tmp_path / "src" / "uids", v, uid=uid, name="{uid}.{k}"),  # no extension
+        "ima": save_dicom_series(tmp_path / "src" / "ima", v, name="PHANTOM.CT.THORAX.0001.{k:04d}.2024.IMA"),
+    }
+    assert all("." in f.name and not f.name.endswith(".dcm") for f in folders["uids"].iterdir())
+    nopre = tmp_path / "src" / "nopreamble"  # the same files without the 128-byte preamble and "DICM"
+    nopre.mkdir()
+    for f in folders["uids"].iterdir():
+        (nopre / f.name).write_bytes(f.read_bytes()[132:])
+    folders["nopreamble"] = nopre
+    for name, folder in folders.items():
+        assert all(is_dicom_file(f) for f in folder.iterdir()), name
+        arr, sp = read_volume(folder)
+        assert np.array_equal(arr, ref) and np.allclose(sp, ref_sp), name
+        with zipfile.ZipFile(tmp_path / f"{name}.zip", "w") as z:
+            for f in folder.iterdir():
+                z.write(f, f"export/{f.name}")
+        assert np.array_equal(read_volume(tmp_path / f"{name}.zip")[0], ref), name
+    others = tmp_path / "src" / "others"  # extension-less files that are not DICOM
+    others.mkdir()
+    (others / "README").write_text("not DICOM")
+    (others / "1.2.3.4").write_bytes(b"\x02\x00" + bytes(200))  # a DICOM-like first tag, then junk
+    (others / "short").write_bytes(b"DICM")
+    os.mkfifo(others / "pipe")  # never opened: a reader would wait on it forever
+    save_nifti(tmp_path / "src" / "scan.nii.gz", v)
+    assert not any(is_dicom_file(f) for f in [*others.iterdir(), tmp_path / "src" / "scan.nii.gz"])
+    found = {p.relative_to(tmp_path / "src").as_posix() for p in find_scans(tmp_path / "src")}
+    assert found == {"dcm", "uids", "ima", "nopreamble", "scan.nii.gz"}
+
+
+def _two_series(tmp_path: Path) -> tuple[Path, Path, dict[str, np.ndarray]]:
+    """A folder and a zip holding two CT series (10 and 12 slices) under UID file names."""
+    uids = ("1.2.826.0.1.3680043.8.498.11", "1.2.826.0.1.3680043.8.498.22")
+    vols = {uids[0]: np.rint(ct_phantom((10, 16, 16))), uids[1]: np.rint(ct_phantom((12, 16, 16), seed=5))}
+    both = tmp_path / "study"
+    for (uid, v), desc in zip(vols.items(), ("Thorax 1.0 B31f", "Topogram"), strict=True):
+        save_dicom_series(both, v, uid=uid, name="{uid}.{k}", description=desc)
+    with zipfile.ZipFile(tmp_path / "study.zip", "w") as z:
+        for f in sorted(both.iterdir()):
+            z.write(f, f"DICOM/{f.name}")
+    ras = {uid: v[:, ::-1, ::-1] for uid, v in vols.items()}  # LPS -> RAS: x and y reversed
+    return both, tmp_path / "study.zip", ras
+
+
+def test_several_series_are_listed_and_picked_by_uid(tmp_path: Path) -> None:
+    from model.data.volumes import dicom_series
+
+    both, zipped, ras = _two_series(tmp_path)
+    a, b = ras
+    assert dicom_series(both) == [
+        {"series_uid": a, "slices": 10, "modality": "CT", "description": "Thorax 1.0 B31f"},
+        {"series_uid": b, "slices": 12, "modality": "CT", "description": "Topogram"},
+    ]
+    for path in (both, zipped):
+        with pytest.raises(VolumeError) as e:
+            read_volume(path, untrusted=True)
+        msg = str(e.value)
+        assert msg.startswith(f"{path.name}: holds 2 DICOM series; pick one by its series UID"), msg
+        assert f"{a} (CT, 'Thorax 1.0 B31f', 10 slices); {b} (CT, 'Topogram', 12 slices)" in msg
+        assert str(tmp_path) not in msg
+        for uid, expect in ras.items():
+            arr, _ = read_volume(path, series_uid=uid, untrusted=True)
+            assert arr.shape == expect.shape and np.array_equal(arr, expect), (path.name, uid)
+        with pytest.raises(VolumeError) as e:
+            read_volume(path, series_uid=" 1.2.3 ", untrusted=True)
+        msg = str(e.value)
+        assert "no DICOM series with the UID '1.2.3'" in msg and a in msg and b in msg
+        assert str(tmp_path) not in msg
+    one, _ = read_volume(tmp_path / "study.zip", series_uid=f"{b}\0")  # NUL padding, as in headers
+    assert one.shape[0] == 12
+    with pytest.raises(VolumeError, match="series UID is empty"):
+        read_volume(both, series_uid="  ")
+    scan = save_nifti(tmp_path / "scan.nii.gz", ct_phantom((24, 32, 28)))
+    with pytest.raises(VolumeError, match="picks one series of a DICOM folder or .zip"):
+        read_volume(scan, series_uid=a)
+
+
+# ------------------------------------------------------------------------------------ uploads: one file, bounded
+
+
+def _nrrd(tail: str, pad_lines: int = 0) -> bytes:
+    pad = "".join(f"# comment {i:06d} {'x' * 50}\n" for i in range(pad_lines))
+    return f"NRRD0004\ntype: uint8\ndimension: 3\nsizes: 8 8 8\nencoding: raw\n{pad}{tail}".encode()
+
+
+def _mha(tail: str, pad_lines: int = 0) -> bytes:
+    pad = "".join(f"Comment = line {i:06d} {'x' * 50}\n" for i in range(pad_lines))
+    return f"ObjectType = Image\nNDims = 3\nDimSize = 8 8 8\nElementType = MET_UCHAR\n{pad}{tail}".encode()
+
+
+def test_detached_data_are_found_wherever_the_header_names_them(tmp_path: Path) -> None:
+    """The whole header is parsed (not its first 64 KiB): a data file named after 1200 or 12000
+    padding lines is refused outside the folder for local reads, and refused outright for uploads,
+    with a message that names no path."""
+    secret = tmp_path / "secret.raw"
+    secret.write_bytes(bytes(range(256)) * 2)
+    up = tmp_path / "up"
+    up.mkdir()
+    for pad in (0, 1200, 12000):  # up to ~0.85 MB of header
+        for name, data in (
+            ("p.nrrd", _nrrd(f"data file: {secret}\n\n", pad)),
+            ("p.nhdr", _nrrd(f"data file: {secret}\n", pad)),
+            ("p.mha", _mha(f"ElementDataFile = {secret}\n", pad)),
+            ("p.mhd", _mha(f"ElementDataFile: {secret}\n", pad)),
+        ):
+            (up / name).write_bytes(data)
+            with pytest.raises(VolumeError, match="outside its folder"):
+                read_volume(up / name)
+            with pytest.raises(VolumeError, match="refers to a separate data file; upload a single-file") as e:
+                read_volume(up / name, untrusted=True)
+            assert str(tmp_path) not in str(e.value) and "secret" not in str(e.value)
+    # beside the header: a local read takes it, an upload does not
+    (up / "fine.raw").write_bytes(bytes(range(256)) * 2)
+    (up / "fine.mhd").write_bytes(_mha("ElementDataFile = fine.raw\n", 2000))
+    (up / "fine.nhdr").write_bytes(_nrrd("data file: fine.raw\n", 2000))
+    for name in ("fine.mhd", "fine.nhdr"):
+        arr, _ = read_volume(up / name)
+        assert arr.shape == (8, 8, 8) and arr.max() == 255
+        with pytest.raises(VolumeError, match="separate data file"):
+            read_volume(up / name, untrusted=True)
+    # attached data after a long header are fine for both
+    (up / "attached.nrrd").write_bytes(_nrrd("\n", 12000) + bytes(range(256)) * 2)
+    (up / "attached.mha").write_bytes(_mha("ElementDataFile = LOCAL\n", 12000) + bytes(range(256)) * 2)
+    for name in ("attached.nrrd", "attached.mha"):
+        arr, _ = read_volume(up / name, untrusted=True)
+        assert arr.shape == (8, 8, 8) and arr.max() == 255
+
+
+def test_metaimage_lines_metaio_would_read_otherwise_are_refused(tmp_path: Path) -> None:
+    secret = tmp_path / "secret.raw"
+    secret.write_bytes(bytes(512))
+    pad = "Comment = " + "x" * 600 + "\n"  # enough stored bytes for the size check to pass
+    for i, tail in enumerate(
+        (
+            f"Comment\nElementDataFile = LOCAL\nElementDataFile = {secret}\n",  # MetaIO: Comment's value
+            f"Comment =\nElementDataFile = LOCAL\nElementDataFile = {secret}\n",  # the same, empty value
+            f"elementdatafile = LOCAL\nElementDataFile = {secret}\n",  # MetaIO skips an unknown key
+            f"ElementDataFile\x00junk = {secret}\n",  # MetaIO's key ends at the NUL
+            f"Comment = a\rElementDataFile = LOCAL\nElementDataFile = {secret}\n",  # '\r' inside a value
+        )
+    ):
+        p = tmp_path / f"t{i}.mha"
+        p.write_bytes(_mha(pad * 2 + tail) + bytes(512))
+        for untrusted in (False, True):
+            with pytest.raises(VolumeError, match="not a valid header"):
+                read_volume(p, untrusted=untrusted)
+
+
+def test_headers_must_end_within_a_mebibyte(tmp_path: Path) -> None:
+    (tmp_path / "long.nrrd").write_bytes(_nrrd("", 20000) + bytes(2**20))  # no blank line in 1 MiB
+    with pytest.raises(VolumeError, match="no end .* within 1 MiB"):
+        read_volume(tmp_path / "long.nrrd")
+    (tmp_path / "long.mha").write_bytes(_mha("", 20000) + b"ElementDataFile = LOCAL\n" + bytes(512))
+    with pytest.raises(VolumeError, match="no ElementDataFile line within the first 1 MiB"):
+        read_volume(tmp_path / "long.mha")
+    (tmp_path / "magic.nrrd").write_bytes(b"NOT A NRRD\n\n" + bytes(512))
+    with pytest.raises(VolumeError, match="NRRD magic"):
+        read_volume(tmp_path / "magic.nrrd")
+
+
+def test_upload_errors_name_no_server_path(tmp_path: Path) -> None:
+    from model.data.volumes import scrub_paths
+
+    p = tmp_path / "uploads" / "abc" / "upload.mha"
+    msg = f'upload.mha: unreadable (couldn\'t open "{p}" or "/etc/shadow", see C:\\data\\x.raw); 1/2 mm/s'
+    clean = scrub_paths(msg, p)
+    assert clean == 'upload.mha: unreadable (couldn\'t open "upload.mha" or "(a path)", see (a path)); 1/2 mm/s'
+    p.parent.mkdir(parents=True)
+    p.write_bytes(_mha("ElementDataFile = LOCAL\n") + bytes(100))  # 512 bytes declared, 100 held
+    with pytest.raises(VolumeError) as e:
+        read_volume(p, untrusted=True)
+    assert str(tmp_path) not in str(e.value)
+    with pytest.raises(VolumeError) as e:
+        read_volume(tmp_path / "nothere.nii.gz", untrusted=True)
+    assert str(e.value).startswith("nothere.nii.gz: no such file") and str(tmp_path) not in str(e.value)
+
+
+def test_streamed_nifti_reads_what_nibabel_reads(tmp_path: Path) -> None:
+    """Scaling, byte order, NIfTI-2, trailing singleton axes and every axis permutation and flip
+    give the array nibabel's canonical (RAS) image holds."""
+    rng = np.random.default_rng(3)
+    raw = rng.integers(-2000, 2000, (20, 24, 28)).astype(np.int16)  # (x, y, z) as stored
+    perm = np.array([[0, -1.5, 0, 4], [0, 0, 2.0, -3], [-1.25, 0, 0, 7], [0, 0, 0, 1]])
+    cases = {
+        "scaled.nii.gz": nib.Nifti1Image(raw, np.diag([1.0, 1.25, 2.0, 1.0])),
+        "big_endian.nii": nib.Nifti1Image(raw.astype(">f4"), np.diag([-1.0, 1.25, 2.0, 1.0])),
+        "nifti2.nii.gz": nib.Nifti2Image(raw, perm),
+        "single.nii.gz": nib.Nifti1Image(raw[..., None, None], perm),
+        "u8.nii": nib.Nifti1Image((raw % 200).astype(np.uint8), np.diag([2.0, -2.0, -3.0, 1.0])),
+    }
+    cases["scaled.nii.gz"].header.set_slope_inter(0.5, -100.0)
+    for name, img in cases.items():
+        nib.save(img, tmp_path / name)
+        ref = nib.as_closest_canonical(nib.squeeze_image(nib.load(tmp_path / name)))
+        expect = np.asarray(ref.dataobj, dtype=np.float64).transpose(2, 1, 0)
+        arr, sp = read_volume(tmp_path / name)
+        assert arr.dtype == np.float32 and arr.flags.c_contiguous, name
+        assert arr.shape == expect.shape and np.allclose(arr, expect, rtol=0, atol=1e-3), name
+        assert np.allclose(sp, np.sqrt((ref.affine[:3, :3] ** 2).sum(axis=0))), name
+
+
+def test_itk_images_are_reoriented_as_dicom_orient_does(tmp_path: Path) -> None:
+    v = ct_phantom((12, 14, 16))
+    for k, direction in enumerate(
+        ((1, 0, 0, 0, 1, 0, 0, 0, 1), (0, 0, -1, 1, 0, 0, 0, -1, 0), (-1, 0, 0, 0, 0, 1, 0, 1, 0))
+    ):
+        img = sitk.GetImageFromArray(v)
+        img.SetSpacing((1.0, 1.5, 2.5))
+        img.SetDirection(direction)
+        sitk.WriteImage(img, str(tmp_path / f"d{k}.mha"))
+        ref = sitk.DICOMOrient(img, "LPS")
+        expect = sitk.GetArrayFromImage(ref)[:, ::-1, ::-1]  # LPS -> RAS: x and y reversed
+        arr, sp = read_volume(tmp_path / f"d{k}.mha", untrusted=True)
+        assert np.array_equal(arr, expect), direction
+        assert np.allclose(sp, ref.GetSpacing()), direction
+
+
+def test_reading_holds_one_float32_copy(tmp_path: Path) -> None:
+    import tracemalloc
+
+    import torch  # noqa: F401  (imported first: its own allocations are not the reader's)
+
+    from model.data.volumes import load_for_model
+
+    v = np.zeros((256, 256, 256), np.int16)  # (x, y, z)
+    v[30:230, 40:220, 20:240] = 40
+    v[0, 0, 0] = np.int16(-1000)
+    img = nib.Nifti1Image(v, np.diag([-1.0, 1.0, 1.0, 1.0]))
+    img.header.set_slope_inter(1.0, -24.0)  # scaled: float64 happens one slab at a time only
+    nib.save(img, tmp_path / "v.nii.gz")
+    out = 256**3 * 4  # 64 MiB: the old reader held two or three of these
+    tracemalloc.start()
+    try:
+        arr, _ = read_volume(tmp_path / "v.nii.gz", untrusted=True)
+        read_peak = tracemalloc.get_traced_memory()[1]
+        del arr
+        tracemalloc.reset_peak()
+        m = load_for_model(tmp_path / "v.nii.gz", CT, untrusted=True)
+        load_peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert m.shape == (128, 128, 128)
+    assert read_peak < out + 40 * 2**20, read_peak / out  # the float32 array + a few slabs
+    assert load_peak < out + 48 * 2**20, load_peak / out  # + the 128^3 grid: no second copy
+
+
+def test_blank_checks_and_percentiles() -> None:
+    from model.data.volumes import _percentile, check_not_blank
+
+    with pytest.raises(VolumeError, match="every voxel has the value 0"):
+        check_not_blank(np.zeros((8, 8, 8), np.float32), "ct", (-1024, 600))
+    with pytest.raises(VolumeError, match="blank after windowing"):
+        check_not_blank(np.linspace(-3000, -1024, 512, dtype=np.float32).reshape(8, 8, 8), "ct", (-1024, 600))
+    check_not_blank(np.linspace(-3000, -1000, 512, dtype=np.float32).reshape(8, 8, 8), "ct", (-1024, 600))
+    sparse = np.zeros((22, 22, 22), np.float32)  # 10648 voxels: the top 0.1% are 10
+    sparse[0, 0, :10] = 5
+    with pytest.raises(VolumeError, match="99.9th percentile is 0"):
+        check_not_blank(sparse, "mri")
+    sparse[0, 0, :20] = 5
+    check_not_blank(sparse, "mri")
+    big = np.random.default_rng(0).gamma(2.0, 50.0, 260**3).astype(np.float32).reshape(260, 260, 260)
+    exact = float(np.percentile(big, 99.9))
+    assert abs(_percentile(big, 99.9) - exact) < 0.01 * exact  # an even subsample of 2^24 voxels
+    small = big[:200]
+    assert _percentile(small, 99.9) == float(np.percentile(small, 99.9))  # up to 2^24 voxels: exact
