@@ -441,7 +441,7 @@ def test_every_job_has_provenance_linked_from_its_status(client: TestClient, mod
     assert doc["voxgen_version"] == version("voxgen") and doc["synthetic"] is True
     assert doc["seed"] == 5 and doc["latent"] is None and doc["latent_file"] == "latent.npy"
     assert doc["request"] == {"model": "ct", "n": 1, "seed": 5, "latent": None, "label": None, "format": "nrrd"}
-    assert doc["device"] == "cpu" and doc["precision"] == "float32" and doc["threads"] == s["threads"] >= 1
+    assert doc["device"] == "cpu" and doc["precision"] == "fp32" and doc["threads"] == s["threads"] >= 1
     assert doc["job"] == {"id": s["job_id"], "kind": "generate", "attempt": 1}
     assert doc["time"]["started"] <= doc["time"]["finished"] and doc["time"]["seconds"] >= 0
     assert "torch" in doc["software"] and "python" in doc["software"]

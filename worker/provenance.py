@@ -139,7 +139,7 @@ def build(
         doc["input"] = entry
     doc |= {
         "device": device,
-        "precision": _precision(model) or ("float32" if kind != "train" else None),
+        "precision": _precision(model) or ("fp32" if kind != "train" else None),
         "threads": threads,
         "worker": worker,
         "software": _software(),
