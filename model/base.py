@@ -53,6 +53,11 @@ def seeded_normal(n: int, seed: int, dim: int) -> torch.Tensor:
     return torch.randn(n, dim, generator=g)
 
 
+def _aligned(t: torch.Tensor, boundary: int = 64) -> torch.Tensor:
+    """``t``, or a copy of it in freshly allocated memory when it does not start on ``boundary``."""
+    return t if t.data_ptr() % boundary == 0 else t.clone(memory_format=torch.contiguous_format)
+
+
 def load_state_dict_checked(net: torch.nn.Module, sd: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
     """``net.load_state_dict(sd)`` after checking key by key that ``sd`` (the weights of the model
     directory ``path``) has exactly the network's keys and shapes; ``ModelDirError`` otherwise."""
@@ -67,7 +72,11 @@ def load_state_dict_checked(net: torch.nn.Module, sd: dict[str, torch.Tensor], p
             f"{Path(path) / 'model.safetensors'}: does not match config.json "
             f"(missing {missing[:3]}, unexpected {unexpected[:3]}, wrong shapes {wrong[:3]})"
         )
-    net.load_state_dict(sd, assign=True)  # the loaded tensors become the parameters: no second copy
+    # Tensors read from a safetensors file sit at the file's offsets, not on the 64-byte boundaries
+    # fresh allocations have, and CPU kernels then take other vector paths (last-bit differences
+    # between a loaded model and the one saved): each is copied once into an aligned tensor, which
+    # becomes the parameter (assign), so no parameter is held twice.
+    net.load_state_dict({k: _aligned(v) for k, v in sd.items()}, assign=True)
 
 
 class VolumeModel(Generic[ConfigT, NetT]):
