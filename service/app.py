@@ -129,7 +129,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         title="voxgen",
         version="0.1.0",
         lifespan=lifespan,
-        description="Generate, encode and edit high-resolution 3D medical volumes (HA-GAN). Jobs are "
+        description="Generate, encode and edit high-resolution 3D medical volumes (HA-GAN, 3D Split&Shuffle-GAN, "
+        "3D-StyleGAN, alpha-WGAN-GP). Jobs are "
         "asynchronous: POST returns 202 with a job id; long-poll GET /jobs/{id}?wait=60 (answers when the job "
         "ends); download the listed files.",
     )
