@@ -22,8 +22,6 @@ import gzip
 import io
 import json
 import os
-import platform
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -32,16 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
-
-def _cpu() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "?"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_service import cpu_model  # noqa: E402
+from bench_stylegan3d import median_time  # noqa: E402  (one warm-up call, then the median of repeats)
 
 
 def zlib_before(v: np.ndarray, cfg) -> bytes:  # noqa: ANN001
@@ -60,15 +51,6 @@ def zlib_before(v: np.ndarray, cfg) -> bytes:  # noqa: ANN001
     return buf.getvalue()
 
 
-def _median_time(fn, repeats: int) -> float:  # noqa: ANN001
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
-
-
 def in_process(res: int, width: float, latent: int, repeats: int, real: str | None) -> list[dict]:
     import torch
 
@@ -83,7 +65,7 @@ def in_process(res: int, width: float, latent: int, repeats: int, real: str | No
             m = HAGANModel.init(cfg, seed=0)
             z = m.sample_latents(1, 0)
             m.generate(z)  # warm-up (folding, first-touch pages)
-            t_gen = _median_time(lambda: m.generate(z), repeats)  # noqa: B023
+            t_gen = median_time(lambda: m.generate(z), repeats)  # noqa: B023
             vols = {"generated": m.generate(z)[0, 0].numpy()}
             if real:
                 from model.data.volumes import load_for_model
@@ -93,8 +75,8 @@ def in_process(res: int, width: float, latent: int, repeats: int, real: str | No
 
             for what, v in vols.items():
                 out = Path(d) / f"{modality}.nii.gz"
-                t_old = _median_time(lambda: zlib_before(v, cfg), repeats)  # noqa: B023
-                t_new = _median_time(lambda: write_volume(out, v, cfg), repeats)  # noqa: B023
+                t_old = median_time(lambda: zlib_before(v, cfg), repeats)  # noqa: B023
+                t_new = median_time(lambda: write_volume(out, v, cfg), repeats)  # noqa: B023
                 size_old, size_new = len(zlib_before(v, cfg)), out.stat().st_size
                 rows.append(
                     {
@@ -151,7 +133,7 @@ def main() -> None:
     ap.add_argument("--e2e", type=int, nargs="*", default=[], help="end-to-end CLI processes at these resolutions")
     ap.add_argument("--json", help="also write the raw results here")
     a = ap.parse_args()
-    print(f"CPU: {_cpu()}, {os.cpu_count()} CPUs; width {a.width}, latent {a.latent_dim}; median of {a.repeats}\n")
+    print(f"CPU: {cpu_model()}, {os.cpu_count()} CPUs; width {a.width}, latent {a.latent_dim}; median of {a.repeats}\n")
     rows = in_process(a.res, a.width, a.latent_dim, a.repeats, a.real)
     print("| grid | modality | volume | generate (s) | + write, zlib before (s) | + write, streamed ISA-L (s) "
           "| (gen+write)/gen before | (gen+write)/gen now | file MB before / now |")  # fmt: skip
@@ -172,7 +154,7 @@ def main() -> None:
                 f"{r['.nii.gz_peak_mib']:.0f} |"
             )
     if a.json:
-        Path(a.json).write_text(json.dumps({"cpu": _cpu(), "rows": rows, "e2e": e2e}, indent=1))
+        Path(a.json).write_text(json.dumps({"cpu": cpu_model(), "rows": rows, "e2e": e2e}, indent=1))
 
 
 if __name__ == "__main__":

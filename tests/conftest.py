@@ -158,3 +158,18 @@ def uvicorn_server(app, name: str = "test-uvicorn") -> Iterator[str]:  # noqa: A
         srv.should_exit = True
         thread.join(30)
         sock.close()
+
+
+# ------------------------------------------------------------------------------------ training
+# tests/test_recipe.py and tests/test_distributed.py: four synthetic brains of slightly different
+# voxel sizes, prepared by the physical-units path (128^3).
+@pytest.fixture(scope="module")
+def brain_ds(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from model.data.datasets import prepare_dataset
+    from tests.test_recipe import _brain, _config, _save
+
+    root = tmp_path_factory.mktemp("brains")
+    for i in range(4):
+        _save(_brain(seed=i), root / "src" / f"s{i}.nii.gz", zooms=(1.5 + 0.05 * i,) * 3)
+    prepare_dataset(root / "src", root / "ds", _config())
+    return root / "ds"

@@ -115,18 +115,6 @@ def test_the_train_request_takes_a_bounded_number_of_processes() -> None:
 # ------------------------------------------------------------------------------------ HA-GAN
 
 
-@pytest.fixture(scope="module")
-def brain_ds(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from model.data.datasets import prepare_dataset
-    from tests.test_recipe import _brain, _config, _save
-
-    root = tmp_path_factory.mktemp("dist")
-    for i in range(4):
-        _save(_brain(seed=i), root / "src" / f"s{i}.nii.gz", zooms=(1.5 + 0.05 * i,) * 3)
-    prepare_dataset(root / "src", root / "ds", _config())
-    return root / "ds"
-
-
 HAGAN = {"iterations": 2, "batch": 2, "width": 0.25, "latent_dim": 16, "device": "cpu", "seed": 3}
 HAGAN |= {"recipe": "small-data", "monitor_every": 2, "monitor_n": 2, "checkpoint_every": 1, "preview_every": 2}
 

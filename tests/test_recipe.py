@@ -112,15 +112,6 @@ def test_augmentation_keeps_the_background_and_is_seeded() -> None:
     assert y.grad is not None and y.grad.abs().sum() > 0  # differentiable
 
 
-@pytest.fixture(scope="module")
-def brain_ds(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("recipe")
-    for i in range(4):
-        _save(_brain(seed=i), root / "src" / f"s{i}.nii.gz", zooms=(1.5 + 0.05 * i,) * 3)
-    prepare_dataset(root / "src", root / "ds", _config())
-    return root / "ds"
-
-
 SMALL = {"iterations": 2, "batch": 1, "width": 0.25, "latent_dim": 16, "device": "cpu", "seed": 3}
 SMALL |= {"recipe": "small-data", "checkpoint_every": 1, "preview_every": 100, "monitor_every": 2, "monitor_n": 2}
 
