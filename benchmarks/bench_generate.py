@@ -11,6 +11,10 @@ Paths:
           3x3x3 convs; only G's weights in memory, as their code loads it)
   whole   voxgen: G^H on the whole feature map, folded upsample-convs, channels-last, chunked
   slab    voxgen: memory-bounded slabs with global GroupNorm statistics (budget --slab-mb)
+  whole-bf16, slab-bf16
+          the same in bf16 (``set_precision("bf16")``: weights converted once, activations bf16,
+          GroupNorm statistics fp32/fp64); run where the CPU has native bf16 (AVX-512 BF16 or AMX),
+          or with --bf16 anywhere (on AVX2-only CPUs it is tens of times slower)
 Encoding: E^H on the 8 slabs + E^G, the authors' functional path vs ours (the same arithmetic).
 voxgen cells hold the whole model (G, D, E^H, E^G) as a served model directory does.
 """
@@ -60,10 +64,11 @@ def one(res: int, path: str, repeats: int, slab_mb: int) -> dict:
             t = time.perf_counter()
             authors_generate(g, z, res)
             times.append(time.perf_counter() - t)
-    elif path in ("whole", "slab"):
+    elif path in ("whole", "slab", "whole-bf16", "slab-bf16"):
+        m.set_precision("bf16" if path.endswith("-bf16") else "fp32")
         for _ in range(repeats):
             t = time.perf_counter()
-            m.generate(z, mode=path, budget_mb=slab_mb)
+            m.generate(z, mode=path.removesuffix("-bf16"), budget_mb=slab_mb)
             times.append(time.perf_counter() - t)
     elif path in ("encode-plain", "encode"):
         x = torch.rand(1, 1, res, res, res) * 2 - 1
@@ -127,21 +132,31 @@ def main() -> None:
     ap.add_argument("--slab-mb", type=int, default=256, help="memory budget of the slab path")
     ap.add_argument("--one", nargs=2, metavar=("RES", "PATH"), help=argparse.SUPPRESS)
     ap.add_argument("--json", help="also write the raw results here")
+    ap.add_argument("--paths", nargs="*", help="only these paths (default: all that apply)")
+    ap.add_argument("--bf16", action="store_true", help="add the bf16 paths even where the CPU has no native bf16")
     a = ap.parse_args()
     if a.one:
         print(json.dumps(one(int(a.one[0]), a.one[1], a.repeats, a.slab_mb)))
         return
     import torch
 
+    from model.hagan.infer import cpu_has_bf16
+
+    bf16 = a.bf16 or cpu_has_bf16()
     print(
         f"# machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads; {a.repeats} runs per cell\n"
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, native bf16: {cpu_has_bf16()}; "
+        f"{a.repeats} runs per cell\n"
     )
     rows = []
     for res in a.res:
         paths = ["plain", "whole", "slab", "encode-plain", "encode"]
         if res == 512:
             paths = ["whole", "slab", "encode"]  # the plain path needs > 20 GiB at 512^3 (not run)
+        if bf16:
+            paths[paths.index("slab") + 1 : paths.index("slab") + 1] = ["whole-bf16", "slab-bf16"]
+        if a.paths:
+            paths = [p for p in paths if p in a.paths]
         for path in paths:
             r = run_cell(res, path, a.repeats, a.slab_mb)
             rows.append(r)

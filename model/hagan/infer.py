@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from model.base import Progress, VolumeModel, check_latent
 from model.hagan.config import HAGANConfig
-from model.hagan.networks import HAGAN, parameter_counts
+from model.hagan.networks import HAGAN, parameter_counts, upconv_weight
 
 _PARITIES = [(a, b, c) for a in (0, 1) for b in (0, 1) for c in (0, 1)]
 # 3 taps of a conv on the upsampled grid -> 2 taps on the original grid, per output parity
@@ -102,6 +102,30 @@ class FoldedUpConv:
         return out.view(bsz, co, 2 * d, 2 * h, 2 * w)
 
 
+class TransposedUpConv:
+    """The same ``conv3d(upsample_nearest_x2(x), w, b, padding=1)`` as one stride-2 transposed conv
+    with derived 4x4x4 weights (model/hagan/networks.py ``upconv_weight``): oneDNN writes the
+    interleaved output itself (channels-last), so no parity copies; the same sums in another order.
+    Faster than ``FoldedUpConv`` where there are several output channels, slower for G^H's last
+    one-channel stage (``TCONV_MIN_OUT``)."""
+
+    def __init__(self, conv: torch.nn.Conv3d, dtype: torch.dtype = torch.float32) -> None:
+        self.cout = conv.out_channels
+        self.weight = upconv_weight(conv.weight.detach().double()).to(dtype).contiguous()
+        self.bias = conv.bias.detach().to(dtype).contiguous()
+
+    def to(self, device: torch.device) -> TransposedUpConv:
+        self.weight, self.bias = self.weight.to(device), self.bias.to(device)
+        return self
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+        return F.conv_transpose3d(x, self.weight, self.bias, stride=2, padding=1)
+
+
+TCONV_MIN_OUT = 8  # G^H stages with at least this many output channels run as TransposedUpConv
+
+
 def _gn_affine(norm: torch.nn.GroupNorm, mean: torch.Tensor, var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-(sample, channel) scale and shift equal to GroupNorm with the given group statistics."""
     g = norm.num_groups
@@ -160,6 +184,14 @@ class HAGANModel(VolumeModel[HAGANConfig, HAGAN]):
                 for c, up in zip(ga.convs, ga.upsample_before, strict=True)
             ],
             "gh": [FoldedUpConv(c, dt).to(self.device) for c in gh.convs],
+            # the whole-volume path in fp32: transposed convs where they are faster (no interleave
+            # copies); in bf16 the channels-last statistics and scale-shift cost more than they save
+            "gh_whole": [
+                (TransposedUpConv if c.out_channels >= TCONV_MIN_OUT and dt == torch.float32 else FoldedUpConv)(
+                    c, dt
+                ).to(self.device)
+                for c in gh.convs
+            ],
             # the other G^A convs' weights in the generation dtype (the module keeps fp32 for encoding)
             "ga_plain": [
                 None if up else (c.weight.detach().to(dt), c.bias.detach().to(dt), c.padding)
@@ -235,7 +267,7 @@ class HAGANModel(VolumeModel[HAGANConfig, HAGAN]):
     def _gh_whole(self, f: torch.Tensor) -> torch.Tensor:
         gh = self.net.gh
         h = f
-        for k, fold in enumerate(self._fold()["gh"]):
+        for k, fold in enumerate(self._fold()["gh_whole"]):
             h = fold(h)
             if k < len(gh.norms):  # GroupNorm + ReLU in place: no second full-size tensor
                 h = F.relu_(_group_norm_(h, gh.norms[k]))
@@ -324,6 +356,8 @@ class HAGANModel(VolumeModel[HAGANConfig, HAGAN]):
 def _group_stats(h: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-(sample, group) mean and variance of h in float64, from float32 (or wider) arithmetic
     whatever h's dtype: a bf16 tensor is read in float32 one group at a time."""
+    if not h.is_contiguous():  # channels-last (TransposedUpConv): per-channel statistics, then groups
+        return _group_stats_per_channel(h, groups)
     hg = h.view(h.shape[0], groups, -1)
     if hg.dtype in (torch.float32, torch.float64):
         var, mean = torch.var_mean(hg, dim=-1, correction=0)
@@ -332,6 +366,23 @@ def _group_stats(h: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tens
     var = torch.stack([v for v, _ in parts], 1)
     mean = torch.stack([m for _, m in parts], 1)
     return mean.double(), var.double()
+
+
+def _group_stats_per_channel(h: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group mean and variance (float64) from each channel's, for a tensor in any memory layout:
+    the group mean is the mean of its channels' means and its variance the mean of their variances
+    plus the variance of their means (equal voxel counts).  A bf16 tensor is read in float32 one
+    channel at a time."""
+    n, c = h.shape[:2]
+    if h.dtype in (torch.float32, torch.float64):
+        var, mean = torch.var_mean(h, dim=(2, 3, 4), correction=0)
+    else:
+        parts = [torch.var_mean(h[:, i].float(), dim=(1, 2, 3), correction=0) for i in range(c)]
+        var = torch.stack([v for v, _ in parts], 1)
+        mean = torch.stack([m for _, m in parts], 1)
+    mean, var = mean.double().view(n, groups, -1), var.double().view(n, groups, -1)
+    gmean = mean.mean(-1)
+    return gmean, var.mean(-1) + (mean - gmean[..., None]).square().mean(-1)
 
 
 def _group_norm_(h: torch.Tensor, norm: torch.nn.GroupNorm) -> torch.Tensor:
