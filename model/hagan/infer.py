@@ -8,6 +8,10 @@ the paper serves HA-GAN.  Two exact rewrites make them cheaper than the plain ne
   eight are one conv with 8*Cout output channels on the low-resolution grid (padding 1), followed
   by an interleave: 64 instead of 216 multiply-adds per low-resolution voxel and input channel
   pair (3.4x fewer), and no upsampled tensor is ever made.
+* **Transposed convs in the fp32 whole-volume path.**  G^H stages with several output channels run
+  the same upsample + conv as one stride-2 transposed conv with derived 4x4x4 weights
+  (``TransposedUpConv``): oneDNN writes the interleaved output itself, so the parity copies go; the
+  activations are then channels-last and their GroupNorm statistics come from per-channel ones.
 * **Slabs with global GroupNorm statistics.**  ``mode="slab"`` runs G^H along depth, slab by slab,
   each slab with the one-row halo per stage its receptive field needs.  GroupNorm statistics are
   gathered over the whole volume in a first pass (float64 sums), so the result equals whole-volume
