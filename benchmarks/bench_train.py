@@ -51,6 +51,8 @@ PATHS: dict[str, dict[str, str | bool]] = {
 for _k in ("fused_upconv", "channels_last", "fused_adam"):
     PATHS[f"voxgen, {_k} off"] = PATHS["voxgen"] | {_k: PATHS["plain"][_k]}
 PATHS["voxgen, tune_malloc on"] = PATHS["voxgen"] | {"tune_malloc": "on"}
+# --amp-cpu (or where the CPU has native bf16, AVX-512 BF16 or AMX): voxgen with bf16 autocast on the CPU
+PATHS["voxgen, bf16 autocast"] = PATHS["voxgen"] | {"amp": "on"}
 
 
 def _peak_rss_mib() -> float:
@@ -132,6 +134,11 @@ def main() -> None:
     ap.add_argument("--one", nargs=3, metavar=("RES", "PATH", "DATA"), help=argparse.SUPPRESS)
     ap.add_argument("--json", help="also write the raw results here")
     ap.add_argument("--ablation", action="store_true", help="also run voxgen with each speed-up off in turn")
+    ap.add_argument(
+        "--amp-cpu",
+        action="store_true",
+        help="also run voxgen with bf16 autocast on the CPU (on by default where the CPU has native bf16)",
+    )
     a = ap.parse_args()
     if a.one:
         r = one(int(a.one[0]), a.one[1], a.one[2], a.batch, a.iterations, a.device)
@@ -139,6 +146,13 @@ def main() -> None:
         return
     import torch
 
+    from model.hagan.infer import cpu_has_bf16
+
+    chosen = list(PATHS) if a.ablation else ["plain", "voxgen"]
+    if not a.ablation and a.device == "cpu" and (a.amp_cpu or cpu_has_bf16()):
+        chosen.append("voxgen, bf16 autocast")
+    if a.device != "cpu" or not (a.amp_cpu or cpu_has_bf16()):
+        chosen = [p for p in chosen if p != "voxgen, bf16 autocast"]
     print(
         f"# machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, device {a.device}; batch {a.batch}; {a.rounds} round(s) of "
@@ -152,7 +166,7 @@ def main() -> None:
             cells: dict[str, dict] = {}
             # rounds alternate the paths, so slow drifts of a shared machine reach all of them alike
             for k in range(a.rounds):
-                for path in PATHS if a.ablation else ("plain", "voxgen"):
+                for path in chosen:
                     r = run_cell(res, path, data, a)
                     print(f"  done {res} {path} round {k + 1}/{a.rounds}", file=sys.stderr)
                     c = cells.setdefault(path, r)

@@ -106,7 +106,13 @@ def register(sub: argparse._SubParsersAction, commands: dict[str, Callable]) -> 
     g.add_argument("--resolution", type=int, choices=[128, 256, 512], help="default: the dataset's")
     g.add_argument("--width", type=float, help="channel width multiplier (default 1.0 = the paper's)")
     g.add_argument("--latent-dim", type=int, help="latent size (hagan default 1024, alphawgan 1000)")
-    g.add_argument("--amp", choices=["auto", "on", "off"], default="auto", help="mixed precision (CUDA only)")
+    g.add_argument(
+        "--amp",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="bf16 autocast: auto = on CUDA devices with bf16; on = also on the CPU (about 2x faster per iteration "
+        "on CPUs with AMX; slow on CPUs without native bf16; benchmarks/RESULTS.md)",
+    )
     g.add_argument("--lr-g", type=float, help="G's learning rate (default 1e-4; a resumed run takes the new one)")
     g.add_argument("--lr-d", type=float, help="D's learning rate (default 4e-4)")
     g.add_argument("--lr-e", type=float, help="the encoders' learning rate (default 1e-4)")
