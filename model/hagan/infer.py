@@ -182,19 +182,20 @@ class HAGANModel(VolumeModel[HAGANConfig, HAGAN]):
 
     def _make_folded(self) -> dict[str, Any]:
         ga, gh, dt = self.net.ga, self.net.gh, self._dtype
+        gh_folded = [FoldedUpConv(c, dt).to(self.device) for c in gh.convs]
         return {
             "ga": [
                 FoldedUpConv(c, dt).to(self.device) if up else None
                 for c, up in zip(ga.convs, ga.upsample_before, strict=True)
             ],
-            "gh": [FoldedUpConv(c, dt).to(self.device) for c in gh.convs],
+            "gh": gh_folded,
             # the whole-volume path in fp32: transposed convs where they are faster (no interleave
             # copies); in bf16 the channels-last statistics and scale-shift cost more than they save
             "gh_whole": [
-                (TransposedUpConv if c.out_channels >= TCONV_MIN_OUT and dt == torch.float32 else FoldedUpConv)(
-                    c, dt
-                ).to(self.device)
-                for c in gh.convs
+                TransposedUpConv(c, dt).to(self.device)
+                if c.out_channels >= TCONV_MIN_OUT and dt == torch.float32
+                else folded
+                for c, folded in zip(gh.convs, gh_folded, strict=True)
             ],
             # the other G^A convs' weights in the generation dtype (the module keeps fp32 for encoding)
             "ga_plain": [
@@ -375,15 +376,11 @@ def _group_stats(h: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tens
 def _group_stats_per_channel(h: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Group mean and variance (float64) from each channel's, for a tensor in any memory layout:
     the group mean is the mean of its channels' means and its variance the mean of their variances
-    plus the variance of their means (equal voxel counts).  A bf16 tensor is read in float32 one
-    channel at a time."""
-    n, c = h.shape[:2]
-    if h.dtype in (torch.float32, torch.float64):
-        var, mean = torch.var_mean(h, dim=(2, 3, 4), correction=0)
-    else:
-        parts = [torch.var_mean(h[:, i].float(), dim=(1, 2, 3), correction=0) for i in range(c)]
-        var = torch.stack([v for v, _ in parts], 1)
-        mean = torch.stack([m for _, m in parts], 1)
+    plus the variance of their means (equal voxel counts).  Narrower floats are read as float32."""
+    n = h.shape[0]
+    var, mean = torch.var_mean(
+        h if h.dtype in (torch.float32, torch.float64) else h.float(), dim=(2, 3, 4), correction=0
+    )
     mean, var = mean.double().view(n, groups, -1), var.double().view(n, groups, -1)
     gmean = mean.mean(-1)
     return gmean, var.mean(-1) + (mean - gmean[..., None]).square().mean(-1)
