@@ -53,6 +53,7 @@ for _k in ("fused_upconv", "channels_last", "fused_adam"):
 PATHS["voxgen, tune_malloc on"] = PATHS["voxgen"] | {"tune_malloc": "on"}
 # --amp-cpu (or where the CPU has native bf16, AVX-512 BF16 or AMX): voxgen with bf16 autocast on the CPU
 PATHS["voxgen, bf16 autocast"] = PATHS["voxgen"] | {"amp": "on"}
+PATHS_DEFAULT = ("plain", "voxgen", "voxgen, bf16 autocast")  # without --ablation
 
 
 def _peak_rss_mib() -> float:
@@ -75,13 +76,14 @@ def make_dataset(res: int, root: Path, n: int = 4) -> Path:
     return out
 
 
-def one(res: int, path: str, data: str, batch: int, iterations: int, device: str) -> dict:
+def one(res: int, path: str, data: str, batch: int, iterations: int, device: str, model: dict | None = None) -> dict:
     import torch
 
     from model.hagan.train import Trainer
 
     with tempfile.TemporaryDirectory() as run:
         opts = {"data": data, "output": run, "resolution": res, "batch": batch, "device": device, "seed": 0}
+        opts |= model or {}  # --width, --latent-dim, --recipe (default: the authors' width and recipe)
         speedups = PATHS[path]
         t = Trainer(opts | {k: v for k, v in speedups.items() if k != "fused_upconv"})
         t.net.set_fused_upconv(speedups["fused_upconv"] is True)
@@ -117,6 +119,7 @@ def one(res: int, path: str, data: str, batch: int, iterations: int, device: str
 def run_cell(res: int, path: str, data: Path, a: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--one", str(res), path, str(data)]
     cmd += ["--batch", str(a.batch), "--iterations", str(a.iterations), "--device", a.device]
+    cmd += ["--width", str(a.width), "--latent-dim", str(a.latent_dim), "--recipe", a.recipe]
     p = subprocess.run(cmd, capture_output=True, text=True)
     if p.returncode != 0:
         return {"res": res, "path": path, "error": (p.stderr.strip().splitlines() or ["?"])[-1]}
@@ -134,6 +137,9 @@ def main() -> None:
     ap.add_argument("--one", nargs=3, metavar=("RES", "PATH", "DATA"), help=argparse.SUPPRESS)
     ap.add_argument("--json", help="also write the raw results here")
     ap.add_argument("--ablation", action="store_true", help="also run voxgen with each speed-up off in turn")
+    ap.add_argument("--width", type=float, default=1.0, help="channel width multiplier (1.0: the authors')")
+    ap.add_argument("--latent-dim", type=int, default=1024)
+    ap.add_argument("--recipe", choices=["authors", "small-data"], default="authors")
     ap.add_argument(
         "--amp-cpu",
         action="store_true",
@@ -141,21 +147,20 @@ def main() -> None:
     )
     a = ap.parse_args()
     if a.one:
-        r = one(int(a.one[0]), a.one[1], a.one[2], a.batch, a.iterations, a.device)
+        model = {"width": a.width, "latent_dim": a.latent_dim, "recipe": a.recipe, "monitor_every": 0}
+        r = one(int(a.one[0]), a.one[1], a.one[2], a.batch, a.iterations, a.device, model)
         print(json.dumps(r))
         return
     import torch
 
     from model.hagan.infer import cpu_has_bf16
 
-    chosen = list(PATHS) if a.ablation else ["plain", "voxgen"]
-    if not a.ablation and a.device == "cpu" and (a.amp_cpu or cpu_has_bf16()):
-        chosen.append("voxgen, bf16 autocast")
-    if a.device != "cpu" or not (a.amp_cpu or cpu_has_bf16()):
-        chosen = [p for p in chosen if p != "voxgen, bf16 autocast"]
+    amp_cpu = a.device == "cpu" and (a.amp_cpu or cpu_has_bf16())
+    chosen = [p for p in (PATHS if a.ablation else PATHS_DEFAULT) if amp_cpu or p != "voxgen, bf16 autocast"]
     print(
         f"# machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, device {a.device}; batch {a.batch}; {a.rounds} round(s) of "
+        f"{torch.get_num_threads()} threads, device {a.device}; width {a.width}, latent {a.latent_dim}, recipe "
+        f"{a.recipe}; batch {a.batch}; {a.rounds} round(s) of "
         f"{a.iterations} timed iterations per cell; peak memory: the largest of the rounds\n"
     )
     rows = []

@@ -96,7 +96,8 @@ def test_celery_generate_same_volume_as_embedded(
     assert a["threads"] == b["threads"] == 1
     va = np.load(io.BytesIO(celery.get(f"/jobs/{a['job_id']}/files/volume_000.npy").content))
     assert np.array_equal(va, vb)
-    # the default: every CPU this process may use, in both queues
+    # the default (VOXGEN_THREADS unset): every CPU this process may use (checked on the embedded queue;
+    # the Celery worker runs the same job_threads through its Settings)
     c = service_wait(
         embedded, embedded.post("/generate", json={"model": "tiny", "seed": 9, "format": "npy"}).json()["job_id"]
     )
