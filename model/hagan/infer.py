@@ -1,17 +1,18 @@
 """HA-GAN inference: whole-volume generation, memory-bounded slab generation, hierarchical encoding.
 
 Both generation paths apply G^H to the *complete* G^A feature map (no sub-volume selection), as
-the paper serves HA-GAN.  Two exact rewrites make them cheaper than the plain network:
+the paper serves HA-GAN.  Three exact rewrites make them cheaper than the plain network:
 
 * **Folded upsample + conv.**  A nearest x2 upsample followed by a 3x3x3 conv (padding 1) equals,
   for each of the eight output parities (a, b, c), a 2x2x2 conv on the un-upsampled input.  All
   eight are one conv with 8*Cout output channels on the low-resolution grid (padding 1), followed
   by an interleave: 64 instead of 216 multiply-adds per low-resolution voxel and input channel
   pair (3.4x fewer), and no upsampled tensor is ever made.
-* **Transposed convs in the fp32 whole-volume path.**  G^H stages with several output channels run
+* **Transposed convs in G^H.**  G^H stages with several output channels (both paths) run
   the same upsample + conv as one stride-2 transposed conv with derived 4x4x4 weights
   (``TransposedUpConv``): oneDNN writes the interleaved output itself, so the parity copies go; the
-  activations are then channels-last and their GroupNorm statistics come from per-channel ones.
+  activations are then channels-last.  GroupNorm statistics come from per-channel chunked sums
+  (``_group_stats``) in any layout.
 * **Slabs with global GroupNorm statistics.**  ``mode="slab"`` runs G^H along depth, slab by slab,
   each slab with the one-row halo per stage its receptive field needs.  GroupNorm statistics are
   gathered over the whole volume in a first pass (float64 sums), so the result equals whole-volume
@@ -182,20 +183,15 @@ class HAGANModel(VolumeModel[HAGANConfig, HAGAN]):
 
     def _make_folded(self) -> dict[str, Any]:
         ga, gh, dt = self.net.ga, self.net.gh, self._dtype
-        gh_folded = [FoldedUpConv(c, dt).to(self.device) for c in gh.convs]
         return {
             "ga": [
                 FoldedUpConv(c, dt).to(self.device) if up else None
                 for c, up in zip(ga.convs, ga.upsample_before, strict=True)
             ],
-            "gh": gh_folded,
-            # the whole-volume path in fp32: transposed convs where they are faster (no interleave
-            # copies); in bf16 the channels-last statistics and scale-shift cost more than they save
-            "gh_whole": [
-                TransposedUpConv(c, dt).to(self.device)
-                if c.out_channels >= TCONV_MIN_OUT and dt == torch.float32
-                else folded
-                for c, folded in zip(gh.convs, gh_folded, strict=True)
+            # G^H (whole volume and slabs): transposed convs where they are faster (no interleave copies)
+            "gh": [
+                (TransposedUpConv if c.out_channels >= TCONV_MIN_OUT else FoldedUpConv)(c, dt).to(self.device)
+                for c in gh.convs
             ],
             # the other G^A convs' weights in the generation dtype (the module keeps fp32 for encoding)
             "ga_plain": [
@@ -272,7 +268,7 @@ class HAGANModel(VolumeModel[HAGANConfig, HAGAN]):
     def _gh_whole(self, f: torch.Tensor) -> torch.Tensor:
         gh = self.net.gh
         h = f
-        for k, fold in enumerate(self._fold()["gh_whole"]):
+        for k, fold in enumerate(self._fold()["gh"]):
             h = fold(h)
             if k < len(gh.norms):  # GroupNorm + ReLU in place: no second full-size tensor
                 h = F.relu_(_group_norm_(h, gh.norms[k]))
@@ -292,9 +288,7 @@ class HAGANModel(VolumeModel[HAGANConfig, HAGAN]):
             return y
         gh = self.net.gh
         if k < len(gh.norms):
-            scale, shift = stats[k]
-            y.mul_(scale[:, :, None, None, None]).add_(shift[:, :, None, None, None])
-            return F.relu_(y)
+            return F.relu_(_scale_shift_(y, *stats[k]))
         return torch.tanh_(y)
 
     def _gh_slabs(self, f: torch.Tensor, budget: int, slab_rows: int | None, progress: Progress | None) -> torch.Tensor:
@@ -358,39 +352,55 @@ class HAGANModel(VolumeModel[HAGANConfig, HAGAN]):
         return self.generate(self.encode(x), label, **kw)
 
 
+STATS_ROWS = 4096  # voxels per chunk of the GroupNorm statistics (a chunk of 32 channels: 512 KiB)
+
+
 def _group_stats(h: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-(sample, group) mean and variance of h in float64, from float32 (or wider) arithmetic
-    whatever h's dtype: a bf16 tensor is read in float32 one group at a time."""
-    if not h.is_contiguous():  # channels-last (TransposedUpConv): per-channel statistics, then groups
-        return _group_stats_per_channel(h, groups)
-    hg = h.view(h.shape[0], groups, -1)
-    if hg.dtype in (torch.float32, torch.float64):
-        var, mean = torch.var_mean(hg, dim=-1, correction=0)
-        return mean.double(), var.double()
-    parts = [torch.var_mean(hg[:, g].float(), dim=-1, correction=0) for g in range(groups)]
-    var = torch.stack([v for v, _ in parts], 1)
-    mean = torch.stack([m for _, m in parts], 1)
-    return mean.double(), var.double()
+    """Per-(sample, group) mean and variance of h [n, c, d, h, w] in float64, in any memory layout
+    and for any float dtype.
 
-
-def _group_stats_per_channel(h: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Group mean and variance (float64) from each channel's, for a tensor in any memory layout:
-    the group mean is the mean of its channels' means and its variance the mean of their variances
-    plus the variance of their means (equal voxel counts).  Narrower floats are read as float32."""
-    n = h.shape[0]
-    var, mean = torch.var_mean(
-        h if h.dtype in (torch.float32, torch.float64) else h.float(), dim=(2, 3, 4), correction=0
-    )
-    mean, var = mean.double().view(n, groups, -1), var.double().view(n, groups, -1)
+    Each channel's sum and centred sum of squares are taken over chunks of ``STATS_ROWS`` voxels, in
+    float32 (a bf16 chunk is read as float32) as a matrix-vector product, and combined over the chunks
+    in float64 (Chan et al.'s pairwise update); a group's variance is the mean of its channels' plus
+    the variance of their means (equal voxel counts).  ``torch.var_mean`` over a channels-last tensor
+    (the transposed convs' output) reads it at a stride and took ~0.5 s for 32 channels at 128^3 where
+    this takes ~30 ms."""
+    n, c = h.shape[:2]
+    if h.is_contiguous(memory_format=torch.channels_last_3d) and not h.is_contiguous():
+        x = h.permute(0, 2, 3, 4, 1).reshape(n, -1, c)  # [n, voxels, c], a view
+    else:
+        x = h.reshape(n, c, -1).transpose(1, 2)  # [n, voxels, c], a view of a contiguous tensor
+    v = x.shape[1]
+    ones = torch.ones(1, min(STATS_ROWS, v), dtype=torch.float32, device=h.device)
+    total = torch.zeros(n, c, dtype=torch.float64, device=h.device)  # sum of x
+    m2 = torch.zeros_like(total)  # sum of the chunks' centred squares
+    sq_means = torch.zeros_like(total)  # sum of count * chunk mean^2
+    for a in range(0, v, STATS_ROWS):
+        xb = x[:, a : a + STATS_ROWS].float()  # no copy for float32
+        o = ones[:, : xb.shape[1]]
+        s = o @ xb  # [n, 1, c]
+        mb = s / xb.shape[1]
+        d = xb - mb
+        m2 += (o @ (d * d))[:, 0].double()
+        total += s[:, 0].double()
+        sq_means += mb[:, 0].double().square() * xb.shape[1]
+    mean = total / v
+    var = (m2 + sq_means - v * mean.square()).clamp_min(0) / v
+    mean, var = mean.view(n, groups, -1), var.view(n, groups, -1)
     gmean = mean.mean(-1)
     return gmean, var.mean(-1) + (mean - gmean[..., None]).square().mean(-1)
 
 
 def _group_norm_(h: torch.Tensor, norm: torch.nn.GroupNorm) -> torch.Tensor:
-    """GroupNorm of h in place (statistics in float32/64, then one scale-and-shift pass)."""
-    mean, var = _group_stats(h, norm.num_groups)
-    scale, shift = _gn_affine(norm, mean, var)
-    return h.mul_(scale[:, :, None, None, None]).add_(shift[:, :, None, None, None])
+    """GroupNorm of h in place (statistics in float32/64, then one scale-and-shift pass).  The scale
+    and shift are cast to h's dtype: a float32 operand would make a bf16 tensor's in-place update
+    promote every element (about 3x slower), for no accuracy the bf16 result can keep."""
+    return _scale_shift_(h, *_gn_affine(norm, *_group_stats(h, norm.num_groups)))
+
+
+def _scale_shift_(h: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """h * scale + shift in place, per (sample, channel), in h's dtype."""
+    return h.mul_(scale.to(h.dtype)[:, :, None, None, None]).add_(shift.to(h.dtype)[:, :, None, None, None])
 
 
 def _chunked_sq_sum(yg: torch.Tensor) -> torch.Tensor:
