@@ -234,7 +234,9 @@ def test_a_worker_start_sweeps_dead_attempts_scratch(stack: TestClient, tmp_path
 
 
 def test_a_killed_workers_scratch_is_removed_when_its_job_is_requeued(stack: TestClient) -> None:
-    jid = stack.post("/generate", json={"model": "big", "seed": 5, "n": 2, "format": "npy"}).json()["job_id"]
+    # 16 volumes: still running a second after it starts (256^3 at width 0.25 takes ~0.25 s a volume since
+    # the transposed-conv generation; 2 volumes were done before the kill)
+    jid = stack.post("/generate", json={"model": "big", "seed": 5, "n": 16, "format": "npy"}).json()["job_id"]
     jobs = stack.storage.root / "jobs"  # type: ignore[attr-defined]
     victim = stack.workers.procs[0]  # type: ignore[attr-defined]
     _until(lambda: list(jobs.glob(f".{jid}.work.1.*")), 120, "the job never started")

@@ -120,7 +120,8 @@ def test_celery_traverse(celery: TestClient) -> None:
 
 
 def test_killed_worker_does_not_lose_the_job(celery: TestClient) -> None:
-    jid = celery.post("/generate", json={"model": "big", "seed": 4, "n": 6, "format": "npy"}).json()["job_id"]
+    # 12 volumes: still running a second after it starts, with room to spare on a fast CPU
+    jid = celery.post("/generate", json={"model": "big", "seed": 4, "n": 12, "format": "npy"}).json()["job_id"]
     victim = celery.workers.procs[-1]  # type: ignore[attr-defined]
     t = time.time()
     while celery.get(f"/jobs/{jid}").json()["state"] != "running":
@@ -134,8 +135,8 @@ def test_killed_worker_does_not_lose_the_job(celery: TestClient) -> None:
     assert s["state"] == "succeeded", s
     assert s["attempt"] >= 2  # it ran again after the lease lapsed
     names = [f["name"] for f in s["result"]["files"]]
-    assert [n for n in names if n.endswith(".npy")][-1] == "volume_005.npy"
-    assert "volume_005.png" in names  # its preview too
+    assert [n for n in names if n.endswith(".npy")][-1] == "volume_011.npy"
+    assert "volume_011.png" in names  # its preview too
 
 
 def test_celery_long_poll_is_pushed_by_redis(celery: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
