@@ -39,7 +39,7 @@ def one(res: int, path: str, repeats: int, slab_mb: int) -> dict:
     import torch
 
     from model.hagan.config import HAGANConfig
-    from model.hagan.infer import HAGANModel
+    from model.hagan.model import HAGANModel
     from model.hagan.reference import authors_encode, authors_generate
 
     torch.manual_seed(0)
@@ -140,7 +140,7 @@ def main() -> None:
         return
     import torch
 
-    from model.hagan.infer import cpu_has_bf16
+    from model.precision import cpu_has_bf16
 
     bf16 = a.bf16 or cpu_has_bf16()
     print(

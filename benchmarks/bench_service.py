@@ -113,7 +113,7 @@ def main() -> None:
 
     from model.data.volumes import write_volume
     from model.hagan.config import HAGANConfig
-    from model.hagan.infer import HAGANModel
+    from model.hagan.model import HAGANModel
     from service.app import create_app
     from service.settings import Settings
     from worker.jobs import job_generate

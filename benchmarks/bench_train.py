@@ -153,7 +153,7 @@ def main() -> None:
         return
     import torch
 
-    from model.hagan.infer import cpu_has_bf16
+    from model.precision import cpu_has_bf16
 
     amp_cpu = a.device == "cpu" and (a.amp_cpu or cpu_has_bf16())
     chosen = [p for p in (PATHS if a.ablation else PATHS_DEFAULT) if amp_cpu or p != "voxgen, bf16 autocast"]

@@ -55,7 +55,7 @@ def in_process(res: int, width: float, latent: int, repeats: int, real: str | No
     import torch
 
     from model.hagan.config import HAGANConfig, Intensity
-    from model.hagan.infer import HAGANModel
+    from model.hagan.model import HAGANModel
 
     rows = []
     with tempfile.TemporaryDirectory() as d:

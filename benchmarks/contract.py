@@ -62,7 +62,7 @@ def make_models(d: Path, latent: int = 16) -> Path:
     import torch
 
     from model.hagan.config import HAGANConfig
-    from model.hagan.infer import HAGANModel
+    from model.hagan.model import HAGANModel
     from model.latent.directions import Direction, save_direction
 
     HAGANModel.init(HAGANConfig(resolution=128, width=0.25, latent_dim=latent), seed=0).save_pretrained(d / "tiny")

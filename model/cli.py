@@ -60,7 +60,7 @@ def init_alphawgan(a: argparse.Namespace) -> int:
 def init_hagan(a: argparse.Namespace) -> int:
     """voxgen init --family hagan."""
     from model.hagan.config import HAGANConfig, Intensity
-    from model.hagan.infer import HAGANModel
+    from model.hagan.model import HAGANModel
 
     cfg = HAGANConfig(
         resolution=a.resolution,

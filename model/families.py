@@ -62,7 +62,7 @@ FAMILIES: dict[str, Family] = {
         Family(
             name="hagan",
             config="model.hagan.config:HAGANConfig",
-            model="model.hagan.infer:HAGANModel",
+            model="model.hagan.model:HAGANModel",
             trainer="model.hagan.train",
             init="model.cli:init_hagan",
             encoder="amortised",

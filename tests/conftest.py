@@ -53,7 +53,7 @@ def service_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import torch
 
     from model.hagan.config import HAGANConfig
-    from model.hagan.infer import HAGANModel
+    from model.hagan.model import HAGANModel
     from model.latent.directions import Direction, save_direction
 
     d = tmp_path_factory.mktemp("service-models")

@@ -57,7 +57,7 @@ def test_openapi_docs(embedded: TestClient) -> None:
 
 
 def test_generate_poll_download_read_back(embedded: TestClient, tmp_path: Path) -> None:
-    from model.hagan.infer import HAGANModel
+    from model.hagan.model import HAGANModel
 
     r = embedded.post("/generate", json={"model": "tiny", "seed": 5, "n": 2})
     assert r.status_code == 202 and r.json()["status_url"] == f"/jobs/{r.json()['job_id']}"
@@ -462,7 +462,7 @@ def test_truncated_and_blank_uploads_are_refused_before_queueing(embedded: TestC
 
 def test_blank_mri_uploads_are_refused_before_queueing(tmp_path: Path) -> None:
     from model.hagan.config import HAGANConfig, Intensity
-    from model.hagan.infer import HAGANModel
+    from model.hagan.model import HAGANModel
 
     cfg = HAGANConfig(resolution=128, width=0.25, latent_dim=8, modality="mri", intensity=Intensity.for_modality("mri"))
     HAGANModel.init(cfg, seed=0).save_pretrained(tmp_path / "models" / "mri")

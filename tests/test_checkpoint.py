@@ -12,7 +12,7 @@ import pytest
 
 from model.checkpoint import FORMAT_VERSION, ModelDirError, read_config, read_config_cached
 from model.hagan.config import HAGANConfig
-from model.hagan.infer import HAGANModel
+from model.hagan.model import HAGANModel
 from model.registry import from_pretrained
 
 

@@ -13,7 +13,7 @@ import torch
 
 from model.checkpoint import ModelDirError
 from model.hagan.config import HAGANConfig, Intensity
-from model.hagan.infer import HAGANModel
+from model.hagan.model import HAGANModel
 from model.latent.directions import (
     ATTRIBUTES,
     Direction,

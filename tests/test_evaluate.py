@@ -20,7 +20,7 @@ from model.cli import main
 from model.data.datasets import VolumeDataset, prepare_dataset
 from model.data.phantoms import write_phantom
 from model.hagan.config import HAGANConfig
-from model.hagan.infer import HAGANModel
+from model.hagan.model import HAGANModel
 from model.metrics.evaluate import evaluate
 
 

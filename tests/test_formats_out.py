@@ -47,7 +47,7 @@ def _config(modality: str):
 
 @pytest.fixture(scope="module")
 def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from model.hagan.infer import HAGANModel
+    from model.hagan.model import HAGANModel
 
     d = tmp_path_factory.mktemp("formats-models")
     for i, modality in enumerate(("ct", "mri")):

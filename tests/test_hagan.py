@@ -11,7 +11,7 @@ import torch
 from model.checkpoint import ModelDirError
 from model.hagan.config import HAGANConfig
 from model.hagan.convert import CheckpointError, import_authors_checkpoints
-from model.hagan.infer import HAGANModel, reference_generate
+from model.hagan.model import HAGANModel, reference_generate
 from model.hagan.networks import HAGAN, parameter_counts
 from model.hagan.reference import authors_encode, authors_generate
 from model.registry import from_pretrained
@@ -347,12 +347,12 @@ def test_group_statistics_in_either_layout(dtype: torch.dtype, layout: torch.mem
     """G^H's transposed convs leave its activations channels-last, G^A's stay contiguous; GroupNorm
     statistics come from chunked per-channel sums (more voxels than a chunk here) and must equal the
     group statistics of the same values."""
-    from model.hagan.infer import STATS_ROWS, _group_stats
+    from model.hagan.folding import STATS_ROWS, group_stats
 
     torch.manual_seed(0)
     h = (torch.randn(2, 16, 12, 20, 24) * torch.linspace(0.5, 3, 16)[None, :, None, None, None] + 1).to(dtype)
     assert h[0, 0].numel() > STATS_ROWS
-    mean, var = _group_stats(h.contiguous(memory_format=layout), 4)
+    mean, var = group_stats(h.contiguous(memory_format=layout), 4)
     ref_var, ref_mean = torch.var_mean(h.double().reshape(2, 4, -1), dim=-1, correction=0)
     # float32 sums of a few thousand values per chunk, chunks combined in float64: ~1e-7 relative
     torch.testing.assert_close(mean, ref_mean, rtol=1e-5, atol=1e-6)

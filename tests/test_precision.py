@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from model.hagan.config import HAGANConfig
-from model.hagan.infer import HAGANModel, cpu_has_bf16, resolve_precision
+from model.hagan.model import HAGANModel
+from model.precision import cpu_has_bf16, resolve_precision
 
 # Measured (README): at 128^3 on an untrained width-0.25 model, bf16 against fp32 gave PSNR 51.5 dB
 # over the [-1, 1] range and a largest difference of 0.044; a bf16 mantissa holds 8 bits (relative

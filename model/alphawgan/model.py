@@ -1,5 +1,5 @@
 """A loaded 3D alpha-WGAN-GP model: the surface the worker, the CLI and ``voxgen evaluate`` use
-(the same as ``model.hagan.infer.HAGANModel``).  ``encode`` is the trained encoder E, so
+(the same as ``model.hagan.model.HAGANModel``).  ``encode`` is the trained encoder E, so
 ``generate(encode(x))`` reconstructs a scan."""
 
 from __future__ import annotations

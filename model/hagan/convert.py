@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from model.hagan.config import HAGANConfig, Intensity
-from model.hagan.infer import HAGANModel
+from model.hagan.model import HAGANModel
 from model.hagan.networks import HAGAN
 
 

@@ -1,5 +1,5 @@
 """A loaded 3D-StyleGAN / Split&Shuffle-GAN model: the surface the worker and the CLI use
-(the same as ``model.hagan.infer.HAGANModel``).
+(the same as ``model.hagan.model.HAGANModel``).
 
 The served latent of this family is **w** (``latent_dim = w_dim``): ``sample_latents(n, seed)``
 draws z from the seed and maps it to w, ``generate(w)`` synthesises from w, ``encode`` (a
