@@ -25,14 +25,12 @@ import argparse
 import json
 import os
 import platform
-import resource
-import subprocess
 import sys
 import time
+from pathlib import Path
 
-
-def _peak_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import peak_rss_mib, run_in_child  # noqa: E402
 
 
 def one(res: int, path: str, repeats: int, slab_mb: int) -> dict:
@@ -91,7 +89,7 @@ def one(res: int, path: str, repeats: int, slab_mb: int) -> dict:
                 t = time.perf_counter()
                 authors_encode(e, se, x)
                 times.append(time.perf_counter() - t)
-    return {"res": res, "path": path, "times": times, "peak_rss_mib": _peak_mib()}
+    return {"res": res, "path": path, "times": times, "peak_rss_mib": peak_rss_mib()}
 
 
 def _renumber(k: str) -> str:
@@ -119,10 +117,7 @@ def _sub_e_keys(sd: dict, res: int) -> dict:
 
 def run_cell(res: int, path: str, repeats: int, slab_mb: int) -> dict:
     cmd = [sys.executable, __file__, "--one", str(res), path, "--repeats", str(repeats), "--slab-mb", str(slab_mb)]
-    p = subprocess.run(cmd, capture_output=True, text=True)
-    if p.returncode != 0:
-        return {"res": res, "path": path, "error": (p.stderr.strip().splitlines() or ["?"])[-1]}
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    return run_in_child(cmd, res, path)
 
 
 def main() -> None:

@@ -32,7 +32,6 @@ import argparse
 import os
 import platform
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -40,13 +39,10 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import free_port, start_redis  # noqa: E402
+
 TERMINAL = ("succeeded", "failed", "cancelled")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait(client, job_id: str, poll_ms: float = 0.0) -> dict:  # noqa: ANN001
@@ -107,7 +103,6 @@ def main() -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request
     queues = {q.strip() for q in a.queues.split(",") if q.strip()}
 
-    import redis
     import torch
     from fastapi.testclient import TestClient
 
@@ -117,6 +112,7 @@ def main() -> None:
     from service.app import create_app
     from service.settings import Settings
     from worker.jobs import job_generate
+    from worker.params import GenerateParams
     from worker.settings import job_threads
 
     torch.set_num_threads(job_threads(0))  # what every job pins (VOXGEN_THREADS=0)
@@ -133,22 +129,8 @@ def main() -> None:
     try:
         url = None
         if "celery" in queues:
-            port = free_port()
-            procs.append(
-                subprocess.Popen(
-                    [shutil.which("redis-server") or "redis-server", "--port", str(port), "--save", ""]
-                    + ["--appendonly", "no", "--dir", str(tmp)],
-                    stdout=subprocess.DEVNULL,
-                )
-            )
-            url = f"redis://127.0.0.1:{port}/0"
-            r = redis.Redis(port=port)
-            for _ in range(100):
-                try:
-                    r.ping()
-                    break
-                except redis.ConnectionError:
-                    time.sleep(0.1)
+            proc, url = start_redis(tmp)
+            procs.append(proc)
         env = os.environ | {
             "VOXGEN_REDIS_URL": url or "",
             "VOXGEN_MODELS_DIR": str(models),
@@ -207,7 +189,7 @@ def main() -> None:
             out = tmp / f"job-{i}"
             out.mkdir()
             t = time.perf_counter()
-            job_generate({"model": "m", "seed": seed, "n": 1}, m, out, lambda *_: None)
+            job_generate(GenerateParams(model="m", seed=seed, n=1), m, out, lambda *_: None)
             record("direct, job", time.perf_counter() - t)
 
         def run_service(client, name: str, poll_ms: float = 0.0):  # noqa: ANN001, ANN202

@@ -79,9 +79,10 @@ def parameter_table() -> str:
 
 # ------------------------------------------------------------------------------------------- data
 def phantom_dataset(root: Path, kind: str = "ct", n: int = 4, size: int = 64) -> Path:
+    from model.base import Intensity
     from model.data.datasets import prepare_dataset
     from model.data.phantoms import write_phantom
-    from model.hagan.config import HAGANConfig, Intensity
+    from model.hagan.config import HAGANConfig
 
     src = root / "src"
     for i in range(n):
@@ -182,7 +183,7 @@ def figures(sets: dict[str, torch.Tensor], real: torch.Tensor) -> dict[str, dict
 
 def quality(args: argparse.Namespace) -> str:
     from model.data.datasets import VolumeDataset
-    from model.stylegan3d.data import volume_to_grid
+    from model.data.grid import volume_to_grid
     from model.stylegan3d.train import Trainer
 
     shape = tuple(int(s) for s in args.shape.split("x"))

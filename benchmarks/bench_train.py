@@ -33,13 +33,14 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import peak_rss_mib, run_in_child  # noqa: E402
 
 # the trainer's speed-ups, all off for the authors' arithmetic, all on (their defaults) for voxgen
 SPEEDUPS = ("fused_upconv", "channels_last", "fused_adam", "tune_malloc", "amp")
@@ -54,10 +55,6 @@ PATHS["voxgen, tune_malloc on"] = PATHS["voxgen"] | {"tune_malloc": "on"}
 # --amp-cpu (or where the CPU has native bf16, AVX-512 BF16 or AMX): voxgen with bf16 autocast on the CPU
 PATHS["voxgen, bf16 autocast"] = PATHS["voxgen"] | {"amp": "on"}
 PATHS_DEFAULT = ("plain", "voxgen", "voxgen, bf16 autocast")  # without --ablation
-
-
-def _peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def make_dataset(res: int, root: Path, n: int = 4) -> Path:
@@ -101,7 +98,7 @@ def one(res: int, path: str, data: str, batch: int, iterations: int, device: str
             times.append(time.perf_counter() - s)
             cpu.append(time.process_time() - c)
         params = sum(p.numel() for p in t.net.parameters())
-        peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else _peak_rss_mib()
+        peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else peak_rss_mib()
     return {
         "res": res,
         "path": path,
@@ -120,10 +117,7 @@ def run_cell(res: int, path: str, data: Path, a: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--one", str(res), path, str(data)]
     cmd += ["--batch", str(a.batch), "--iterations", str(a.iterations), "--device", a.device]
     cmd += ["--width", str(a.width), "--latent-dim", str(a.latent_dim), "--recipe", a.recipe]
-    p = subprocess.run(cmd, capture_output=True, text=True)
-    if p.returncode != 0:
-        return {"res": res, "path": path, "error": (p.stderr.strip().splitlines() or ["?"])[-1]}
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    return run_in_child(cmd, res, path)
 
 
 def main() -> None:

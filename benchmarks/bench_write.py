@@ -54,7 +54,8 @@ def zlib_before(v: np.ndarray, cfg) -> bytes:  # noqa: ANN001
 def in_process(res: int, width: float, latent: int, repeats: int, real: str | None) -> list[dict]:
     import torch
 
-    from model.hagan.config import HAGANConfig, Intensity
+    from model.base import Intensity
+    from model.hagan.config import HAGANConfig
     from model.hagan.model import HAGANModel
 
     rows = []

@@ -14,8 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,13 +21,10 @@ import time
 from collections import Counter
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import free_port, start_redis  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_http(url: str, proc: subprocess.Popen, timeout: float = 60.0) -> None:
@@ -45,29 +40,6 @@ def wait_http(url: str, proc: subprocess.Popen, timeout: float = 60.0) -> None:
         except httpx.TransportError:
             time.sleep(0.1)
     raise SystemExit(f"{url} did not answer within {timeout:.0f} s")
-
-
-def start_redis(tmp: Path) -> tuple[subprocess.Popen, str]:
-    import redis
-
-    exe = shutil.which("redis-server")
-    if exe is None:
-        raise SystemExit("redis-server is not installed")
-    port = free_port()
-    proc = subprocess.Popen(
-        [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(tmp)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    r = redis.Redis(port=port)
-    for _ in range(100):
-        try:
-            r.ping()
-            return proc, f"redis://127.0.0.1:{port}/0"
-        except redis.ConnectionError:
-            time.sleep(0.1)
-    proc.kill()
-    raise SystemExit("redis-server did not start")
 
 
 async def fire(url: str, probes: int, concurrency: int) -> Counter:
@@ -100,7 +72,10 @@ def run_mode(mode: str, tmp: Path, probes: int, concurrency: int) -> Counter:
     env.pop("VOXGEN_REDIS_URL", None)
     redis_proc = None
     if mode == "celery":
-        redis_proc, env["VOXGEN_REDIS_URL"] = start_redis(tmp)
+        try:
+            redis_proc, env["VOXGEN_REDIS_URL"] = start_redis(tmp)
+        except (FileNotFoundError, RuntimeError) as e:
+            raise SystemExit(str(e)) from None
     server = subprocess.Popen(
         [sys.executable, "-m", "model.cli", "serve", "--port", str(port), "--log-level", "warning"],
         cwd=ROOT,

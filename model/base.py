@@ -1,10 +1,14 @@
-"""What the loaded-model classes of every family share (``HAGANModel``, ``StyleGAN3DModel``,
-``AlphaWGANModel``): seeded construction, loading and saving model directories, the properties
-read from the config, ``info`` and seeded standard-normal latents.
+"""What the families share: the base config and ``Intensity`` (defined in the torch-free
+``model.config_base`` and re-exported here, the import for code that runs models) and the
+loaded-model base ``VolumeModel`` (``HAGANModel``, ``StyleGAN3DModel``, ``AlphaWGANModel``): seeded
+construction, loading and saving model directories, the properties read from the config, ``info``
+and seeded standard-normal latents.
 
-A family sets ``config_class`` (with ``from_dict`` / ``to_dict``), ``net_class`` (built from a
-config, with the config as ``net.config``) and ``count_parameters``, and adds its own generation
-and encoding (the surface ``model.registry.GenerativeModel`` describes)."""
+A family sets ``config_class`` (a ``BaseConfig`` subclass), ``net_class`` (built from a config, with
+the config as ``net.config``) and ``count_parameters``, and adds its own generation and encoding
+(the surface ``model.registry.GenerativeModel`` describes).  Model directories: config.json (with
+its ``format_version``, see ``model.config_base``) + model.safetensors, read and written by
+``model.checkpoint``."""
 
 from __future__ import annotations
 
@@ -16,6 +20,8 @@ from typing import Any, ClassVar, Generic, TypeVar
 import torch
 
 from model.checkpoint import ModelDirError, read_config, read_weights, save_model_dir
+from model.config_base import BaseConfig
+from model.config_base import Intensity as Intensity  # re-exported: model.base is where it is imported from
 
 # The progress callback every long operation takes, ``progress(done, total, stage)``: the one
 # definition (the job functions, evaluation, directions and projection import it; GET /jobs/{id}
@@ -23,7 +29,7 @@ from model.checkpoint import ModelDirError, read_config, read_weights, save_mode
 Progress = Callable[[int, int, str], None]
 
 
-ConfigT = TypeVar("ConfigT")  # the family's config class (latent_dim, output_shape, spacing, modality, to_dict)
+ConfigT = TypeVar("ConfigT", bound=BaseConfig)  # the family's config class
 NetT = TypeVar("NetT", bound=torch.nn.Module)
 M = TypeVar("M", bound="VolumeModel[Any, Any]")
 
@@ -83,7 +89,7 @@ class VolumeModel(Generic[ConfigT, NetT]):
     """A loaded model: ``net`` (in eval mode) on ``device``, described by ``net.config``."""
 
     family: str
-    config_class: ClassVar[Any]
+    config_class: ClassVar[type[BaseConfig]]
     net_class: ClassVar[Callable[[Any], torch.nn.Module]]
     count_parameters: ClassVar[Callable[[Any], dict[str, int]]]
 

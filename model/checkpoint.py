@@ -7,6 +7,29 @@ temporary name and renamed into place, so a reader never sees a half-written mod
 Importing this module imports no torch: the API reads configs and direction names through
 ``read_config_cached``, ``direction_names`` and ``read_direction`` (cached, re-read when the
 file changes); the functions that handle tensors import torch when called.
+
+Training checkpoints, one layout for every family (``save_training_checkpoint``,
+``read_training_checkpoint``): ``RUN/checkpoints/iter_NNNNNNN/`` is a model directory (the model the
+run serves at that iteration) plus
+
+* ``train.safetensors`` (``TRAIN_TENSORS_NAME``), the tensors of the training state, by key:
+  ``optim.<optimizer>.<param index>.<state key>``: each optimizer's state (moments, and the step
+  counters as ``...step``); ``rng.torch_cpu``: torch's global CPU generator; ``rng.torch_cuda``: the
+  training device's generator (runs on CUDA); ``rng.<name>``: the trainer's own CPU generators
+  (``rng.latents``, HA-GAN's ``rng.augment``); ``extra.<name>``: the family's other tensors (HA-GAN's
+  live G beside its EMA ``extra.live.*``, StyleGAN's raw G ``extra.G_raw.*`` and ``extra.pl_mean``);
+* ``state.json`` (``TRAIN_STATE_NAME``): ``format_version`` (``TRAIN_FORMAT_VERSION``), ``iteration``
+  (the step counter of the run), ``options`` (all but ``resume``), ``optimizers`` (each optimizer's
+  param groups), ``numpy_rng`` (the numpy generator's bit-generator state) and the family's own
+  fields (HA-GAN: ``best``; StyleGAN: ``init``, ``lr``, ``batch``).
+
+``RUN/latest.json`` names the newest checkpoint; it is written last, after the checkpoint and
+``RUN/model``, so a run killed while saving resumes from the checkpoint before.  The checkpoints of
+format 1 (a ``state.json`` without ``format_version``) resume the same, their keys renamed when read:
+HA-GAN's and alpha-WGAN's ``optim.safetensors`` (``<optimizer>.<index>.<key>``, ``rng.torch_global``,
+``rng.torch_latents``, ``rng.torch_augment``, ``live.*``) and StyleGAN's ``train.safetensors``
+(``opt.<optimizer>.<index>.<key>``, ``rng.torch_cpu``, ``rng.torch_cuda``, ``rng.latents``,
+``G_raw.*``, ``pl_mean``).
 """
 
 from __future__ import annotations
@@ -16,12 +39,14 @@ import os
 import shutil
 import tempfile
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from safetensors import SafetensorError
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
 CONFIG_NAME = "config.json"
@@ -41,19 +66,28 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
         raise ModelDirError(f"{p}: not a model directory (expected a folder with {CONFIG_NAME} and {WEIGHTS_NAME})")
     if not cfg.is_file():
         raise ModelDirError(f"{cfg}: missing; a model directory holds {CONFIG_NAME} and {WEIGHTS_NAME}")
-    try:
-        d = json.loads(cfg.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ModelDirError(f"{cfg}: not valid JSON ({e})") from e
-    if not isinstance(d, dict) or "family" not in d:
+    d, _ = _read_versioned_json(cfg, 0, FORMAT_VERSION, "model directories")
+    if "family" not in d:
         raise ModelDirError(f"{cfg}: no 'family' key; cannot tell which network this is")
-    version = d.pop("format_version", 0)
-    if not isinstance(version, int) or isinstance(version, bool) or not 0 <= version <= FORMAT_VERSION:
+    return d
+
+
+def _read_versioned_json(f: Path, oldest: int, newest: int, what: str) -> tuple[dict[str, Any], int]:
+    """The JSON object in ``f`` without its ``format_version``, and that version (``oldest`` where
+    there is none); ModelDirError for invalid JSON or a version outside ``oldest..newest``."""
+    try:
+        d = json.loads(f.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelDirError(f"{f}: not valid JSON ({e})") from e
+    if not isinstance(d, dict):
+        raise ModelDirError(f"{f}: not a JSON object")
+    version = d.pop("format_version", oldest)
+    if not isinstance(version, int) or isinstance(version, bool) or not oldest <= version <= newest:
         raise ModelDirError(
-            f"{cfg}: format_version {version!r}; this voxgen reads model directories of format 0..{FORMAT_VERSION} "
+            f"{f}: format_version {version!r}; this voxgen reads {what} of format {oldest}..{newest} "
             "(a newer voxgen wrote it?)"
         )
-    return d
+    return d, version
 
 
 _CACHE_LOCK = threading.Lock()
@@ -173,13 +207,37 @@ def save_model_dir(
                 shutil.copy2(dst / name, tmp / name)
         for name, data in (extra_files or {}).items():
             (tmp / name).write_bytes(data)
-        if dst.exists():
-            old = dst.with_name(f".{dst.name}.old{os.getpid()}")
-            os.replace(dst, old)
-            os.replace(tmp, dst)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dst)
+        _swap_in(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dst
+
+
+def _swap_in(tmp: Path, dst: Path) -> None:
+    """Put the finished directory ``tmp`` in place of ``dst`` (a sibling): renames only, so a
+    reader sees the old directory or the new one, each complete; the old one is deleted after."""
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dst, old)
+        os.replace(tmp, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, dst)
+
+
+def register_model(run_model: str | os.PathLike, models_dir: str | os.PathLike, name: str) -> Path:
+    """Copy a finished model directory (a run's ``RUN/model``) into the served models folder as
+    ``models_dir/name``, atomically: the copy is assembled under a hidden temporary name (GET /models
+    skips dot-names) and renamed into place, so the folder never holds a half-copied model."""
+    root = Path(models_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    dst = root / name
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
+    try:
+        shutil.copytree(run_model, tmp, dirs_exist_ok=True)
+        _swap_in(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -227,6 +285,166 @@ def load_optimizer_tensors(
             for k, v in st.items():
                 if k != "step" and torch.is_tensor(v) and v.shape == p.shape:
                     st[k] = torch.empty_like(p).copy_(v)
+
+
+# ------------------------------------------------------------------ training checkpoints (the layout: module docstring)
+TRAIN_TENSORS_NAME = "train.safetensors"
+TRAIN_STATE_NAME = "state.json"
+TRAIN_FORMAT_VERSION = 2  # of a training checkpoint; 1: the families' own layouts, before format_version
+LATEST_NAME = "latest.json"
+_OPTIM_V1_NAME = "optim.safetensors"  # format 1 of HA-GAN and alpha-WGAN
+
+
+def checkpoint_dir(run: str | os.PathLike, iteration: int) -> Path:
+    """``RUN/checkpoints/iter_NNNNNNN``: where the checkpoint of ``iteration`` goes."""
+    return Path(run) / "checkpoints" / f"iter_{iteration:07d}"
+
+
+def latest_checkpoint(run: str | os.PathLike) -> Path:
+    """The checkpoint ``RUN/latest.json`` names; ValueError where there is none to resume."""
+    ptr = Path(run) / LATEST_NAME
+    if not ptr.is_file():
+        raise ValueError(f"{run}: nothing to resume (no {LATEST_NAME})")
+    return Path(run) / "checkpoints" / json.loads(ptr.read_text())["checkpoint"]
+
+
+def save_training_checkpoint(
+    run: str | os.PathLike,
+    iteration: int,
+    config: dict[str, Any],
+    weights: dict[str, torch.Tensor],
+    *,
+    optimizers: dict[str, torch.optim.Optimizer],
+    generators: dict[str, torch.Generator],
+    numpy_rng: np.random.Generator,
+    options: dict[str, Any],
+    device: torch.device | None = None,
+    extra: dict[str, torch.Tensor] | None = None,
+    state: dict[str, Any] | None = None,
+) -> Path:
+    """Write the checkpoint of ``iteration`` (the model directory of ``config`` and ``weights``,
+    ``train.safetensors`` and ``state.json``), then ``RUN/model`` and, last, ``RUN/latest.json``; each
+    file atomically.  ``generators`` are the trainer's CPU generators (``rng.<name>``), ``device`` the
+    training device (its generator is kept on CUDA), ``extra`` the family's other tensors
+    (``extra.<name>``) and ``state`` its own ``state.json`` fields.  Returns the checkpoint's folder."""
+    import torch
+
+    ck = checkpoint_dir(run, iteration)
+    tensors, meta = optimizer_tensors(optimizers, prefix="optim.")
+    tensors["rng.torch_cpu"] = torch.get_rng_state()
+    if device is not None and device.type == "cuda":
+        tensors["rng.torch_cuda"] = torch.cuda.get_rng_state(device)
+    tensors |= {f"rng.{name}": g.get_state() for name, g in generators.items()}
+    tensors |= {f"extra.{k}": v for k, v in (extra or {}).items()}
+    doc = {
+        "format_version": TRAIN_FORMAT_VERSION,
+        "iteration": iteration,
+        "options": {k: v for k, v in options.items() if k != "resume"},
+        "optimizers": meta,
+        "numpy_rng": numpy_rng.bit_generator.state,
+        **(state or {}),
+    }
+    save_model_dir(ck, config, weights)
+    save_tensors_atomic(ck / TRAIN_TENSORS_NAME, tensors)
+    write_json_atomic(ck / TRAIN_STATE_NAME, doc)
+    save_model_dir(Path(run) / "model", config, weights)
+    write_json_atomic(Path(run) / LATEST_NAME, {"checkpoint": ck.name, "iteration": iteration})
+    return ck
+
+
+@dataclass
+class TrainingCheckpoint:
+    """A training checkpoint as read (``read_training_checkpoint``): its folder, ``state.json`` and
+    the tensors of ``train.safetensors`` under this format's keys, whatever the format it was written in."""
+
+    path: Path
+    state: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+
+    @property
+    def iteration(self) -> int:
+        return int(self.state["iteration"])
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The model directory's weights (what the run served at this iteration)."""
+        return read_weights(self.path)
+
+    def config(self) -> dict[str, Any]:
+        return read_config(self.path)
+
+    def extra(self, prefix: str = "") -> dict[str, torch.Tensor]:
+        """The family's tensors saved as ``extra``, those under ``prefix``, with ``prefix`` removed."""
+        head = f"extra.{prefix}"
+        return {k[len(head) :]: v for k, v in self.tensors.items() if k.startswith(head)}
+
+    def restore(
+        self,
+        optimizers: dict[str, torch.optim.Optimizer],
+        generators: dict[str, torch.Generator],
+        numpy_rng: np.random.Generator,
+        device: torch.device | None = None,
+    ) -> int:
+        """Put the optimizers' state and the RNG states back (torch's global generator, the CUDA one
+        where saved and ``device`` is on CUDA, ``generators``, ``numpy_rng``); returns the iteration.
+        A generator the checkpoint has no state for keeps its seeded state (HA-GAN's augmentation
+        generator, in checkpoints from before it)."""
+        import torch
+
+        load_optimizer_tensors(optimizers, self.tensors, self.state["optimizers"], prefix="optim.")
+        torch.set_rng_state(self.tensors["rng.torch_cpu"])
+        if device is not None and device.type == "cuda" and "rng.torch_cuda" in self.tensors:
+            torch.cuda.set_rng_state(self.tensors["rng.torch_cuda"], device)
+        for name, g in generators.items():
+            if f"rng.{name}" in self.tensors:
+                g.set_state(self.tensors[f"rng.{name}"])
+        numpy_rng.bit_generator.state = self.state["numpy_rng"]
+        return self.iteration
+
+
+def read_training_checkpoint(path: str | os.PathLike) -> TrainingCheckpoint:
+    """A training checkpoint's ``state.json`` and tensors, those of format 1 renamed to this format's keys
+    (ModelDirError for a missing or unreadable one, or one of a newer format)."""
+    ck = Path(path)
+    f = ck / TRAIN_STATE_NAME
+    if not f.is_file():
+        raise ModelDirError(f"{f}: missing; not a training checkpoint")
+    state, version = _read_versioned_json(f, 1, TRAIN_FORMAT_VERSION, "training checkpoints")
+    if version >= 2:
+        return TrainingCheckpoint(ck, state, read_weights(ck, TRAIN_TENSORS_NAME))
+    if (ck / _OPTIM_V1_NAME).is_file():
+        return TrainingCheckpoint(ck, state, _keys_from_optim_v1(read_weights(ck, _OPTIM_V1_NAME), state))
+    return TrainingCheckpoint(ck, state, _keys_from_train_v1(read_weights(ck, TRAIN_TENSORS_NAME)))
+
+
+def _keys_from_optim_v1(tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """HA-GAN's and alpha-WGAN's format 1 (``optim.safetensors``): optimizer state under the optimizer's
+    name, ``rng.torch_global`` (torch's CPU generator), ``rng.torch_<name>`` (the trainer's), the rest
+    (HA-GAN's ``live.*``) the family's own."""
+    out = {}
+    for k, v in tensors.items():
+        if k == "rng.torch_global":
+            out["rng.torch_cpu"] = v
+        elif k.startswith("rng.torch_"):
+            out["rng." + k.removeprefix("rng.torch_")] = v
+        elif k.split(".", 1)[0] in state["optimizers"]:
+            out["optim." + k] = v
+        else:
+            out["extra." + k] = v
+    return out
+
+
+def _keys_from_train_v1(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """StyleGAN's format 1 (``train.safetensors``): optimizer state under ``opt.``, the RNG states
+    already as now, the rest (``G_raw.*``, ``pl_mean``) the family's own."""
+    out = {}
+    for k, v in tensors.items():
+        if k.startswith("opt."):
+            out["optim." + k.removeprefix("opt.")] = v
+        elif k.startswith("rng."):
+            out[k] = v
+        else:
+            out["extra." + k] = v
+    return out
 
 
 # ------------------------------------------------------------------ weights users supply

@@ -30,77 +30,11 @@ def _progress_printer(prefix: str) -> Callable[[int, int, str], None]:
     return report
 
 
-def _parse_shape(s: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in s.lower().split("x"))
-
-
 # ------------------------------------------------------------------------------------- init / info
 def cmd_init(a: argparse.Namespace) -> int:
     import torch  # noqa: F401
 
     return families.get(a.family).init_function()(a)
-
-
-def init_alphawgan(a: argparse.Namespace) -> int:
-    """voxgen init --family alphawgan."""
-    from model.alphawgan.model import init_model_dir
-
-    m = init_model_dir(
-        a.output,
-        latent_dim=a.latent_dim or 1000,
-        width=a.width,
-        modality=a.modality,
-        spacing=tuple(a.spacing) if a.spacing else None,
-        seed=a.seed,
-    )
-    print(f"wrote an untrained alpha-WGAN-GP (64^3, latent {m.latent_dim}, width {m.config.width}) to {a.output}")
-    return 0
-
-
-def init_hagan(a: argparse.Namespace) -> int:
-    """voxgen init --family hagan."""
-    from model.hagan.config import HAGANConfig, Intensity
-    from model.hagan.model import HAGANModel
-
-    cfg = HAGANConfig(
-        resolution=a.resolution,
-        latent_dim=a.latent_dim or 1024,
-        width=a.width,
-        class_names=[c for c in (a.classes or "").split(",") if c],
-        modality=a.modality,
-        spacing=tuple(a.spacing) if a.spacing else (1.0, 1.0, 1.0),
-        intensity=Intensity.for_modality(a.modality),
-        description="UNTRAINED: a freshly initialised HA-GAN with random weights; its volumes are not anatomy",
-    )
-    m = HAGANModel.init(cfg, seed=a.seed)
-    m.save_pretrained(a.output)
-    print(f"wrote an untrained HA-GAN ({cfg.resolution}^3, latent {cfg.latent_dim}, width {cfg.width}) to {a.output}")
-    return 0
-
-
-def init_stylegan3d(a: argparse.Namespace) -> int:
-    """voxgen init --family splitshuffle | stylegan3d."""
-    from model.hagan.config import Intensity
-    from model.stylegan3d.config import StyleGAN3DConfig
-    from model.stylegan3d.model import StyleGAN3DModel
-
-    shape = _parse_shape(a.shape) if a.shape else (32, 64, 64)
-    if len(shape) != 3:
-        raise ValueError(f"--shape must be DxHxW, e.g. 32x64x64, got {a.shape!r}")
-    cfg = StyleGAN3DConfig.for_variant(
-        a.family,
-        a.variant,
-        shape=shape,
-        modality=a.modality,
-        spacing=tuple(a.spacing) if a.spacing else (1.0, 1.0, 1.0),
-        intensity=Intensity.for_modality(a.modality),
-        description=f"UNTRAINED: a freshly initialised {a.family} model with random weights; not anatomy",
-    )
-    m = StyleGAN3DModel.init(cfg, seed=a.seed)
-    m.save_pretrained(a.output)
-    n = m.info()["parameters"]["total_parameters"]
-    print(f"wrote an untrained {a.family} ({cfg.variant}, {'x'.join(map(str, shape))}, {n:,} parameters) to {a.output}")
-    return 0
 
 
 def cmd_info(a: argparse.Namespace) -> int:

@@ -10,9 +10,10 @@ from model import families
 
 
 def cmd_prepare(a: argparse.Namespace) -> int:
+    from model.base import Intensity
     from model.cli import _progress_printer
     from model.data.datasets import prepare_dataset
-    from model.hagan.config import HAGANConfig, Intensity
+    from model.hagan.config import HAGANConfig
 
     cfg = HAGANConfig(
         resolution=a.resolution,

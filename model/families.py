@@ -64,7 +64,7 @@ FAMILIES: dict[str, Family] = {
             config="model.hagan.config:HAGANConfig",
             model="model.hagan.model:HAGANModel",
             trainer="model.hagan.train",
-            init="model.cli:init_hagan",
+            init="model.hagan.model:init_cli",
             encoder="amortised",
             summary="HA-GAN: hierarchical amortised GAN, 128-512^3, hierarchical encoder",
         ),
@@ -73,7 +73,7 @@ FAMILIES: dict[str, Family] = {
             config="model.stylegan3d.config:StyleGAN3DConfig",
             model="model.stylegan3d.model:StyleGAN3DModel",
             trainer="model.stylegan3d.train",
-            init="model.cli:init_stylegan3d",
+            init="model.stylegan3d.model:init_cli",
             encoder="projection",
             summary="3D Split&Shuffle-GAN: 3D StyleGAN2 with channel split & shuffle convolutions",
             variants="model.stylegan3d.config:VARIANTS",
@@ -83,7 +83,7 @@ FAMILIES: dict[str, Family] = {
             config="model.stylegan3d.config:StyleGAN3DConfig",
             model="model.stylegan3d.model:StyleGAN3DModel",
             trainer="model.stylegan3d.train",
-            init="model.cli:init_stylegan3d",
+            init="model.stylegan3d.model:init_cli",
             encoder="projection",
             summary="3D-StyleGAN baseline (no split/shuffle), projection and style mixing",
             variants="model.stylegan3d.config:VARIANTS",
@@ -93,7 +93,7 @@ FAMILIES: dict[str, Family] = {
             config="model.alphawgan.config:AlphaWGANConfig",
             model="model.alphawgan.model:AlphaWGANModel",
             trainer="model.alphawgan.train",
-            init="model.cli:init_alphawgan",
+            init="model.alphawgan.model:init_cli",
             encoder="amortised",
             summary="3D alpha-WGAN-GP baseline, 64^3, with an encoder",
         ),
@@ -101,6 +101,17 @@ FAMILIES: dict[str, Family] = {
 }
 
 NAMES: tuple[str, ...] = tuple(FAMILIES)
+
+
+def register(family: Family) -> None:
+    """Add a family to the registry (a family kept outside this package, or a test's).  Call it
+    before the CLI parser, the service's schemas or the loader are first imported: they read the
+    registry when they are built.  Refuses a name already taken."""
+    global NAMES
+    if family.name in FAMILIES:
+        raise ValueError(f"model family {family.name!r} is already registered")
+    FAMILIES[family.name] = family
+    NAMES = tuple(FAMILIES)
 
 
 def get(name: str) -> Family:

@@ -21,11 +21,29 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from model import families
+from model.checkpoint import TrainingCheckpoint, save_training_checkpoint
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
 
 TRAINERS: dict[str, str] = {name: f.trainer for name, f in families.FAMILIES.items()}
+
+# The loop's options and their defaults, the same in every family: a trainer's ``DEFAULTS`` are
+# ``LOOP_DEFAULTS | {its own}`` (``batch`` differs by family and is its own).
+LOOP_DEFAULTS: dict[str, Any] = {
+    "iterations": 1000,
+    "device": "auto",
+    "resume": False,
+    "seed": 0,
+    "checkpoint_every": 100,
+    "preview_every": 100,
+    "log_every": 10,
+}
+KEEP_CHECKPOINTS = 3  # the newest checkpoints fit_loop keeps where ``keep_checkpoints`` is not given
 
 
 class LoopTrainer(Protocol):
@@ -39,6 +57,46 @@ class LoopTrainer(Protocol):
     def step(self) -> dict[str, float]: ...
     def save_checkpoint(self) -> Path: ...
     def preview(self) -> Path: ...
+
+
+class CheckpointTrainer(LoopTrainer, Protocol):
+    """What ``write_checkpoint`` and ``resume_checkpoint`` need from a family's trainer besides."""
+
+    cfg: Any  # the family's config (``to_dict``)
+    opts: dict[str, torch.optim.Optimizer]
+    rng: np.random.Generator  # batches and the like
+    device: torch.device
+
+    def generators(self) -> dict[str, torch.Generator]: ...  # its CPU generators by name
+
+
+def write_checkpoint(
+    t: CheckpointTrainer,
+    weights: dict[str, torch.Tensor],
+    extra: dict[str, torch.Tensor] | None = None,
+    state: dict[str, Any] | None = None,
+) -> Path:
+    """Checkpoint ``t`` at its iteration in the training-checkpoint layout every family shares
+    (model/checkpoint.py): ``weights`` the model it serves, ``extra`` its other tensors, ``state`` its
+    own ``state.json`` fields; then RUN/model and RUN/latest.json.  Returns the checkpoint's folder."""
+    return save_training_checkpoint(
+        t.run,
+        t.iteration,
+        t.cfg.to_dict(),
+        weights,
+        optimizers=t.opts,
+        generators=t.generators(),
+        numpy_rng=t.rng,
+        options=t.o,
+        device=t.device,
+        extra=extra,
+        state=state,
+    )
+
+
+def resume_checkpoint(t: CheckpointTrainer, ck: TrainingCheckpoint) -> None:
+    """Restore ``t``'s optimizers, RNG states and iteration from ``ck`` (its networks the trainer loads)."""
+    t.iteration = ck.restore(t.opts, t.generators(), t.rng, t.device)
 
 
 def fit_loop(t: LoopTrainer) -> Path:
@@ -85,7 +143,7 @@ def fit_loop(t: LoopTrainer) -> Path:
                 metrics.flush()
                 t.save_checkpoint()
                 keep = t.o.get("keep_checkpoints")
-                prune_checkpoints(t.run / "checkpoints", 3 if keep is None else int(keep))
+                prune_checkpoints(t.run / "checkpoints", KEEP_CHECKPOINTS if keep is None else int(keep))
             if it % int(t.o["preview_every"]) == 0 or it == total:
                 t.preview()
             if t.progress:

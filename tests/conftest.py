@@ -14,13 +14,15 @@ os.environ.setdefault("VOXGEN_PRECISION", "fp32")
 # app on the embedded queue, a real redis-server on a free port.
 import shutil
 import socket
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from benchmarks._common import free_port as _free_port  # noqa: F401  (tests import it from here)
+from benchmarks._common import start_redis
 
 SERVICE_LATENT = 16
 
@@ -89,38 +91,16 @@ def embedded(service_models_dir: Path, tmp_path_factory: pytest.TempPathFactory)
         yield c
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real redis-server on a free port (no persistence), stopped at the end of the session."""
-    exe = shutil.which("redis-server")
-    if exe is None:
+    if shutil.which("redis-server") is None:
         pytest.skip("redis-server is not installed (`make redis-server` or `apt-get install redis-server`)")
-    import redis
-
-    port = _free_port()
-    d = tmp_path_factory.mktemp("redis")
-    proc = subprocess.Popen(
-        [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(d)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    r = redis.Redis(port=port)
-    for _ in range(100):
-        try:
-            r.ping()
-            break
-        except redis.ConnectionError:
-            time.sleep(0.1)
-    else:
-        proc.kill()
-        pytest.fail("redis-server did not start")
-    yield f"redis://127.0.0.1:{port}/0"
+    try:
+        proc, url = start_redis(tmp_path_factory.mktemp("redis"))
+    except RuntimeError as e:
+        pytest.fail(str(e))
+    yield url
     proc.terminate()
     proc.wait(10)
 
@@ -173,3 +153,17 @@ def brain_ds(tmp_path_factory: pytest.TempPathFactory) -> Path:
         _save(_brain(seed=i), root / "src" / f"s{i}.nii.gz", zooms=(1.5 + 0.05 * i,) * 3)
     prepare_dataset(root / "src", root / "ds", _config())
     return root / "ds"
+
+
+# ------------------------------------------------------------------------------------ torch threads
+# Modules of small networks (tests/test_alphawgan.py, test_evaluate.py, test_metrics.py, test_distributed.py,
+# test_stylegan3d.py, test_stylegan3d_train.py) take this with `pytestmark = pytest.mark.usefixtures("one_thread")`.
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """Small networks run faster on one thread; the thread count is restored for the next module."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

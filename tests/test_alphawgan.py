@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,34 +12,22 @@ from model.alphawgan.config import AlphaWGANConfig
 from model.alphawgan.model import AlphaWGANModel, init_model_dir
 from model.alphawgan.networks import AlphaWGAN
 from model.alphawgan.train import Trainer, gradient_penalty
+from model.base import Intensity
 from model.checkpoint import ModelDirError
-from model.data.datasets import prepare_dataset
-from model.data.phantoms import write_phantom
-from model.hagan.config import HAGANConfig, Intensity
+from model.hagan.config import HAGANConfig
 from model.registry import from_pretrained
+from tests.helpers import phantom_dataset, straight_and_resumed
 
 TINY = {"width": 1 / 16, "latent_dim": 16, "code_hidden": 32}
 OPTS = TINY | {"batch": 2, "device": "cpu", "seed": 5, "checkpoint_every": 1, "preview_every": 100}
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Small networks run faster on one thread; the thread count is restored for the next module."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    src = tmp_path_factory.mktemp("aw-src")
-    for i in range(4):
-        write_phantom(src / f"head{i}.nii.gz", "mri", (40, 40, 40), seed=i)
-    out = tmp_path_factory.mktemp("aw-ds") / "ds"
     cfg = HAGANConfig(resolution=128, modality="mri", intensity=Intensity.for_modality("mri"))
-    prepare_dataset(src, out, cfg)
-    return out
+    return phantom_dataset(tmp_path_factory.mktemp("aw"), "mri", (40, 40, 40), config=cfg)
 
 
 def test_networks_follow_the_paper_layout() -> None:
@@ -111,19 +98,12 @@ def test_training_changes_every_network_and_writes_the_run(dataset: Path, tmp_pa
     assert [r["iteration"] for r in rows] == [1]
     assert all(torch.isfinite(torch.tensor(v)) for k, v in rows[0].items() if k != "time")
     assert json.loads((run / "latest.json").read_text())["checkpoint"] == "iter_0000001"
-    assert (run / "checkpoints" / "iter_0000001" / "optim.safetensors").is_file()
+    assert (run / "checkpoints" / "iter_0000001" / "train.safetensors").is_file()
     assert list((run / "previews").glob("*.png"))
 
 
 def test_resume_equals_uninterrupted(dataset: Path, tmp_path: Path) -> None:
-    a = Trainer(OPTS | {"data": str(dataset), "output": str(tmp_path / "a"), "iterations": 2})
-    a.fit()
-    b = Trainer(OPTS | {"data": str(dataset), "output": str(tmp_path / "b"), "iterations": 1})
-    b.fit()
-    del b
-    b = Trainer(OPTS | {"data": str(dataset), "output": str(tmp_path / "b"), "iterations": 2, "resume": True})
-    assert b.iteration == 1
-    b.fit()
+    a, b = straight_and_resumed(Trainer, OPTS | {"data": str(dataset)}, tmp_path, stop=1, total=2)
     sa, sb = a.net.state_dict(), b.net.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)  # weights and BatchNorm statistics
     ma = json.loads((tmp_path / "a" / "metrics.jsonl").read_text().splitlines()[-1])

@@ -137,23 +137,24 @@ def test_bad_generate_requests_get_4xx(embedded: TestClient, body: dict, status:
     assert msg in r.text
 
 
-@pytest.mark.parametrize(
-    "path,content,ctype",
-    [
-        ("/generate", b"[1, 2]", "application/json"),
-        ("/generate", b'"tiny"', "application/json"),
-        ("/generate", b"{not json", "application/json"),
-        ("/generate", b"\xff\xfe\x00", "application/json"),
-        ("/generate", b"model=tiny", "application/x-www-form-urlencoded"),
-        ("/traverse", b"{}", "application/json"),
-        ("/traverse", b'{"model": "tiny", "direction": {"a": 1}, "steps": [1]}', "application/json"),
-        ("/traverse", b'{"model": "tiny", "direction": "soft", "steps": [1e300]}', "application/json"),
-        ("/traverse", b'{"model": "tiny", "direction": "soft", "target": 1e999}', "application/json"),
-        ("/encode", b"", "multipart/form-data; boundary=x"),
-        ("/encode", b"--x\r\nContent-Disposition: form-data; name=model\r\n\r\ntiny\r\n--x--", "multipart/form-data"),
-        ("/encode", b"--x\r\ngarbage", "multipart/form-data; boundary=x"),
-        ("/admin/train", b"{}", "application/json"),
+# (path, content type) -> the malformed bodies posted there
+MALFORMED = {
+    ("/generate", "application/json"): [b"[1, 2]", b'"tiny"', b"{not json", b"\xff\xfe\x00"],
+    ("/generate", "application/x-www-form-urlencoded"): [b"model=tiny"],
+    ("/traverse", "application/json"): [
+        b"{}",
+        b'{"model": "tiny", "direction": {"a": 1}, "steps": [1]}',
+        b'{"model": "tiny", "direction": "soft", "steps": [1e300]}',
+        b'{"model": "tiny", "direction": "soft", "target": 1e999}',
     ],
+    ("/encode", "multipart/form-data; boundary=x"): [b"", b"--x\r\ngarbage"],
+    ("/encode", "multipart/form-data"): [b"--x\r\nContent-Disposition: form-data; name=model\r\n\r\ntiny\r\n--x--"],
+    ("/admin/train", "application/json"): [b"{}"],
+}
+
+
+@pytest.mark.parametrize(
+    "path,content,ctype", [(path, body, ctype) for (path, ctype), bodies in MALFORMED.items() for body in bodies]
 )
 def test_malformed_bodies_never_get_a_500(embedded: TestClient, path: str, content: bytes, ctype: str) -> None:
     r = embedded.post(path, content=content, headers={"content-type": ctype, "authorization": "Bearer s3cret"})
@@ -461,7 +462,8 @@ def test_truncated_and_blank_uploads_are_refused_before_queueing(embedded: TestC
 
 
 def test_blank_mri_uploads_are_refused_before_queueing(tmp_path: Path) -> None:
-    from model.hagan.config import HAGANConfig, Intensity
+    from model.base import Intensity
+    from model.hagan.config import HAGANConfig
     from model.hagan.model import HAGANModel
 
     cfg = HAGANConfig(resolution=128, width=0.25, latent_dim=8, modality="mri", intensity=Intensity.for_modality("mri"))

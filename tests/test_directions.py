@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
+from model.base import Intensity
 from model.checkpoint import ModelDirError
-from model.hagan.config import HAGANConfig, Intensity
+from model.hagan.config import HAGANConfig
 from model.hagan.model import HAGANModel
 from model.latent.directions import (
     ATTRIBUTES,

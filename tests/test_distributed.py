@@ -29,18 +29,13 @@ import yaml
 from model import distributed
 from model.checkpoint import read_weights
 from model.data.augment import RandomAugment, diff_augment
+from tests.helpers import phantom_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _rel(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], keys: list[str]) -> float:
@@ -147,8 +142,8 @@ def test_hagan_two_ranks_train_as_one_process_at_the_global_batch(brain_ds: Path
         if k != "time":
             assert rows[two][0][k] == pytest.approx(v, rel=1e-3), k
     ck = "checkpoints/iter_0000001"
-    a, b = read_weights(one / ck, "optim.safetensors"), read_weights(two / ck, "optim.safetensors")
-    d_grad = [k for k in a if k.startswith("d.") and k.endswith(".exp_avg")]
+    a, b = read_weights(one / ck, "train.safetensors"), read_weights(two / ck, "train.safetensors")
+    d_grad = [k for k in a if k.startswith("optim.d.") and k.endswith(".exp_avg")]
     assert d_grad and _rel(a, b, d_grad) < 1e-4  # the first D gradient, on the same initial weights
     w1 = read_weights(one / ck)
     w2 = {r: read_weights(r / "checkpoints/iter_0000002") for r in (one, two)}
@@ -169,16 +164,8 @@ def test_hagan_two_ranks_train_as_one_process_at_the_global_batch(brain_ds: Path
 
 @pytest.fixture(scope="module")
 def ct_ds(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from model.data.datasets import prepare_dataset
-    from model.data.phantoms import write_phantom
-    from model.hagan.config import HAGANConfig
-
-    src = tmp_path_factory.mktemp("dist-sg-src")
-    for i in range(4):
-        write_phantom(src / f"chest{i}.nii.gz", "ct", (40, 48, 48), (1.5, 1.0, 1.0), seed=i)
-    out = tmp_path_factory.mktemp("dist-sg") / "ds"
-    prepare_dataset(src, out, HAGANConfig(resolution=128))
-    return out
+    """Four CT phantoms (40x48x48 voxels of 1.5 x 1 x 1 mm), prepared at 128^3."""
+    return phantom_dataset(tmp_path_factory.mktemp("dist-sg"), "ct", (40, 48, 48), (1.5, 1.0, 1.0))
 
 
 STYLEGAN = {"family": "stylegan3d", "shape": "8x16x16", "channels": 8, "latent_dim": 16, "mapping_width": 16}

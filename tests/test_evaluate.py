@@ -5,7 +5,6 @@ the real-vs-real floor while an untrained network does not."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,28 +16,20 @@ from PIL import Image
 from model.alphawgan.config import AlphaWGANConfig
 from model.alphawgan.model import AlphaWGANModel
 from model.cli import main
-from model.data.datasets import VolumeDataset, prepare_dataset
+from model.data.datasets import VolumeDataset
 from model.data.phantoms import write_phantom
 from model.hagan.config import HAGANConfig
 from model.hagan.model import HAGANModel
 from model.metrics.evaluate import evaluate
+from tests.helpers import phantom_dataset
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Small networks run faster on one thread; the thread count is restored for the next module."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("evaluate")
-    for i in range(6):
-        write_phantom(root / "src" / f"chest{i}.nii.gz", "ct", (40, 40, 40), seed=i)
-    prepare_dataset(root / "src", root / "ds", HAGANConfig(resolution=128))
+    phantom_dataset(root, "ct", (40, 40, 40), n=6)
     HAGANModel.init(HAGANConfig(resolution=128, width=0.25, latent_dim=16), seed=0).save_pretrained(root / "hagan")
     AlphaWGANModel.init(AlphaWGANConfig(width=1 / 16, latent_dim=16, code_hidden=32), seed=0).save_pretrained(
         root / "alpha"

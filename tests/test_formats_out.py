@@ -33,7 +33,8 @@ MR_STEP = 1.0 / 32000
 
 
 def _config(modality: str):
-    from model.hagan.config import HAGANConfig, Intensity
+    from model.base import Intensity
+    from model.hagan.config import HAGANConfig
 
     return HAGANConfig(
         resolution=128,

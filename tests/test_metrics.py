@@ -4,7 +4,6 @@ resampling, middle slices, the embedding's fitted ellipses, MedicalNet and Incep
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,20 +12,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.metrics.features import middle_slices, resample
+from model.data.grid import resample
+from model.metrics.features import middle_slices
 from model.metrics.frechet import frechet_distance
 from model.metrics.mmd import batch_mmd2_from_means, batch_mmd2_single, median_bandwidth, mmd2
 from model.metrics.msssim import _blur, _gauss, mean_pairwise_ms_ssim, ms_ssim_3d, n_scales, pairwise_ms_ssim
 from model.metrics.plots import ellipse, pca_2d
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Small networks run faster on one thread; the thread count is restored for the next module."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _g(seed: int = 0) -> torch.Generator:

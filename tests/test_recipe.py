@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 import torch
 
+from model.base import Intensity
 from model.data.augment import RandomAugment, diff_augment
 from model.data.datasets import VolumeDataset, prepare_dataset
 from model.data.preprocess import foreground_centre, to_input_grid, window
 from model.data.volumes import load_for_model, read_volume, to_model_space
-from model.hagan.config import HAGANConfig, Intensity
+from model.hagan.config import HAGANConfig
 from model.hagan.train import Trainer
 from model.registry import from_pretrained
 
@@ -176,15 +177,22 @@ def _reconstruction_error(t: Trainer) -> float:
 
 def test_joint_reconstruction_teaches_g_the_real_volumes(brain_ds: Path, tmp_path: Path) -> None:
     """--lambda-rec: G learns to reconstruct the real volumes from their codes beside fooling D, so
-    after a few iterations G(E(x)) is much closer to x than when only the encoder learns to invert G."""
-    opts = SMALL | {"data": str(brain_ds), "monitor_every": 0, "iterations": 6, "augment": "off", "diffaug": "off"}
-    opts |= {"lr_g": 1e-3, "lr_e": 1e-3}  # a few iterations have to show it
-    errors = {}
-    for lam in (0.0, 10.0):
-        t = Trainer(opts | {"output": str(tmp_path / f"rec{lam}"), "lambda_rec": lam})
-        t.fit()
-        errors[lam] = _reconstruction_error(t)
-        rows = [json.loads(x) for x in (tmp_path / f"rec{lam}" / "metrics.jsonl").read_text().splitlines()]
-        assert all(np.isfinite(r["e_g"]) for r in rows)
-    assert from_pretrained(tmp_path / "rec10.0" / "model").config.training["lambda_rec"] == 10.0
+    after a few iterations G(E(x)) is much closer to x than when only the encoder learns to invert G.
+
+    Without the term G(E(x)) is whatever the adversarial game made of it, so one short run is a
+    noisy reference: at 6 iterations the ratio of the two errors ranged 0.42-0.91 over three seeds
+    (it failed at seed 3 on an AMD EPYC), at 12 iterations 0.16-0.75 over six seeds.  The test sums
+    two seeds' errors at 12 iterations (the sums of any two of those six: ratio 0.67 at most)."""
+    opts = SMALL | {"data": str(brain_ds), "monitor_every": 0, "iterations": 12, "augment": "off", "diffaug": "off"}
+    opts |= {"lr_g": 1e-3, "lr_e": 1e-3, "checkpoint_every": 12}  # a few iterations have to show it
+    errors = {0.0: 0.0, 10.0: 0.0}
+    for seed in (3, 4):
+        for lam in errors:
+            run = tmp_path / f"rec{lam}-{seed}"
+            t = Trainer(opts | {"output": str(run), "lambda_rec": lam, "seed": seed})
+            t.fit()
+            errors[lam] += _reconstruction_error(t)
+            rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+            assert all(np.isfinite(r["e_g"]) for r in rows)
+    assert from_pretrained(tmp_path / "rec10.0-3" / "model").config.training["lambda_rec"] == 10.0
     assert errors[10.0] < 0.8 * errors[0.0], errors

@@ -19,14 +19,7 @@ from model.stylegan3d.model import StyleGAN3DModel
 from model.stylegan3d.networks import StyleGAN3D, parameter_counts
 from model.stylegan3d.project import project, style_mix
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny networks: one thread is faster than several on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def tiny(variant: str = "split-shuffle", dims: int = 3, **kw) -> StyleGAN3DConfig:

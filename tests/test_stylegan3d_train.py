@@ -15,17 +15,15 @@ import torch
 import torch.nn.functional as F
 
 from model.cli import main as voxgen
-from model.data.datasets import prepare_dataset
-from model.data.phantoms import write_phantom
-from model.hagan.config import HAGANConfig
+from model.data.grid import resample
 from model.registry import from_pretrained
 from model.stylegan3d.config import StyleGAN3DConfig
-from model.stylegan3d.data import resample
 from model.stylegan3d.inflate import inflate_network
 from model.stylegan3d.layers import downsample2x_explicit, upsample2x, upsample2x_explicit
 from model.stylegan3d.model import StyleGAN3DModel
 from model.stylegan3d.networks import StyleGAN3D
 from model.stylegan3d.train import Trainer
+from tests.helpers import phantom_dataset, straight_and_resumed
 
 TINY = {
     "shape": "8x16x16",
@@ -40,24 +38,13 @@ TINY = {
     "log_every": 100,
 }
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Four CT phantoms (40x48x48 voxels of 1.5 x 1 x 1 mm), prepared at 128^3."""
-    src = tmp_path_factory.mktemp("sg-src")
-    for i in range(4):
-        write_phantom(src / f"chest{i}.nii.gz", "ct", (40, 48, 48), (1.5, 1.0, 1.0), seed=i)
-    out = tmp_path_factory.mktemp("sg-ds") / "ds"
-    prepare_dataset(src, out, HAGANConfig(resolution=128))
-    return out
+    return phantom_dataset(tmp_path_factory.mktemp("sg"), "ct", (40, 48, 48), (1.5, 1.0, 1.0))
 
 
 def opts(dataset: Path, run: Path, **kw) -> dict:
@@ -99,14 +86,7 @@ def test_a_short_run_changes_weights_and_writes_a_servable_model(dataset: Path, 
 
 
 def test_resume_equals_uninterrupted(dataset: Path, tmp_path: Path) -> None:
-    a = Trainer(opts(dataset, tmp_path / "a", iterations=4))
-    a.fit()
-    b = Trainer(opts(dataset, tmp_path / "b", iterations=2))
-    b.fit()
-    del b
-    b = Trainer(opts(dataset, tmp_path / "b", iterations=4, resume=True))
-    assert b.iteration == 2
-    b.fit()
+    a, b = straight_and_resumed(Trainer, TINY | {"data": str(dataset)}, tmp_path, stop=2, total=4)
     for name in ("net", "G_ema"):
         sa, sb = getattr(a, name).state_dict(), getattr(b, name).state_dict()
         assert all(torch.equal(sa[k], sb[k]) for k in sa), name

@@ -17,6 +17,7 @@ from model.data.datasets import VolumeDataset, prepare_dataset
 from model.hagan.config import HAGANConfig
 from model.hagan.train import Trainer
 from model.registry import from_pretrained
+from tests.helpers import straight_and_resumed
 
 OPTS = {
     "iterations": 2,
@@ -111,21 +112,14 @@ def test_iterations_change_the_weights_and_write_checkpoints(dataset: Path, tmp_
     assert m.config.resolution == 128 and m.latent_dim == 16
     # the sources are 36^3 at 1 mm: the model writes 128^3 volumes of the same field of view
     assert m.spacing == pytest.approx((36 / 128,) * 3)
-    assert (tmp_path / "run" / "checkpoints" / "iter_0000002" / "optim.safetensors").is_file()
+    assert (tmp_path / "run" / "checkpoints" / "iter_0000002" / "train.safetensors").is_file()
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["iteration"] for x in lines] == [1, 2]
     assert list((tmp_path / "run" / "previews").glob("*.png"))
 
 
 def test_resume_equals_uninterrupted(dataset: Path, tmp_path: Path) -> None:
-    a = Trainer(OPTS | {"data": str(dataset), "output": str(tmp_path / "a"), "iterations": 4})
-    a.fit()
-    b = Trainer(OPTS | {"data": str(dataset), "output": str(tmp_path / "b"), "iterations": 2})
-    b.fit()
-    del b
-    b = Trainer(OPTS | {"data": str(dataset), "output": str(tmp_path / "b"), "iterations": 4, "resume": True})
-    assert b.iteration == 2
-    b.fit()
+    a, b = straight_and_resumed(Trainer, OPTS | {"data": str(dataset)}, tmp_path, stop=2, total=4)
     sa, sb = a.net.state_dict(), b.net.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 

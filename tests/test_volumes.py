@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from model.base import Intensity
 from model.data import volumes
 from model.data.phantoms import AIR, BONE, LUNG, MRI_CLASSES, ct_phantom, mri_phantom, write_dicom_series, write_phantom
 from model.data.volumes import (
@@ -28,7 +29,7 @@ from model.data.volumes import (
     volume_affine,
     write_volume,
 )
-from model.hagan.config import HAGANConfig, Intensity
+from model.hagan.config import HAGANConfig
 
 SHAPE = (20, 24, 22)  # (z, y, x): small, and every axis a different length
 SPACING = (0.75, 0.8, 2.5)  # (x, y, z) mm

@@ -201,7 +201,7 @@ def job_train(params: TrainParams, model: Any, out: Path, progress: Progress) ->
     it runs (``params.run``: models directory, storage root, job id, device) the worker sets."""
     import shutil
 
-    from model.hagan.train import register_model
+    from model.checkpoint import register_model
     from model.training import train
 
     place = params.run

@@ -1,10 +1,7 @@
 """PNG previews of result volumes: the middle axial, coronal and sagittal slices side by side.
 
-Orientation: volumes are (z, y, x) arrays whose indices increase towards Superior, Anterior and
-Right (RAS+, see model/data/volumes.py).  The planes are drawn in the *neurological* convention,
-the one NiiVue (the service's web viewer) uses by default: the patient's right on the image's
-right in the axial and coronal planes; axial with anterior up; coronal and sagittal with superior
-up; sagittal with anterior on the right.  A band above the tiles says so: one line with the
+Orientation: the slices of model/preview.py ``display_planes`` (the *neurological* convention, as
+NiiVue, the service's web viewer, shows them).  A band above the tiles says so: one line with the
 convention and the intensity scaling, and above each tile its plane and which way is up / right.
 
 Intensity: CT in a fixed window in Hounsfield units (the model's own window, the range it was
@@ -19,11 +16,11 @@ three tiles, and the picture starts LABEL_HEIGHT rows from the top.
 from __future__ import annotations
 
 import os
-import uuid
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from model.preview import display_planes, save_png
 
 LABEL_HEIGHT = 28  # rows above the tiles: the caption line and the per-tile orientation line
 _LINE = 14  # height of one text line in the label band
@@ -91,15 +88,15 @@ def render_preview(v_model: np.ndarray, config: Any) -> np.ndarray:
     v = np.asarray(v_model, dtype=np.float32)
     lo, hi, how = _window(v, config)
     sx, sy, sz = (float(s) for s in config.spacing)
-    cz, cy, cx = (n // 2 for n in v.shape)
+    axial, coronal, sagittal = display_planes(v)
 
     def phys(plane: np.ndarray) -> np.ndarray:  # only the three slices are mapped, not the volume
         return np.asarray(config.intensity.to_physical(np.clip(plane, -1.0, 1.0)), dtype=np.float32)
 
     tiles = [
-        _tile(phys(v[cz][::-1]), sy, sx),  # axial (y, x): anterior up, right on the right
-        _tile(phys(v[:, cy][::-1]), sz, sx),  # coronal (z, x): superior up, right on the right
-        _tile(phys(v[:, :, cx][::-1]), sz, sy),  # sagittal (z, y): superior up, anterior on the right
+        _tile(phys(axial), sy, sx),  # (y, x)
+        _tile(phys(coronal), sz, sx),  # (z, x)
+        _tile(phys(sagittal), sz, sy),  # (z, y)
     ]
     height = max(t.shape[0] for t in tiles)
     padded = [np.pad(t, ((0, height - t.shape[0]), (0, 0)), constant_values=lo) for t in tiles]
@@ -136,12 +133,4 @@ def render_preview(v_model: np.ndarray, config: Any) -> np.ndarray:
 
 def write_preview(path: str | os.PathLike, v_model: np.ndarray, config: Any) -> None:
     """Write the preview PNG atomically (temporary name in the same folder, then rename)."""
-    from PIL import Image
-
-    p = Path(path)
-    tmp = p.with_name(f".{p.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        Image.fromarray(render_preview(v_model, config)).save(tmp, format="PNG")
-        os.replace(tmp, p)
-    finally:
-        tmp.unlink(missing_ok=True)
+    save_png(render_preview(v_model, config), path)

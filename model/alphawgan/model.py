@@ -11,7 +11,7 @@ import torch
 
 from model.alphawgan.config import AlphaWGANConfig
 from model.alphawgan.networks import AlphaWGAN, parameter_counts
-from model.base import Progress, VolumeModel, check_latent
+from model.base import Intensity, Progress, VolumeModel, check_latent
 
 
 class AlphaWGANModel(VolumeModel[AlphaWGANConfig, AlphaWGAN]):
@@ -78,8 +78,6 @@ def init_model_dir(
     seed: int = 0,
 ) -> AlphaWGANModel:
     """Write a freshly initialised (untrained) alpha-WGAN-GP model directory (``voxgen init``)."""
-    from model.hagan.config import Intensity
-
     cfg = AlphaWGANConfig(
         latent_dim=latent_dim,
         width=width,
@@ -92,3 +90,17 @@ def init_model_dir(
     m = AlphaWGANModel.init(cfg, seed=seed)
     m.save_pretrained(output)
     return m
+
+
+def init_cli(a: Any) -> int:
+    """voxgen init --family alphawgan."""
+    m = init_model_dir(
+        a.output,
+        latent_dim=a.latent_dim or 1000,
+        width=a.width,
+        modality=a.modality,
+        spacing=tuple(a.spacing) if a.spacing else None,
+        seed=a.seed,
+    )
+    print(f"wrote an untrained alpha-WGAN-GP (64^3, latent {m.latent_dim}, width {m.config.width}) to {a.output}")
+    return 0

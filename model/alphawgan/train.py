@@ -26,14 +26,14 @@ from encoded codes (only from prior samples and the penalty); and "G updated twi
 generator's optimiser stepping twice on one backward pass.  Here eqs. 1-3 are implemented as
 written, and each of the two E/G updates has its own batch, forward and backward.
 
-Checkpoints are model directories plus optimiser and RNG state in safetensors/JSON (no pickles);
-``resume`` continues bit for bit.  The run folder mirrors HA-GAN's: ``checkpoints/iter_N/``,
-``latest.json`` (written last), ``metrics.jsonl``, ``previews/``, ``model/``.
+Checkpoints are model directories plus optimiser and RNG state in safetensors/JSON (no pickles), in
+the layout every family shares (model/checkpoint.py); ``resume`` continues bit for bit.  The run
+folder mirrors HA-GAN's: ``checkpoints/iter_N/``, ``latest.json`` (written last), ``metrics.jsonl``,
+``previews/``, ``model/``.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -44,27 +44,13 @@ import torch.nn.functional as F
 
 from model.alphawgan.config import RESOLUTION, AlphaWGANConfig
 from model.alphawgan.networks import AlphaWGAN
-from model.checkpoint import (
-    load_optimizer_tensors,
-    optimizer_tensors,
-    read_config,
-    read_weights,
-    save_model_dir,
-    save_tensors_atomic,
-    write_json_atomic,
-)
+from model.base import Intensity
+from model.checkpoint import latest_checkpoint, read_training_checkpoint
 from model.data.datasets import VolumeDataset
-from model.hagan.config import Intensity
+from model.training import LOOP_DEFAULTS, resume_checkpoint, write_checkpoint
 
-DEFAULTS: dict[str, Any] = {
-    "iterations": 1000,
+DEFAULTS: dict[str, Any] = LOOP_DEFAULTS | {
     "batch": 4,
-    "device": "auto",
-    "resume": False,
-    "seed": 0,
-    "checkpoint_every": 100,
-    "preview_every": 100,
-    "log_every": 10,
     "width": 1.0,
     "latent_dim": 1000,
     "code_hidden": 4096,
@@ -212,54 +198,31 @@ class Trainer:
         return losses
 
     # ------------------------------------------------------------------ checkpoints
+    def generators(self) -> dict[str, torch.Generator]:
+        """The CPU generators a checkpoint keeps (``rng.<name>``)."""
+        return {"latents": self.gen}
+
     def save_checkpoint(self) -> Path:
-        ck = self.run / "checkpoints" / f"iter_{self.iteration:07d}"
-        tensors, meta = optimizer_tensors(self.opts)
-        opts = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.o.items() if k != "resume"}
-        state = {
-            "iteration": self.iteration,
-            "options": opts,
-            "optimizers": meta,
-            "numpy_rng": self.rng.bit_generator.state,
-        }
-        save_model_dir(ck, self.cfg.to_dict(), self.net.state_dict())
-        tensors["rng.torch_latents"] = self.gen.get_state()
-        tensors["rng.torch_global"] = torch.get_rng_state()
-        save_tensors_atomic(ck / "optim.safetensors", tensors)
-        write_json_atomic(ck / "state.json", state)
-        write_json_atomic(self.run / "latest.json", {"checkpoint": ck.name, "iteration": self.iteration})
-        save_model_dir(self.run / "model", self.cfg.to_dict(), self.net.state_dict())
-        return ck
+        return write_checkpoint(self, self.net.state_dict())
 
     def _load_latest(self) -> None:
-        ptr = self.run / "latest.json"
-        if not ptr.is_file():
-            raise ValueError(f"{self.run}: nothing to resume (no latest.json)")
-        ck = self.run / "checkpoints" / json.loads(ptr.read_text())["checkpoint"]
-        state = json.loads((ck / "state.json").read_text())
-        saved = AlphaWGANConfig.from_dict(read_config(ck))
-        if saved.to_dict() != self.cfg.to_dict():
-            raise ValueError(f"{ck}: the checkpoint's config differs from this run's options (width, latent_dim, ...)")
-        self.net.load_state_dict(read_weights(ck))
-        tensors = read_weights(ck, "optim.safetensors")
-        self.gen.set_state(tensors.pop("rng.torch_latents"))
-        torch.set_rng_state(tensors.pop("rng.torch_global"))
-        load_optimizer_tensors(self.opts, tensors, state["optimizers"])
-        self.rng.bit_generator.state = state["numpy_rng"]
-        self.iteration = int(state["iteration"])
+        ck = read_training_checkpoint(latest_checkpoint(self.run))
+        if AlphaWGANConfig.from_dict(ck.config()).to_dict() != self.cfg.to_dict():
+            raise ValueError(
+                f"{ck.path}: the checkpoint's config differs from this run's options (width, latent_dim, ...)"
+            )
+        self.net.load_state_dict(ck.weights())
+        resume_checkpoint(self, ck)
 
     # ------------------------------------------------------------------ previews and the loop
     @torch.no_grad()
     def preview(self) -> Path:
-        from model.metrics.features import middle_slices
-        from model.metrics.plots import slice_montage
+        from model.preview import montage_png
 
         self.net.g.eval()
-        vols = self.net.g(self.fixed_z.to(self.device)).float().cpu()
+        vols = self.net.g(self.fixed_z.to(self.device)).float().cpu().numpy()[:, 0]
         self.net.g.train()
-        mids = middle_slices(vols)
-        rows = [{p: mids[p][i].numpy() for p in mids} for i in range(vols.shape[0])]
-        return slice_montage(rows, self.run / "previews" / f"iter_{self.iteration:07d}.png", min_tile=64)
+        return montage_png(vols, self.run / "previews" / f"iter_{self.iteration:07d}.png", min_tile=64)
 
     def fit(self) -> Path:
         from model.training import fit_loop

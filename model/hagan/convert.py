@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from model.hagan.config import HAGANConfig, Intensity
+from model.base import Intensity
+from model.hagan.config import HAGANConfig
 from model.hagan.model import HAGANModel
 from model.hagan.networks import HAGAN
 

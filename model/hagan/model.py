@@ -257,3 +257,23 @@ def reference_generate(net: HAGAN, z: torch.Tensor, label: torch.Tensor | None =
     """The plain path, as the authors' code runs it in eval mode: G^A, then G^H with explicit
     upsampling, on the whole feature map.  For tests and benchmarks."""
     return net.gh(net.features(z, label))
+
+
+def init_cli(a: Any) -> int:
+    """voxgen init --family hagan."""
+    from model.base import Intensity
+
+    cfg = HAGANConfig(
+        resolution=a.resolution,
+        latent_dim=a.latent_dim or 1024,
+        width=a.width,
+        class_names=[c for c in (a.classes or "").split(",") if c],
+        modality=a.modality,
+        spacing=tuple(a.spacing) if a.spacing else (1.0, 1.0, 1.0),
+        intensity=Intensity.for_modality(a.modality),
+        description="UNTRAINED: a freshly initialised HA-GAN with random weights; its volumes are not anatomy",
+    )
+    m = HAGANModel.init(cfg, seed=a.seed)
+    m.save_pretrained(a.output)
+    print(f"wrote an untrained HA-GAN ({cfg.resolution}^3, latent {cfg.latent_dim}, width {cfg.width}) to {a.output}")
+    return 0

@@ -12,7 +12,8 @@ high-resolution crop and the generated one cover the same slices) and runs, as t
    joins the G step instead, with gradients into G as well (steps 2 and 4 become one).
 
 Adam (0, 0.999), lr 1e-4 for G and the encoders, 4e-4 for D.  Checkpoints are model directories
-plus optimizer and RNG state in safetensors/JSON (no pickles); ``resume`` continues bit for bit.
+plus optimizer and RNG state in safetensors/JSON (no pickles), in the layout every family shares
+(model/checkpoint.py); ``resume`` continues bit for bit.
 
 ``recipe: small-data`` (``RECIPES``) turns on what a few real volumes need, each also an option
 of its own: the real volumes augmented afresh every iteration (``augment``, model/data/augment.py),
@@ -44,9 +45,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
-import os
-import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -57,28 +55,16 @@ import torch
 import torch.nn.functional as F
 
 from model import distributed
-from model.checkpoint import (
-    load_optimizer_tensors,
-    optimizer_tensors,
-    read_weights,
-    save_model_dir,
-    save_tensors_atomic,
-    write_json_atomic,
-)
+from model.base import Intensity
+from model.checkpoint import latest_checkpoint, read_training_checkpoint, save_model_dir, write_json_atomic
 from model.data.augment import RandomAugment, diff_augment
 from model.data.datasets import VolumeDataset
-from model.hagan.config import HAGANConfig, Intensity
+from model.hagan.config import HAGANConfig
 from model.hagan.networks import HAGAN
+from model.training import KEEP_CHECKPOINTS, LOOP_DEFAULTS, resume_checkpoint, write_checkpoint
 
-DEFAULTS: dict[str, Any] = {
-    "iterations": 1000,
+DEFAULTS: dict[str, Any] = LOOP_DEFAULTS | {
     "batch": 2,
-    "device": "auto",
-    "resume": False,
-    "seed": 0,
-    "checkpoint_every": 100,
-    "preview_every": 100,
-    "log_every": 10,
     "width": 1.0,
     "latent_dim": 1024,
     "resolution": None,  # default: the dataset's
@@ -115,7 +101,7 @@ DEFAULTS: dict[str, Any] = {
     "lambda_rec": 0.0,
     "monitor_every": 0,  # quality monitor every N iterations (0: off)
     "monitor_n": 8,
-    "keep_checkpoints": 3,  # the newest K checkpoints are kept (0: all); RUN/best is kept apart
+    "keep_checkpoints": KEEP_CHECKPOINTS,  # the newest K checkpoints are kept (0: all); RUN/best is kept apart
 }
 
 RECIPES: dict[str, dict[str, Any]] = {
@@ -475,8 +461,9 @@ class Trainer:
         native grid (a coarser one would average away blockiness finer than its voxels), beside its
         real-vs-real floor at the same size, and the coarse-anatomy spread ratio that flags collapse.
         Keeps the best model (lowest fd_texture, among figures taken on one grid) in RUN/best."""
+        from model.data.grid import resample
         from model.metrics.evaluate import COLLAPSE_SPREAD, split_distances, spread_ratio, standardise
-        from model.metrics.features import PooledIntensity, resample
+        from model.metrics.features import PooledIntensity
         from model.metrics.texture import TextureBank
 
         n = int(self.o["monitor_n"])
@@ -523,59 +510,34 @@ class Trainer:
         return out
 
     # ------------------------------------------------------------------ checkpoints
+    def generators(self) -> dict[str, torch.Generator]:
+        """The CPU generators a checkpoint keeps (``rng.<name>``)."""
+        return {"latents": self.gen, "augment": self.aug_gen}
+
     def save_checkpoint(self) -> Path:
-        ck = self.run / "checkpoints" / f"iter_{self.iteration:07d}"
-        tensors, meta = optimizer_tensors(self.opts)
-        state = {
-            "iteration": self.iteration,
-            "options": {k: v for k, v in self.o.items() if k != "resume"},
-            "optimizers": meta,
-            "numpy_rng": self.rng.bit_generator.state,
-        }
-        state["best"] = self.best
-        served = self.served_state()
-        save_model_dir(ck, self.cfg.to_dict(), served)
-        tensors["rng.torch_latents"] = self.gen.get_state()
-        tensors["rng.torch_global"] = torch.get_rng_state()
-        tensors["rng.torch_augment"] = self.aug_gen.get_state()
-        if self.ema is not None:  # the served G is the EMA; the live G goes with the optimizer state
-            tensors |= {f"live.{k}": v for k, v in self.net.state_dict().items() if k.split(".")[0] in OPTIMIZERS["g"]}
-        save_tensors_atomic(ck / "optim.safetensors", tensors)
-        write_json_atomic(ck / "state.json", state)
-        write_json_atomic(self.run / "latest.json", {"checkpoint": ck.name, "iteration": self.iteration})
-        save_model_dir(self.run / "model", self.cfg.to_dict(), served)
-        return ck
+        live = {}  # the served G is the EMA; the live G goes with the training state
+        if self.ema is not None:
+            live = {f"live.{k}": v for k, v in self.net.state_dict().items() if k.split(".")[0] in OPTIMIZERS["g"]}
+        return write_checkpoint(self, self.served_state(), extra=live, state={"best": self.best})
 
     def _load_latest(self) -> None:
-        ptr = self.run / "latest.json"
-        if not ptr.is_file():
-            raise ValueError(f"{self.run}: nothing to resume (no latest.json)")
-        ck = self.run / "checkpoints" / json.loads(ptr.read_text())["checkpoint"]
-        state = json.loads((ck / "state.json").read_text())
-        served = read_weights(ck)
-        tensors = read_weights(ck, "optim.safetensors")
-        live = {k[len("live.") :]: tensors.pop(k) for k in list(tensors) if k.startswith("live.")}
+        ck = read_training_checkpoint(latest_checkpoint(self.run))
+        served, live = ck.weights(), ck.extra("live.")
         if self.ema is not None:
             self.ema.load_state_dict(served)
             if not live:
-                raise ValueError(f"{ck}: this run trains with an EMA of G but the checkpoint has no live G")
+                raise ValueError(f"{ck.path}: this run trains with an EMA of G but the checkpoint has no live G")
         self.net.load_state_dict(served | live)
-        self.gen.set_state(tensors.pop("rng.torch_latents"))
-        torch.set_rng_state(tensors.pop("rng.torch_global"))
-        if "rng.torch_augment" in tensors:
-            self.aug_gen.set_state(tensors.pop("rng.torch_augment"))
-        self.best = state.get("best")
-        load_optimizer_tensors(self.opts, tensors, state["optimizers"])
+        self.best = ck.state.get("best")
+        resume_checkpoint(self, ck)
         for k, opt in self.opts.items():  # the learning rates asked for now (the same unless changed)
             for group in opt.param_groups:
                 group["lr"] = _lr(self.o, k)
-        self.rng.bit_generator.state = state["numpy_rng"]
-        self.iteration = int(state["iteration"])
 
     # ------------------------------------------------------------------ previews and the loop
     @torch.no_grad()
     def preview(self) -> Path:
-        from PIL import Image
+        from model.preview import montage_png
 
         g = self.ema if self.ema is not None else self.net
         g.eval()
@@ -583,17 +545,7 @@ class Trainer:
         labels = torch.zeros(len(z), dtype=torch.long, device=self.device) if self.cfg.num_classes else None
         vols = g.gh(g.features(z, labels)).float().cpu().numpy()[:, 0]
         g.train()
-        rows = []
-        for v in vols:
-            c = [s // 2 for s in v.shape]
-            # axial (anterior up), coronal and sagittal (superior up); neurological: right on the right
-            tiles = [v[c[0]][::-1], v[:, c[1]][::-1], v[:, :, c[2]][::-1]]
-            rows.append(np.concatenate(tiles, axis=1))
-        img = ((np.concatenate(rows, axis=0) + 1) * 127.5).clip(0, 255).astype(np.uint8)
-        out = self.run / "previews" / f"iter_{self.iteration:07d}.png"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(img).save(out)
-        return out
+        return montage_png(vols, self.run / "previews" / f"iter_{self.iteration:07d}.png")
 
     def fit(self) -> Path:
         from model.training import fit_loop
@@ -604,15 +556,3 @@ class Trainer:
 def train(options: dict[str, Any], progress: Callable[[int, int, str], None] | None = None) -> Path:
     """Train (or resume) a run; returns the finished model directory (RUN/model)."""
     return Trainer(options, progress).fit()
-
-
-def register_model(run_model: Path, models_dir: Path, name: str) -> Path:
-    """Copy a finished model directory into the served models folder (atomic rename)."""
-    dst = models_dir / name
-    tmp = models_dir / f".{name}.{os.getpid()}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(run_model, tmp)
-    if dst.exists():
-        shutil.rmtree(dst)
-    os.replace(tmp, dst)
-    return dst

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from model.base import Progress
+from model.data.grid import resample
 from model.metrics.features import (
     AMORTISED_ENCODERS,
     PLANES,
@@ -48,13 +49,13 @@ from model.metrics.features import (
     PooledIntensity,
     PooledSlices,
     middle_slices,
-    resample,
 )
 from model.metrics.frechet import frechet_distance
 from model.metrics.inception import InceptionSlices
 from model.metrics.mmd import batch_mmd2_from_means, kid
 from model.metrics.msssim import pairwise_ms_ssim
 from model.metrics.texture import TextureBank
+from model.preview import display_planes, montage, save_png, to_uint8
 
 BMMD_MAX_SIDE = 64
 _FID_SUFFIX = {"axial": "ax", "coronal": "cor", "sagittal": "sag", "average": "avg"}  # Split&Shuffle's names
@@ -88,7 +89,7 @@ class _SetStats:
         self.slices: dict[str, list[torch.Tensor]] = {p: [] for p in PLANES}
         self.ms_ssim: list[float] = []
         self.chunk_means: list[tuple[int, torch.Tensor]] = []
-        self.montage: list[dict[str, np.ndarray]] = []
+        self.montage: list[list[np.ndarray]] = []  # display tiles (model/preview.py) per row
         self.montage_rows = montage_rows
         self.n = 0
         self.value_range = [float("inf"), float("-inf")]
@@ -103,7 +104,7 @@ class _SetStats:
         for p in PLANES:
             self.slices[p].append(self.slice_features(mids[p]))
         for i in range(min(x.shape[0], self.montage_rows - len(self.montage))):
-            self.montage.append({p: mids[p][i].numpy() for p in PLANES})
+            self.montage.append([to_uint8(p) for p in display_planes(x[i, 0].numpy())])
         self.ms_ssim += pairwise_ms_ssim(x, self.max_pairs)
         small = resample(x, tuple(min(s, BMMD_MAX_SIDE) for s in x.shape[2:]))
         self.chunk_means.append((x.shape[0], small.flatten(1).double().mean(0)))
@@ -255,7 +256,7 @@ def _dataset_config(ds: Any) -> Any:
     """The preprocessing of the real set (resolution, modality, intensity) as a config object."""
     from types import SimpleNamespace
 
-    from model.hagan.config import Intensity
+    from model.base import Intensity
 
     mf = ds.manifest
     modality = str(mf.get("modality", "ct"))
@@ -558,7 +559,7 @@ def write_report(
 ) -> None:
     """report.json, report.md, embedding.png, montage_generated.png, montage_real.png and
     features.npz (the feature arrays as scored, keys ``real/<name>`` and ``generated/<name>``)."""
-    from model.metrics.plots import embedding_plot, pca_2d, slice_montage
+    from model.metrics.plots import embedding_plot, pca_2d
 
     primary = report["primary_features"]
     out.mkdir(parents=True, exist_ok=True)
@@ -569,11 +570,11 @@ def write_report(
         title=f"PCA of {primary} features: real vs scored",
         axis_labels=(f"PC1 ({100 * expl[0]:.0f}%)", f"PC2 ({100 * expl[1]:.0f}%)"),
     )
-    slice_montage(gen.montage, out / "montage_generated.png")
+    save_png(montage(gen.montage), out / "montage_generated.png")
     arrays = {f"real/{k}": v.numpy() for k, v in real_feats.items()}
     arrays |= {f"generated/{k}": v.numpy() for k, v in gen_feats.items()}
     np.savez(out / "features.npz", **arrays)  # plain arrays: np.load(..., allow_pickle=False)
-    slice_montage(real.montage, out / "montage_real.png")
+    save_png(montage(real.montage), out / "montage_real.png")
     report["files"] = {
         "embedding": "embedding.png",
         "montage_generated": "montage_generated.png",

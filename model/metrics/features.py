@@ -24,22 +24,9 @@ import torch
 import torch.nn.functional as F
 
 from model import families
+from model.data.grid import resample
 
 PLANES = ("axial", "coronal", "sagittal")
-
-
-def resample(x: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
-    """Volumes [N, 1, D, H, W] -> [N, 1, *shape]: area averaging where every axis shrinks by an
-    integer factor, trilinear interpolation (align_corners=False) otherwise."""
-    shape = tuple(int(s) for s in shape)
-    src = tuple(x.shape[2:])
-    if src == shape:
-        return x
-    x = x.float()
-    if all(s % t == 0 and s >= t for s, t in zip(src, shape, strict=True)):
-        k = tuple(s // t for s, t in zip(src, shape, strict=True))
-        return F.avg_pool3d(x, k)
-    return F.interpolate(x, size=shape, mode="trilinear", align_corners=False)
 
 
 def middle_slices(x: torch.Tensor) -> dict[str, torch.Tensor]:

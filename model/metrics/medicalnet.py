@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model.checkpoint import read_user_state_dict
-from model.metrics.features import resample
+from model.data.grid import resample
 
 
 def _conv3(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn.Conv3d:

@@ -104,29 +104,3 @@ def embedding_plot(
     out.parent.mkdir(parents=True, exist_ok=True)
     img.save(out)
     return out
-
-
-def _tile(s: np.ndarray) -> np.ndarray:
-    return ((np.asarray(s, np.float32)[::-1] + 1.0) * 127.5).clip(0, 255).astype(np.uint8)
-
-
-def slice_montage(rows: list[dict[str, np.ndarray]], path: str | os.PathLike, min_tile: int = 128) -> Path:
-    """One row per volume: its middle axial, coronal and sagittal slices (model space [-1, 1]),
-    displayed with anterior (axial) and superior (coronal, sagittal) up, as the training previews."""
-    from PIL import Image
-
-    tiles = [[_tile(r[p]) for p in ("axial", "coronal", "sagittal")] for r in rows]
-    th = max(t.shape[0] for row in tiles for t in row)
-    tw = max(t.shape[1] for row in tiles for t in row)
-    scale = max(1, math.ceil(min_tile / max(th, tw)))
-    gap = 2
-    canvas = np.zeros((len(tiles) * (th * scale + gap), 3 * (tw * scale + gap)), np.uint8)
-    for i, row in enumerate(tiles):
-        for j, t in enumerate(row):
-            t = np.kron(t, np.ones((scale, scale), np.uint8))
-            y, x = i * (th * scale + gap), j * (tw * scale + gap)
-            canvas[y : y + t.shape[0], x : x + t.shape[1]] = t
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(canvas).save(out)
-    return out

@@ -3,15 +3,17 @@ Split&Shuffle variants (Liu et al. 2022).  Stored as ``config.json`` in a model 
 
 ``shape`` is always the 3D volume grid (D, H, W), depth = axial axis.  ``dims=2`` is the same
 network in 2D, trained on the axial slices (H, W) of that grid and inflated into the 3D one.
+The fields every family shares and the round trip are ``model.config_base.BaseConfig``'s.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 from model import families
-from model.hagan.config import Intensity
+from model.config_base import BaseConfig
 
 FAMILIES = families.sharing_config("model.stylegan3d.config:StyleGAN3DConfig")  # the style-based ones
 D_VARIANTS = ("baseline", "split-shuffle", "split", "group", "depthwise")
@@ -29,7 +31,7 @@ DEFAULT_VARIANT = {"splitshuffle": "split-shuffle", "stylegan3d": "baseline"}
 
 
 @dataclass
-class StyleGAN3DConfig:
+class StyleGAN3DConfig(BaseConfig):
     family: str = "splitshuffle"
     shape: tuple[int, int, int] = (32, 64, 64)
     channels: int = 32
@@ -44,23 +46,24 @@ class StyleGAN3DConfig:
     d_groups: int = 4  # groups of the 'group' D variant (4 reproduces the paper's 0.434M)
     mbstd_group: int = 4
     dims: int = 3
-    modality: str = "ct"
-    # voxel size in mm along x (W), y (H), z (D); RAS orientation
-    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
-    intensity: Intensity = field(default_factory=Intensity)
     # the cube size (R^3) input scans are brought to first, as `voxgen prepare` does for the training
     # data; the cube is then resampled to ``shape`` (see model/stylegan3d/data.py)
     data_resolution: int = 128
     # optimisation steps of a projection (``encode``, the service's /encode) unless a caller says
     projection_steps: int = 200
-    description: str = ""
+
+    label: ClassVar[str] = "a style-based 3D"
+    # ``latent_dim`` (= ``w_dim``, the served latent's size) is derived: written for readers of
+    # config.json (the service), checked against w_dim when loading
+    json_keys: ClassVar[tuple[str, ...]] = tuple(
+        "family shape channels z_dim w_dim mapping_layers mapping_width mapping_lr_mult split_g shuffle_g d_variant "
+        "d_groups mbstd_group dims modality spacing intensity data_resolution projection_steps description "
+        "latent_dim".split()
+    )
 
     def __post_init__(self) -> None:
-        if isinstance(self.intensity, dict):
-            self.intensity = Intensity(**self.intensity)
         self.shape = tuple(int(s) for s in self.shape)  # type: ignore[assignment]
-        self.spacing = tuple(float(s) for s in self.spacing)  # type: ignore[assignment]
-        self.validate()
+        super().__post_init__()
 
     @classmethod
     def for_variant(cls, family: str, variant: str | None = None, **kw: Any) -> StyleGAN3DConfig:
@@ -116,8 +119,7 @@ class StyleGAN3DConfig:
         return self.w_dim
 
     def validate(self) -> None:
-        if self.family not in FAMILIES:
-            raise ValueError(f"not a style-based 3D config (family={self.family!r}); use one of {FAMILIES}")
+        super().validate()
         if len(self.shape) != 3 or any(s < 1 for s in self.shape):
             raise ValueError(f"shape must be three positive sizes (D, H, W), got {self.shape}")
         d, h, w = self.shape
@@ -130,10 +132,7 @@ class StyleGAN3DConfig:
             raise ValueError(f"dims must be 2 or 3, got {self.dims}")
         if self.channels < 2 or self.channels % 2:
             raise ValueError(f"channels must be an even integer >= 2, got {self.channels}")
-        for k in ("z_dim", "w_dim", "mapping_layers", "mapping_width", "mbstd_group"):
-            v = getattr(self, k)
-            if not (isinstance(v, int) and v > 0):
-                raise ValueError(f"{k} must be a positive integer, got {v!r}")
+        self.check_positive_int("z_dim", "w_dim", "mapping_layers", "mapping_width", "mbstd_group")
         if self.d_variant not in D_VARIANTS:
             raise ValueError(f"d_variant must be one of {D_VARIANTS}, got {self.d_variant!r}")
         if self.d_variant == "group" and self.channels % self.d_groups:
@@ -142,35 +141,14 @@ class StyleGAN3DConfig:
             raise ValueError("shuffle_g needs split_g")
         if self.family == "stylegan3d" and (self.split_g or self.d_variant != "baseline"):
             raise ValueError("family 'stylegan3d' is the plain 3D-StyleGAN: no split (use family 'splitshuffle')")
-        if self.modality not in ("ct", "mri"):
-            raise ValueError(f"modality must be 'ct' or 'mri', got {self.modality!r}")
-        if not (isinstance(self.projection_steps, int) and self.projection_steps >= 1):
-            raise ValueError(f"projection_steps must be a positive integer, got {self.projection_steps!r}")
+        self.check_positive_int("projection_steps")
         if not (isinstance(self.data_resolution, int) and self.data_resolution >= 8):
             raise ValueError(f"data_resolution must be an integer >= 8, got {self.data_resolution!r}")
-        if len(self.spacing) != 3 or any(s <= 0 for s in self.spacing):
-            raise ValueError(f"spacing must be three positive numbers (mm), got {self.spacing}")
-        if self.intensity.hi <= self.intensity.lo:
-            raise ValueError("intensity.hi must exceed intensity.lo")
-
-    def to_dict(self) -> dict[str, Any]:
-        """The config.json content; ``latent_dim`` (= ``w_dim``, the served latent's size) is
-        derived and written for readers of config.json (the service), ignored when loading."""
-        d = asdict(self)
-        d["shape"] = list(self.shape)
-        d["spacing"] = list(self.spacing)
-        d["latent_dim"] = self.latent_dim
-        return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> StyleGAN3DConfig:
-        d = dict(d)
-        latent_dim = d.pop("latent_dim", None)
-        known = set(cls.__dataclass_fields__)
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown {d.get('family', 'stylegan3d')} config keys: {sorted(unknown)}")
-        cfg = cls(**d)
+    def from_dict(cls, d: Mapping[str, Any]) -> StyleGAN3DConfig:
+        cfg = super().from_dict(d)
+        latent_dim = d.get("latent_dim")
         if latent_dim is not None and latent_dim != cfg.latent_dim:
             raise ValueError(f"latent_dim ({latent_dim}) must equal w_dim ({cfg.w_dim})")
         return cfg

@@ -17,8 +17,8 @@ from typing import Any
 import torch
 
 from model.base import Progress, VolumeModel, check_latent, seeded_normal
+from model.data.grid import resample
 from model.stylegan3d.config import StyleGAN3DConfig
-from model.stylegan3d.data import resample
 from model.stylegan3d.networks import MappingNetwork, StyleGAN3D, parameter_counts
 from model.stylegan3d.project import Projection, project, style_mix
 
@@ -184,3 +184,26 @@ class StyleGAN3DModel(VolumeModel[StyleGAN3DConfig, StyleGAN3D]):
 
     def reconstruct(self, x: torch.Tensor, label: Any = None, **kw: Any) -> torch.Tensor:
         return self.generate(self.encode(x), label, **kw)
+
+
+def init_cli(a: Any) -> int:
+    """voxgen init --family splitshuffle | stylegan3d."""
+    from model.base import Intensity
+
+    shape = tuple(int(x) for x in a.shape.lower().split("x")) if a.shape else (32, 64, 64)
+    if len(shape) != 3:
+        raise ValueError(f"--shape must be DxHxW, e.g. 32x64x64, got {a.shape!r}")
+    cfg = StyleGAN3DConfig.for_variant(
+        a.family,
+        a.variant,
+        shape=shape,
+        modality=a.modality,
+        spacing=tuple(a.spacing) if a.spacing else (1.0, 1.0, 1.0),
+        intensity=Intensity.for_modality(a.modality),
+        description=f"UNTRAINED: a freshly initialised {a.family} model with random weights; not anatomy",
+    )
+    m = StyleGAN3DModel.init(cfg, seed=a.seed)
+    m.save_pretrained(a.output)
+    n = m.info()["parameters"]["total_parameters"]
+    print(f"wrote an untrained {a.family} ({cfg.variant}, {'x'.join(map(str, shape))}, {n:,} parameters) to {a.output}")
+    return 0

@@ -23,7 +23,8 @@ the inflated 2D weights (``inflate.py``).
 Run folder (as HA-GAN's trainer): ``checkpoints/iter_N/`` is a model directory (config.json and
 model.safetensors holding G_ema and D, servable as it is) plus ``train.safetensors`` (the raw G,
 the optimizer moments, the RNG states, the path-length mean) and ``state.json`` (iteration,
-options, optimizer hyper-parameters, the numpy RNG); ``latest.json`` is written last, after the
+options, optimizer hyper-parameters, the numpy RNG), in the training-checkpoint layout every family
+shares (model/checkpoint.py); ``latest.json`` is written last, after the
 checkpoint and ``model/`` are complete; ``metrics.jsonl`` has the losses of every iteration;
 ``previews/iter_N.png`` the middle axial, coronal and sagittal slices of four fixed latents (2D:
 four slices).  ``resume`` continues bit for bit on the same device.
@@ -44,10 +45,8 @@ checkpoints resume with any number of ranks.
 from __future__ import annotations
 
 import copy
-import json
 import math
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -56,35 +55,18 @@ import torch
 import torch.nn.functional as F
 
 from model import distributed
-from model.checkpoint import (
-    ModelDirError,
-    load_optimizer_tensors,
-    optimizer_tensors,
-    read_config,
-    read_weights,
-    save_model_dir,
-    save_tensors_atomic,
-    write_json_atomic,
-)
+from model.base import Intensity, Progress
+from model.checkpoint import ModelDirError, TrainingCheckpoint, latest_checkpoint, read_training_checkpoint
 from model.data.datasets import VolumeDataset
-from model.hagan.config import Intensity
+from model.data.grid import grid_spacing, volume_to_grid
 from model.stylegan3d.config import StyleGAN3DConfig
-from model.stylegan3d.data import grid_spacing, volume_to_grid
 from model.stylegan3d.inflate import STRATEGIES, inflate_network
 from model.stylegan3d.networks import StyleGAN3D
+from model.training import LOOP_DEFAULTS, resume_checkpoint, write_checkpoint
 
-Progress = Callable[[int, int, str], None]
-
-DEFAULTS: dict[str, Any] = {
+DEFAULTS: dict[str, Any] = LOOP_DEFAULTS | {
     "family": "splitshuffle",
-    "iterations": 1000,
     "batch": None,  # default: 4 volumes (dims=3) or 16 slices (dims=2)
-    "device": "auto",
-    "resume": False,
-    "seed": 0,
-    "checkpoint_every": 100,
-    "preview_every": 100,
-    "log_every": 10,
     # network (ignored on resume and, except shape, with init_from: the checkpoint / 2D model decides)
     "shape": None,  # "DxHxW"; default 32x64x64 (or the 2D model's)
     "variant": None,  # default: the family's own
@@ -156,9 +138,9 @@ class Trainer:
             torch.backends.cudnn.benchmark = False
         seed = int(self.o["seed"])
         self.init_info: dict[str, Any] | None = None
-        ck = self._latest_checkpoint() if self.o["resume"] else None
+        ck = read_training_checkpoint(latest_checkpoint(self.run)) if self.o["resume"] else None
         if ck is not None:
-            self.cfg = StyleGAN3DConfig.from_dict(read_config(ck))
+            self.cfg = StyleGAN3DConfig.from_dict(ck.config())
             torch.manual_seed(seed)
             self.net = StyleGAN3D(self.cfg)
         elif self.o["init_from"]:
@@ -178,7 +160,7 @@ class Trainer:
         if self.batch < 1:
             raise ValueError(f"batch must be >= 1, got {self.batch}")
         self.rows = distributed.part(self.batch)  # this rank's rows of the global batch
-        inflated = bool(self.o["init_from"]) if ck is None else bool(self._state(ck).get("init"))
+        inflated = bool(self.o["init_from"]) if ck is None else bool(ck.state.get("init"))
         self.lr = float(self.o["lr"] or (LR_INFLATED if inflated else LR_SCRATCH))
         self.opts = {
             "g": self._adam(self.G.parameters(), int(self.o["pl_every"]) if self.o["pl_weight"] > 0 else 0),
@@ -416,86 +398,33 @@ class Trainer:
             f"D.{k}": v for k, v in self.D.state_dict().items()
         }
 
+    def generators(self) -> dict[str, torch.Generator]:
+        """The CPU generators a checkpoint keeps (``rng.<name>``)."""
+        return {"latents": self.gen}
+
     def save_checkpoint(self) -> Path:
-        ck = self.run / "checkpoints" / f"iter_{self.iteration:07d}"
-        tensors, meta = optimizer_tensors(self.opts, prefix="opt.")
-        tensors |= {f"G_raw.{k}": v for k, v in self.G.state_dict().items()}
-        tensors["pl_mean"] = self.pl_mean.detach().cpu()
-        tensors["rng.latents"] = self.gen.get_state()
-        tensors["rng.torch_cpu"] = torch.get_rng_state()
-        if self.device.type == "cuda":
-            tensors["rng.torch_cuda"] = torch.cuda.get_rng_state(self.device)
-        state = {
-            "iteration": self.iteration,
-            "options": {k: v for k, v in self.o.items() if k != "resume"},
-            "optimizers": meta,
-            "numpy_rng": self.rng.bit_generator.state,
-            "init": self.init_info,
-            "lr": self.lr,
-            "batch": self.batch,
-        }
-        save_model_dir(ck, self.cfg.to_dict(), self._model_state())
-        save_tensors_atomic(ck / "train.safetensors", tensors)
-        write_json_atomic(ck / "state.json", state)
-        save_model_dir(self.run / "model", self.cfg.to_dict(), self._model_state())
-        write_json_atomic(self.run / "latest.json", {"checkpoint": ck.name, "iteration": self.iteration})
-        return ck
+        extra = {f"G_raw.{k}": v for k, v in self.G.state_dict().items()} | {"pl_mean": self.pl_mean}
+        state = {"init": self.init_info, "lr": self.lr, "batch": self.batch}
+        return write_checkpoint(self, self._model_state(), extra=extra, state=state)
 
-    def _latest_checkpoint(self) -> Path:
-        ptr = self.run / "latest.json"
-        if not ptr.is_file():
-            raise ValueError(f"{self.run}: nothing to resume (no latest.json)")
-        return self.run / "checkpoints" / json.loads(ptr.read_text())["checkpoint"]
-
-    @staticmethod
-    def _state(ck: Path) -> dict[str, Any]:
-        return json.loads((ck / "state.json").read_text())
-
-    def _load_checkpoint(self, ck: Path) -> None:
-        state = self._state(ck)
-        self.init_info = state.get("init")
-        self.batch, self.lr = int(state["batch"]), float(state["lr"])
-        weights = read_weights(ck)
+    def _load_checkpoint(self, ck: TrainingCheckpoint) -> None:
+        self.init_info = ck.state.get("init")
+        self.batch, self.lr = int(ck.state["batch"]), float(ck.state["lr"])
+        weights = ck.weights()
         self.G_ema.load_state_dict({k[2:]: v for k, v in weights.items() if k.startswith("G.")})
         self.D.load_state_dict({k[2:]: v for k, v in weights.items() if k.startswith("D.")})
-        t = read_weights(ck, "train.safetensors")
-        self.G.load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("G_raw.")})
-        load_optimizer_tensors(self.opts, t, state["optimizers"], prefix="opt.")
-        self.pl_mean.copy_(t["pl_mean"])
-        self.gen.set_state(t["rng.latents"])
-        torch.set_rng_state(t["rng.torch_cpu"])
-        if self.device.type == "cuda" and "rng.torch_cuda" in t:
-            torch.cuda.set_rng_state(t["rng.torch_cuda"], self.device)
-        self.rng.bit_generator.state = state["numpy_rng"]
-        self.iteration = int(state["iteration"])
+        self.G.load_state_dict(ck.extra("G_raw."))
+        self.pl_mean.copy_(ck.extra()["pl_mean"])
+        resume_checkpoint(self, ck)
 
     # ------------------------------------------------------------------ previews and the loop
     @torch.no_grad()
     def preview(self) -> Path:
         """Middle axial, coronal and sagittal slices of four fixed latents (G_ema, constant noise)."""
-        from PIL import Image
+        from model.preview import montage_png
 
         imgs = self.G_ema(self.fixed_z.to(self.device), noise_mode="const").float().cpu().numpy()[:, 0]
-        rows = []
-        for v in imgs:
-            if v.ndim == 2:
-                tiles = [v[::-1]]
-            else:
-                c = [s // 2 for s in v.shape]
-                # axial (anterior up), coronal and sagittal (superior up)
-                tiles = [v[c[0]][::-1], v[:, c[1]][::-1], v[:, :, c[2]][::-1]]
-            h = max(t.shape[0] for t in tiles)
-            rows.append(
-                np.concatenate([np.pad(t, ((0, h - t.shape[0]), (0, 0)), constant_values=-1) for t in tiles], 1)
-            )
-        grid = np.concatenate(rows, axis=1 if imgs.ndim == 3 else 0)
-        k = max(1, 256 // max(grid.shape))
-        grid = grid.repeat(k, 0).repeat(k, 1)
-        img = ((grid + 1) * 127.5).clip(0, 255).astype(np.uint8)
-        out = self.run / "previews" / f"iter_{self.iteration:07d}.png"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(img).save(out)
-        return out
+        return montage_png(imgs, self.run / "previews" / f"iter_{self.iteration:07d}.png")
 
     def fit(self) -> Path:
         from model.training import fit_loop

@@ -1,0 +1,59 @@
+"""Helpers shared by the benchmark scripts (which import it as ``_common``) and tests/conftest.py
+(as ``benchmarks._common``); not a benchmark itself."""
+
+from __future__ import annotations
+
+import json
+import resource
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_redis(directory: Path) -> tuple[subprocess.Popen, str]:
+    """Start a redis-server without persistence on a free 127.0.0.1 port; (the process, its URL) once it answers.
+
+    FileNotFoundError where redis-server is not installed; RuntimeError (the process killed) where it does
+    not answer PING within about 10 s."""
+    exe = shutil.which("redis-server")
+    if exe is None:
+        raise FileNotFoundError("redis-server is not installed")
+    import redis
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(directory)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    r = redis.Redis(port=port)
+    for _ in range(100):
+        try:
+            r.ping()
+            return proc, f"redis://127.0.0.1:{port}/0"
+        except redis.ConnectionError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("redis-server did not start")
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory so far, in MiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def run_in_child(cmd: list[str], res: int, path: str) -> dict:
+    """Run one benchmark cell in a child process: its last stdout line as JSON, or {res, path, error} on failure."""
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode != 0:
+        return {"res": res, "path": path, "error": (p.stderr.strip().splitlines() or ["?"])[-1]}
+    return json.loads(p.stdout.strip().splitlines()[-1])
