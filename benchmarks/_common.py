@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import resource
 import shutil
@@ -57,3 +58,11 @@ def run_in_child(cmd: list[str], res: int, path: str) -> dict:
     if p.returncode != 0:
         return {"res": res, "path": path, "error": (p.stderr.strip().splitlines() or ["?"])[-1]}
     return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def add_model_args(ap: argparse.ArgumentParser, res: int = 256, repeats: int = 3) -> None:
+    """--res, --width, --latent-dim (the authors' full width and latent by default) and --repeats."""
+    ap.add_argument("--res", type=int, default=res)
+    ap.add_argument("--width", type=float, default=1.0)
+    ap.add_argument("--latent-dim", type=int, default=1024)
+    ap.add_argument("--repeats", type=int, default=repeats)

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import add_model_args  # noqa: E402
 from bench_service import cpu_model  # noqa: E402
 from bench_stylegan3d import median_time  # noqa: E402  (one warm-up call, then the median of repeats)
 
@@ -126,10 +127,7 @@ def end_to_end(res: int, width: float, latent: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--res", type=int, default=256)
-    ap.add_argument("--width", type=float, default=1.0)
-    ap.add_argument("--latent-dim", type=int, default=1024)
-    ap.add_argument("--repeats", type=int, default=3)
+    add_model_args(ap)
     ap.add_argument("--real", help="a real scan to write as well (brought to the model grid)")
     ap.add_argument("--e2e", type=int, nargs="*", default=[], help="end-to-end CLI processes at these resolutions")
     ap.add_argument("--json", help="also write the raw results here")

@@ -13,6 +13,7 @@ its ``format_version``, see ``model.config_base``) + model.safetensors, read and
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar, Generic, TypeVar
@@ -64,10 +65,13 @@ def _aligned(t: torch.Tensor, boundary: int = 64) -> torch.Tensor:
     return t if t.data_ptr() % boundary == 0 else t.clone(memory_format=torch.contiguous_format)
 
 
-def load_state_dict_checked(net: torch.nn.Module, sd: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
+def load_state_dict_checked(
+    net: torch.nn.Module, sd: dict[str, torch.Tensor], path: str | os.PathLike, parts: tuple[str, ...] | None = None
+) -> None:
     """``net.load_state_dict(sd)`` after checking key by key that ``sd`` (the weights of the model
-    directory ``path``) has exactly the network's keys and shapes; ``ModelDirError`` otherwise."""
-    ours = net.state_dict()
+    directory ``path``) has exactly the network's keys and shapes (of the top-level sub-networks
+    ``parts`` only, when given); ``ModelDirError`` otherwise."""
+    ours = {k: v for k, v in net.state_dict().items() if parts is None or k.split(".", 1)[0] in parts}
     missing = [k for k in ours if k not in sd]
     unexpected = [k for k in sd if k not in ours]
     wrong = [
@@ -82,7 +86,27 @@ def load_state_dict_checked(net: torch.nn.Module, sd: dict[str, torch.Tensor], p
     # fresh allocations have, and CPU kernels then take other vector paths (last-bit differences
     # between a loaded model and the one saved): each is copied once into an aligned tensor, which
     # becomes the parameter (assign), so no parameter is held twice.
-    net.load_state_dict({k: _aligned(v) for k, v in sd.items()}, assign=True)
+    net.load_state_dict({k: _aligned(v) for k, v in sd.items()}, assign=True, strict=parts is None)
+
+
+def _meta_parts(net: torch.nn.Module, parts: tuple[str, ...] | None = None) -> list[str]:
+    """The top-level sub-networks (of ``parts``, or all) holding meta tensors (not loaded)."""
+    return [
+        name
+        for name, child in net.named_children()
+        if (parts is None or name in parts) and any(t.is_meta for t in (*child.parameters(), *child.buffers()))
+    ]
+
+
+def _move_loaded(net: torch.nn.Module, device: torch.device) -> None:
+    """``net.to(device)``, leaving sub-networks that are not loaded (meta) where they are."""
+    meta = set(_meta_parts(net))
+    if not meta:
+        net.to(device)
+        return
+    for name, child in net.named_children():
+        if name not in meta:
+            child.to(device)
 
 
 class VolumeModel(Generic[ConfigT, NetT]):
@@ -95,10 +119,19 @@ class VolumeModel(Generic[ConfigT, NetT]):
 
     precision = "fp32"  # generation arithmetic; a family with a bf16 path overrides set_precision
 
+    # What serving needs of the network, as top-level sub-module names: ``from_pretrained(...,
+    # serving=True)`` loads ``generator_parts`` only, ``encode`` loads ``encoder_parts`` on first use
+    # (``need``), and the rest (the discriminators, which only training uses) is never read.  Empty
+    # ``generator_parts``: the family always loads the whole network.
+    generator_parts: ClassVar[tuple[str, ...]] = ()
+    encoder_parts: ClassVar[tuple[str, ...]] = ()
+
     def __init__(self, net: NetT, device: str | torch.device = "cpu") -> None:
         self.net = net.eval()
         self.device = torch.device(device)
-        self.net.to(self.device)
+        self._source: Path | None = None  # the model directory the unloaded parts are read from
+        self._parts_lock = threading.Lock()
+        _move_loaded(self.net, self.device)
 
     def set_precision(self, option: str | None = "auto") -> str:
         """'auto' and 'fp32' give fp32 (this family has no bf16 path); 'bf16' is refused."""
@@ -118,8 +151,10 @@ class VolumeModel(Generic[ConfigT, NetT]):
         return cls(net, device)
 
     @classmethod
-    def load_net(cls, path: str | os.PathLike) -> NetT:
-        """The networks of a model directory (config.json + model.safetensors), checked key by key."""
+    def load_net(cls, path: str | os.PathLike, parts: tuple[str, ...] | None = None) -> NetT:
+        """The networks of a model directory (config.json + model.safetensors), checked key by key;
+        with ``parts``, only those top-level sub-networks are read (the others stay on the meta
+        device: no memory)."""
         d = read_config(path)
         try:
             cfg = cls.config_class.from_dict(d)
@@ -130,17 +165,43 @@ class VolumeModel(Generic[ConfigT, NetT]):
         # state dict (non-persistent buffers) is built for real instead
         with torch.device("meta"):
             net = cls.net_class(cfg)
-        load_state_dict_checked(net, read_weights(path), path)
-        if any(t.is_meta for t in (*net.parameters(), *net.buffers())):
+        load_state_dict_checked(net, read_weights(path, parts=parts), path, parts)
+        if _meta_parts(net, parts):
             net = cls.net_class(cfg)
             load_state_dict_checked(net, read_weights(path), path)
         return net  # type: ignore[return-value]
 
     @classmethod
-    def from_pretrained(cls: type[M], path: str | os.PathLike, device: str | torch.device = "cpu") -> M:
-        return cls(cls.load_net(path), device)
+    def from_pretrained(
+        cls: type[M], path: str | os.PathLike, device: str | torch.device = "cpu", serving: bool = False
+    ) -> M:
+        """The model of a directory; ``serving``: only what generation needs now, the encoders when
+        first used, never the discriminators (the family's ``generator_parts``)."""
+        if not (serving and cls.generator_parts):
+            return cls(cls.load_net(path), device)
+        m = cls(cls.load_net(path, parts=cls.generator_parts), device)
+        m._source = Path(path)
+        return m
+
+    def unloaded_parts(self) -> list[str]:
+        """Top-level sub-networks not read from the model directory (a serving load)."""
+        return _meta_parts(self.net)
+
+    def need(self, parts: tuple[str, ...]) -> None:
+        """Reads those of ``parts`` that are not loaded yet (thread-safe; a no-op when all are)."""
+        with self._parts_lock:
+            missing = tuple(p for p in parts if p in self.unloaded_parts())
+            if not missing:
+                return
+            if self._source is None:
+                raise RuntimeError(f"sub-networks {missing} are not loaded and no model directory is known")
+            net = self.load_net(self._source, parts=missing)
+            for p in missing:
+                setattr(self.net, p, getattr(net, p).to(self.device).eval())
 
     def save_pretrained(self, path: str | os.PathLike, extra_files: dict[str, bytes] | None = None) -> Path:
+        if self.unloaded_parts():
+            self.need(tuple(self.unloaded_parts()))
         return save_model_dir(path, self.config.to_dict(), self.net.state_dict(), extra_files)
 
     # ---------------------------------------------------------------- description
@@ -170,6 +231,26 @@ class VolumeModel(Generic[ConfigT, NetT]):
 
     def info(self) -> dict[str, Any]:
         return {"config": self.config.to_dict(), "parameters": self.count_parameters(self.net)}
+
+    # ---------------------------------------------------------------- model space -> the network's grid
+    def to_grid(self, x: torch.Tensor) -> torch.Tensor:
+        """Volumes [n, 1, R, R, R] on the model's cube (``config.cube()``: what ``load_for_model``
+        gives, what the training data were prepared on) or already on the network's grid ->
+        [n, 1, *grid_shape], resampled by ``model.data.grid.resample`` as the trainer resamples the
+        prepared cubes (the grid itself, as float32, where it is the cube)."""
+        from model.data.grid import resample
+
+        r, grid = self.config.cube_resolution, tuple(self.config.grid_shape)
+        shapes = [(1, r, r, r)] + ([(1, *grid)] if grid != (r, r, r) else [])
+        if x.ndim != 5 or tuple(x.shape[1:]) not in shapes:
+            want = " or ".join(f"[n, {', '.join(map(str, s))}]" for s in shapes)
+            raise ValueError(
+                f"volume must have shape {want} (the model's cube from load_for_model, or its grid), "
+                f"got {list(x.shape)}"
+            )
+        if not torch.isfinite(x).all():
+            raise ValueError("volume contains NaN or infinite values")
+        return resample(x, grid)
 
     # ---------------------------------------------------------------- latents
     def sample_latents(self, n: int, seed: int) -> torch.Tensor:

@@ -155,14 +155,22 @@ def read_direction(model_dir: str | os.PathLike, name: str) -> dict[str, Any] | 
     return dict(d, vector=list(d["vector"]))
 
 
-def read_weights(path: str | os.PathLike, name: str = WEIGHTS_NAME) -> dict[str, torch.Tensor]:
+def read_weights(
+    path: str | os.PathLike, name: str = WEIGHTS_NAME, parts: tuple[str, ...] | None = None
+) -> dict[str, torch.Tensor]:
+    """The tensors of ``path/name``; with ``parts``, only those of these top-level sub-networks
+    (keys ``part.*``), read from the file without reading the others."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     f = Path(path) / name
     if not f.is_file():
         raise ModelDirError(f"{f}: missing")
     try:
-        return load_file(str(f))
+        if parts is None:
+            return load_file(str(f))
+        with safe_open(str(f), framework="pt") as sf:
+            return {k: sf.get_tensor(k) for k in sf.keys() if k.split(".", 1)[0] in parts}
     except (SafetensorError, OSError, ValueError) as e:
         raise ModelDirError(f"{f}: unreadable safetensors file ({e})") from e
 

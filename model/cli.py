@@ -61,7 +61,7 @@ def precision_arg(s: argparse.ArgumentParser) -> None:
     s.add_argument(
         "--precision",
         choices=["auto", "fp32", "bf16"],
-        default=os.environ.get("VOXGEN_PRECISION") or "auto",
+        default=None,
         help="generation arithmetic: auto = bf16 on CPUs with AVX-512 BF16 or AMX (HA-GAN), else fp32 "
         "(default: $VOXGEN_PRECISION, else auto)",
     )
@@ -70,9 +70,16 @@ def precision_arg(s: argparse.ArgumentParser) -> None:
 def _load(a: argparse.Namespace):
     from model.registry import from_pretrained, resolve_device
 
-    m = from_pretrained(a.model, device=resolve_device(a.device))
-    m.set_precision(getattr(a, "precision", "fp32"))
+    m = from_pretrained(a.model, device=resolve_device(a.device), serving=True)
+    m.set_precision(getattr(a, "precision", "fp32") or _settings().precision)
     return m
+
+
+def _settings():  # noqa: ANN202
+    """The VOXGEN_* settings (worker/settings.py): the defaults of --precision and --budget-mb."""
+    from worker.settings import Settings
+
+    return Settings()
 
 
 def _label_index(model, label: str | None) -> int | None:
@@ -120,7 +127,8 @@ def cmd_generate(a: argparse.Namespace) -> int:
         f"model {a.model} ({m.family}, {'x'.join(map(str, m.output_shape))}, {m.modality}), {how}, device {m.device}",
         file=sys.stderr,
     )
-    vols = m.generate(z, label, mode=a.mode, budget_mb=a.budget_mb, progress=_progress_printer("generate"))
+    budget = a.budget_mb or _settings().memory_budget_mb
+    vols = m.generate(z, label, mode=a.mode, budget_mb=budget, progress=_progress_printer("generate"))
     out, n = Path(a.output), vols.shape[0]
     name = Path(a.model).resolve().name
     seed = None if a.latent else a.seed
@@ -262,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--budget-mb",
         type=int,
-        default=int(os.environ.get("VOXGEN_MEMORY_BUDGET_MB") or 1024),
+        default=None,
         help="memory budget for G^H: above it, slabs (default: $VOXGEN_MEMORY_BUDGET_MB, else 1024)",
     )
     s.add_argument(

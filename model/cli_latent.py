@@ -30,11 +30,11 @@ class _Scans:
                 ds = VolumeDataset(root)
             except (ValueError, KeyError, OSError) as e:
                 raise SystemExit(f"voxgen fit-direction: {folder}: unreadable dataset ({e})") from e
-            m = ds.manifest
-            if ds.resolution != config.resolution or m.get("modality", config.modality) != config.modality:
+            m, r = ds.manifest, config.cube().resolution  # the cube the model's training data were prepared on
+            if ds.resolution != r or m.get("modality", config.modality) != config.modality:
                 raise SystemExit(
                     f"voxgen fit-direction: {folder} was prepared for {m.get('modality')} at {ds.resolution}^3; "
-                    f"this model is {config.modality} at {config.resolution}^3 (prepare the scans again for it)"
+                    f"this model is {config.modality} at {r}^3 (prepare the scans again for it)"
                 )
             want = config.to_dict()["intensity"]
             if "intensity" in m and (m["intensity"]["lo"], m["intensity"]["hi"]) != (want["lo"], want["hi"]):

@@ -49,10 +49,13 @@ def family_class(family: str) -> type:
         raise ModelDirError(str(e)) from None
 
 
-def from_pretrained(path: str | os.PathLike, device: str | torch.device = "cpu") -> GenerativeModel:
-    """Load any model directory (the family is read from its config.json)."""
+def from_pretrained(
+    path: str | os.PathLike, device: str | torch.device = "cpu", serving: bool = False
+) -> GenerativeModel:
+    """Load any model directory (the family is read from its config.json); ``serving``: without the
+    discriminators, the encoders on first use (``VolumeModel.from_pretrained``)."""
     family = read_config(path)["family"]
-    return family_class(family).from_pretrained(path, device=device)
+    return family_class(family).from_pretrained(path, device=device, serving=serving)
 
 
 def resolve_device(device: str | None) -> torch.device:

@@ -30,6 +30,8 @@ if TYPE_CHECKING:
     import numpy as np
     import torch
 
+    from model.data.datasets import VolumeDataset
+
 TRAINERS: dict[str, str] = {name: f.trainer for name, f in families.FAMILIES.items()}
 
 # The loop's options and their defaults, the same in every family: a trainer's ``DEFAULTS`` are
@@ -92,6 +94,24 @@ def write_checkpoint(
         extra=extra,
         state=state,
     )
+
+
+def dataset_fields(data: VolumeDataset, shape: tuple[int, int, int]) -> dict[str, Any]:
+    """The config fields a model trained on the prepared ``data`` records of it, for a network on the
+    grid ``shape`` (D, H, W) resampled from the data's cubes (``model.data.grid.resample``):
+    modality, intensity, the dataset's preprocessing, the cube's resolution (``data_resolution``)
+    and the voxel size on the grid (``spacing``, the cube's scaled by R / size), so that the
+    config's ``cube()`` is the dataset's and a served scan is prepared as the training data were."""
+    from model.data.grid import grid_spacing
+
+    cube = data.cube()
+    return {
+        "modality": cube.modality,
+        "intensity": cube.intensity,
+        "preprocess": cube.preprocess,
+        "data_resolution": cube.resolution,
+        "spacing": grid_spacing(cube.spacing, cube.resolution, shape),
+    }
 
 
 def resume_checkpoint(t: CheckpointTrainer, ck: TrainingCheckpoint) -> None:

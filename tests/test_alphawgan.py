@@ -14,9 +14,10 @@ from model.alphawgan.networks import AlphaWGAN
 from model.alphawgan.train import Trainer, gradient_penalty
 from model.base import Intensity
 from model.checkpoint import ModelDirError
+from model.data.volumes import load_for_model
 from model.hagan.config import HAGANConfig
 from model.registry import from_pretrained
-from tests.helpers import phantom_dataset, straight_and_resumed
+from tests.helpers import check_served_as_trained, phantom_dataset, straight_and_resumed
 
 TINY = {"width": 1 / 16, "latent_dim": 16, "code_hidden": 32}
 OPTS = TINY | {"batch": 2, "device": "cpu", "seed": 5, "checkpoint_every": 1, "preview_every": 100}
@@ -137,3 +138,54 @@ def test_served_by_the_service_generate_and_encode(tmp_path: Path) -> None:
         done = service_wait(c, r.json()["job_id"])
         assert done["state"] == "succeeded", done
         assert len(done["result"]["latent"]) == TINY["latent_dim"]  # the encoder E serves /encode
+
+
+def _encoder_input(m: AlphaWGANModel, x: torch.Tensor) -> torch.Tensor:
+    """What the encoder E gets when ``m.encode(x)`` runs."""
+    got: list[torch.Tensor] = []
+    hook = m.net.e.register_forward_pre_hook(lambda _, args: got.append(args[0].detach().cpu()))
+    try:
+        m.encode(x)
+    finally:
+        hook.remove()
+    return torch.cat(got)
+
+
+def test_a_scan_is_encoded_as_the_trainer_saw_it(brain_ds: Path, tmp_path: Path) -> None:
+    """Trained on a dataset prepared in physical units (128^3 cubes of 2 mm): the config records the
+    dataset's preprocessing and cube, and a scan reaches the encoder as the trainer's 64^3 volume of
+    it (tests/helpers.py ``check_served_as_trained``)."""
+    t = Trainer(OPTS | {"data": str(brain_ds), "output": str(tmp_path / "run"), "iterations": 2})
+    m = from_pretrained(t.fit())
+    cfg = m.config
+    assert cfg.data_resolution == 128 and cfg.preprocess["mode"] == "physical" and cfg.spacing == (4.0, 4.0, 4.0)
+    assert json.loads((tmp_path / "run" / "model" / "config.json").read_text())["data_resolution"] == 128
+    check_served_as_trained(brain_ds, m, t.volume(0)[0].numpy(), lambda x: _encoder_input(m, x), tmp_path)
+    with pytest.raises(ValueError, match=r"shape \[n, 1, 128, 128, 128\] or \[n, 1, 64, 64, 64\]"):
+        m.encode(torch.zeros(1, 1, 32, 32, 32))
+
+
+def test_an_older_model_directory_reads_and_encodes_as_before(tmp_path: Path) -> None:
+    """A config.json without ``preprocess`` and ``data_resolution`` (every directory written before
+    them, and any untrained one): the authors' stretch straight to the 64^3 grid, no resampling, and
+    the file re-saved byte for byte."""
+    m = init_model_dir(tmp_path / "m", **TINY, modality="ct", seed=1)
+    text = (tmp_path / "m" / "config.json").read_text()
+    assert '"preprocess"' not in text and '"data_resolution"' not in text
+    old = from_pretrained(tmp_path / "m")
+    assert old.config.data_resolution == 64 and old.config.preprocess == {}
+    assert old.config.cube().resolution == 64 and old.config.cube().spacing == old.config.spacing
+    old.save_pretrained(tmp_path / "again")
+    assert (tmp_path / "again" / "config.json").read_text() == text
+    from model.data.phantoms import write_phantom
+
+    write_phantom(tmp_path / "scan.nii.gz", "ct", (40, 48, 48), (1.0, 1.0, 1.5), seed=2)
+    info: dict = {}
+    x = torch.from_numpy(load_for_model(tmp_path / "scan.nii.gz", old.config, info=info))[None, None]
+    assert x.shape == (1, 1, 64, 64, 64) and info["mode"] == "stretch"
+    assert torch.equal(_encoder_input(old, x), x)  # the grid itself reaches E
+    assert torch.equal(old.encode(x), m.net.e(x))
+    cfg = AlphaWGANConfig(**TINY, data_resolution=128, spacing=(4.0, 4.0, 4.0))
+    assert json.loads(json.dumps(cfg.to_dict()))["data_resolution"] == 128 and cfg.cube().spacing == (2.0, 2.0, 2.0)
+    with pytest.raises(ValueError, match="data_resolution must be a multiple of 64"):
+        AlphaWGANConfig(data_resolution=96)

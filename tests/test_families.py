@@ -132,3 +132,34 @@ def test_a_fourth_family_from_the_registry_alone(tmp_path: Path) -> None:
     assert "toy family ok" in out.stdout
     with pytest.raises(ValueError, match="already registered"):
         families.register(families.get("hagan"))
+
+
+def test_every_family_serves_without_its_discriminators(tmp_path: Path) -> None:
+    """A serving load (worker, CLI) of each family reads its generator only and its encoder on first
+    use; what it generates and encodes is bit for bit what a whole load gives."""
+    import torch
+
+    from model.alphawgan.config import AlphaWGANConfig
+    from model.alphawgan.model import AlphaWGANModel
+    from model.registry import from_pretrained
+    from model.stylegan3d.config import StyleGAN3DConfig
+    from model.stylegan3d.model import StyleGAN3DModel
+
+    style = StyleGAN3DConfig.for_variant(
+        "splitshuffle", "split-shuffle", shape=(8, 16, 16), channels=8, z_dim=16, w_dim=16, mapping_width=16
+    )
+    cases = [
+        (AlphaWGANModel.init(AlphaWGANConfig(width=1 / 16, latent_dim=16, code_hidden=32)), ["e", "d", "c"], True),
+        (StyleGAN3DModel.init(style), ["D"], False),
+    ]
+    for m, unloaded, encodes in cases:
+        d = tmp_path / m.family
+        m.save_pretrained(d)
+        s = from_pretrained(d, serving=True)
+        assert s.unloaded_parts() == unloaded
+        z = m.sample_latents(2, 1)
+        v = m.generate(z)
+        assert torch.equal(s.generate(z), v)
+        if encodes:
+            assert torch.equal(s.encode(v), m.encode(v))
+            assert s.unloaded_parts() == ["d", "c"]

@@ -165,6 +165,30 @@ def test_save_load_round_trip(tmp_path: Path) -> None:
     assert torch.equal(m.generate(z, 1), m2.generate(z, 1))
 
 
+def test_a_serving_load_reads_g_now_the_encoders_when_needed_and_never_d(tmp_path: Path) -> None:
+    """What the worker and the CLI load (``serving=True``): G^A and G^H, E^H and E^G on the first
+    encode, never the discriminators or G^L (training only); the same volumes and latents as a
+    whole load, and saving it still writes every sub-network."""
+    m = tiny(128, class_names=["a", "b"])
+    m.save_pretrained(tmp_path / "m")
+    s = from_pretrained(tmp_path / "m", serving=True)
+    assert s.unloaded_parts() == ["gl", "dh", "dl", "eh", "eg"]
+    loaded = sum(p.numel() for p in s.net.parameters() if not p.is_meta)
+    assert loaded == sum(p.numel() for part in (m.net.ga, m.net.gh) for p in part.parameters())
+    z = m.sample_latents(2, 4)
+    v = m.generate(z, 1)
+    assert torch.equal(s.generate(z, 1), v)
+    assert torch.equal(s.encode(v[:1]), m.encode(v[:1]))
+    assert s.unloaded_parts() == ["gl", "dh", "dl"]
+    s.save_pretrained(tmp_path / "again")
+    again = from_pretrained(tmp_path / "again").net.state_dict()
+    for k, t in m.net.state_dict().items():
+        assert torch.equal(t, again[k]), k
+    (tmp_path / "m" / "model.safetensors").write_bytes(b"broken")
+    with pytest.raises(ModelDirError, match="model.safetensors"):
+        from_pretrained(tmp_path / "m", serving=True)
+
+
 def test_broken_model_directories_are_reported(tmp_path: Path) -> None:
     with pytest.raises(ModelDirError, match="not a model directory"):
         from_pretrained(tmp_path / "nothing")

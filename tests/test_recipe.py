@@ -98,6 +98,33 @@ def test_the_way_back_overlays_the_input(tmp_path: Path) -> None:
     assert dice > 0.95
 
 
+def test_every_family_describes_the_cube_its_training_data_were_prepared_on() -> None:
+    """``config.cube()``: HA-GAN's grid is the cube (the demo model's config as it is); alpha-WGAN-GP
+    and the style-based families resample the cube to their grid, whose voxel size scales back to
+    the cube's exactly (as ``model.data.grid.grid_spacing`` made it)."""
+    from model.alphawgan.config import AlphaWGANConfig
+    from model.checkpoint import read_config
+    from model.config_base import Cube
+    from model.data.grid import grid_spacing
+    from model.stylegan3d.config import StyleGAN3DConfig
+
+    demo = HAGANConfig.from_dict(read_config(Path(__file__).parents[1] / "models" / "demo-brain-mri"))
+    assert demo.cube() == Cube(128, (1.82, 1.82, 1.82), "mri", demo.intensity, {})
+    prep = {"mode": "physical", "spacing": [1.15, 1.15, 1.15]}
+    sg = StyleGAN3DConfig.for_variant(
+        "splitshuffle", shape=(96, 64, 64), data_resolution=128, preprocess=prep,
+        spacing=grid_spacing((1.15, 1.15, 1.15), 128, (96, 64, 64)),
+    )  # fmt: skip
+    assert sg.spacing != (1.15, 1.15, 1.15) and sg.cube().spacing == (1.15, 1.15, 1.15)
+    assert sg.cube().resolution == 128 and sg.cube().preprocess == prep
+    assert sg.with_dims(2).cube() == sg.cube()  # a 2D model's slices are of the same grid
+    aw = AlphaWGANConfig(data_resolution=256, spacing=(4.0, 4.0, 6.0), preprocess={"mode": "physical"})
+    assert aw.cube().resolution == 256 and aw.cube().spacing == (1.0, 1.0, 1.5)
+    assert AlphaWGANConfig(spacing=(2.0, 2.0, 2.0)).cube().spacing == (2.0, 2.0, 2.0)  # older: the grid
+    with pytest.raises(ValueError, match="preprocess.mode"):
+        AlphaWGANConfig(preprocess={"mode": "squash"})
+
+
 def test_augmentation_keeps_the_background_and_is_seeded() -> None:
     x = torch.full((2, 1, 32, 32, 32), -1.0)
     x[:, :, 8:24, 8:24, 8:24] = 0.3

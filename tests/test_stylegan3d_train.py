@@ -23,7 +23,7 @@ from model.stylegan3d.layers import downsample2x_explicit, upsample2x, upsample2
 from model.stylegan3d.model import StyleGAN3DModel
 from model.stylegan3d.networks import StyleGAN3D
 from model.stylegan3d.train import Trainer
-from tests.helpers import phantom_dataset, straight_and_resumed
+from tests.helpers import check_served_as_trained, phantom_dataset, straight_and_resumed
 
 TINY = {
     "shape": "8x16x16",
@@ -185,6 +185,57 @@ def test_served_latent_is_w_and_encode_takes_any_grid() -> None:
     fit = m.generate(m.encode(cube, steps=30))
     start = m.generate(m.net.G.mapping.w_avg[None].cpu())
     assert F.mse_loss(fit, target) < F.mse_loss(start, target)
+
+
+def test_a_scan_is_projected_as_the_trainer_saw_it(brain_ds: Path, tmp_path: Path, monkeypatch) -> None:
+    """Trained on a dataset prepared in physical units (128^3 cubes of 2 mm): the config records the
+    dataset's preprocessing and cube, and a scan reaches the projection as the trainer's volume of it
+    on the 32x64x64 grid (tests/helpers.py ``check_served_as_trained``)."""
+    import model.stylegan3d.model as served
+
+    t = Trainer(opts(brain_ds, tmp_path / "run", shape="32x64x64", iterations=2, checkpoint_every=100))
+    m = from_pretrained(t.fit())
+    cfg = m.config
+    assert cfg.data_resolution == 128 and cfg.preprocess["mode"] == "physical" and cfg.spacing == (4.0, 4.0, 8.0)
+    assert json.loads((tmp_path / "run" / "model" / "config.json").read_text())["preprocess"] == cfg.preprocess
+    targets: list[torch.Tensor] = []
+
+    def project(G, target, **kw):  # noqa: ANN001, ANN003, ANN202
+        targets.append(target.detach().cpu())
+        return real(G, target, **kw)
+
+    real = served.project
+    monkeypatch.setattr(served, "project", project)
+
+    def seen(x: torch.Tensor) -> torch.Tensor:
+        targets.clear()
+        m.encode(x, steps=1)
+        return targets[0]
+
+    check_served_as_trained(brain_ds, m, t._volume(0), seen, tmp_path)
+
+
+def test_an_older_config_without_preprocess_reads_and_resaves_as_before(tmp_path: Path) -> None:
+    """A config.json without ``preprocess`` (every directory written before it): the authors'
+    stretch to its ``data_resolution`` cube, and the file re-saved byte for byte."""
+    from model.data.phantoms import write_phantom
+    from model.data.volumes import load_for_model
+
+    cfg = StyleGAN3DConfig.for_variant(
+        "splitshuffle", shape=(8, 16, 16), channels=8, z_dim=8, w_dim=8, data_resolution=32
+    )
+    StyleGAN3DModel.init(cfg, seed=0).save_pretrained(tmp_path / "m")
+    text = (tmp_path / "m" / "config.json").read_text()
+    assert '"preprocess"' not in text
+    m = from_pretrained(tmp_path / "m")
+    assert m.config.preprocess == {} and m.config.cube().resolution == 32
+    m.save_pretrained(tmp_path / "again")
+    assert (tmp_path / "again" / "config.json").read_text() == text
+    write_phantom(tmp_path / "scan.nii.gz", "ct", (40, 48, 48), (1.0, 1.0, 1.5), seed=2)
+    info: dict = {}
+    x = load_for_model(tmp_path / "scan.nii.gz", m.config, info=info)
+    assert x.shape == (32, 32, 32) and info["mode"] == "stretch"
+    assert m.encode(torch.from_numpy(x)[None, None], steps=2).shape == (1, 8)
 
 
 # ------------------------------------------------------------------------------------ service

@@ -53,7 +53,7 @@ def get_model(models_dir: str | os.PathLike, name: str, device: str = "auto") ->
         if key not in _MODELS:
             from worker.settings import get_settings
 
-            m = from_pretrained(path, device=dev)
+            m = from_pretrained(path, device=dev, serving=True)  # G now, encoders on first use, never D
             m.set_precision(get_settings().precision)
             if hasattr(m, "memory_budget_mb"):
                 m.memory_budget_mb = get_settings().memory_budget_mb
@@ -128,7 +128,9 @@ def job_encode(params: EncodeParams, model: Any, out: Path, progress: Progress) 
         raise JobError(str(e).replace(Path(params.upload).name, name)) from e
     except (OSError, RuntimeError, MemoryError) as e:  # a reader's own error may name paths: not shown
         raise JobError(f"{name}: not a readable 3D volume ({type(e).__name__})") from e
-    write_preview(out / "input.png", x, model.config)  # the upload on the model grid, for comparison
+    # the upload on the model's cube (the family's encode resamples it to the network's grid, as its
+    # trainer did the training data), for comparison; the cube's own voxel size for the aspect
+    write_preview(out / "input.png", x, model.config.cube())
     z = model.encode(torch.from_numpy(x)[None, None], progress=progress)
     np.save(out / "latent.npy", z.numpy())
     if params.reconstruct:
@@ -138,7 +140,7 @@ def job_encode(params: EncodeParams, model: Any, out: Path, progress: Progress) 
         else:
             src = _source(params.model, None, 0, 1, "reconstruction")
             write_volume(out / "reconstruction.nii.gz", v[0, 0].numpy(), model.config, source=src)
-        write_preview(out / "reconstruction.png", v[0, 0].numpy(), model.config)  # beside input.png: model grid
+        write_preview(out / "reconstruction.png", v[0, 0].numpy(), model.config)  # beside input.png: network grid
         return {"latent": z[0].tolist(), "space": params.space}
     return {"latent": z[0].tolist()}
 

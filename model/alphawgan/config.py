@@ -23,11 +23,21 @@ class AlphaWGANConfig(BaseConfig):
     intensity: Intensity = field(default_factory=lambda: Intensity.for_modality("mri"))
     class_names: list[str] = field(default_factory=list)  # always empty: kept for readers of config.json
     family: str = "alphawgan"
+    # the cube R^3 the training data were prepared on (``voxgen prepare``), averaged down to the
+    # 64^3 grid by ``model.data.grid.resample`` in training and when encoding; 64 (configs that
+    # predate it): scans are brought to the grid itself
+    data_resolution: int = RESOLUTION
 
     label: ClassVar[str] = "an alpha-WGAN-GP"
     json_keys: ClassVar[tuple[str, ...]] = tuple(
-        "resolution latent_dim width code_hidden modality spacing intensity class_names description family".split()
+        "resolution latent_dim width code_hidden modality spacing intensity class_names description family "
+        "preprocess data_resolution".split()
     )
+    json_optional: ClassVar[tuple[str, ...]] = ("preprocess", "data_resolution")
+
+    @property
+    def cube_resolution(self) -> int:
+        return self.data_resolution
 
     @property
     def channels(self) -> list[int]:
@@ -42,5 +52,11 @@ class AlphaWGANConfig(BaseConfig):
         if not (self.width > 0 and min(self.channels) >= 1 and abs(self.channels[0] - 64 * self.width) < 1e-6):
             raise ValueError(f"width must make 64*width a positive integer (1/64, ..., 0.25, 0.5, 1), got {self.width}")
         self.check_positive_int("code_hidden")
+        r = self.data_resolution
+        if not (isinstance(r, int) and r >= RESOLUTION and r % RESOLUTION == 0):
+            raise ValueError(
+                f"data_resolution must be a multiple of {RESOLUTION} (the prepared cube, averaged down to the "
+                f"{RESOLUTION}^3 grid), got {r!r}"
+            )
         if self.class_names:
             raise ValueError("alpha-WGAN-GP models are not class-conditional (class_names must be empty)")

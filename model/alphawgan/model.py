@@ -1,6 +1,8 @@
 """A loaded 3D alpha-WGAN-GP model: the surface the worker, the CLI and ``voxgen evaluate`` use
 (the same as ``model.hagan.model.HAGANModel``).  ``encode`` is the trained encoder E, so
-``generate(encode(x))`` reconstructs a scan."""
+``generate(encode(x))`` reconstructs a scan: ``load_for_model`` brings the scan to the cube the
+training data were prepared on (``config.cube()``) and ``encode`` averages it down to the 64^3 grid
+as the trainer does."""
 
 from __future__ import annotations
 
@@ -23,6 +25,8 @@ class AlphaWGANModel(VolumeModel[AlphaWGANConfig, AlphaWGAN]):
     config_class = AlphaWGANConfig
     net_class = AlphaWGAN
     count_parameters = staticmethod(parameter_counts)
+    generator_parts = ("g",)  # serving: the critic and the code critic are never read
+    encoder_parts = ("e",)
 
     def __init__(self, net: AlphaWGAN, device: str | torch.device = "cpu", batch: int = 8) -> None:
         # eval (in the base class): BatchNorm uses its running statistics
@@ -49,12 +53,12 @@ class AlphaWGANModel(VolumeModel[AlphaWGANConfig, AlphaWGAN]):
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor, progress: Progress | None = None) -> torch.Tensor:
-        """Volumes [n, 1, 64, 64, 64] in model space -> latents [n, latent_dim] (the encoder E)."""
-        shape = (1, *self.output_shape)
-        if x.ndim != 5 or tuple(x.shape[1:]) != shape:
-            raise ValueError(f"volume must have shape [n, {', '.join(map(str, shape))}], got {list(x.shape)}")
-        if not torch.isfinite(x).all():
-            raise ValueError("volume contains NaN or infinite values")
+        """Volumes in model space -> latents [n, latent_dim] (the encoder E): [n, 1, R, R, R] on the
+        cube the model was trained from (``data_resolution``, what ``load_for_model`` gives),
+        averaged down to the 64^3 grid by ``model.data.grid.resample`` as the trainer does
+        (``to_grid``), or [n, 1, 64, 64, 64] already on the grid."""
+        x = self.to_grid(x)
+        self.need(self.encoder_parts)
         n = x.shape[0]
         zs = []
         for s in range(0, n, self.batch):

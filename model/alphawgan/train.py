@@ -13,10 +13,12 @@ One step, in the paper's order (encoder-generator, discriminator, code discrimin
 
 Adam with lr 2e-4 for all four networks and batch 4, as the paper says; it does not give Adam's
 betas, so PyTorch's defaults (0.9, 0.999) are used (``betas`` option), as in the authors' notebook.
-Real volumes come from a prepared dataset (128^3 or 256^3 cubes) area-averaged to 64^3 once and
-kept in memory, with a random left-right flip (the paper's augmentation; its intensity
-randomisation is not specified and not done here).  The paper's critic D uses BatchNorm although
-the gradient penalty assumes a per-sample critic; we follow the paper.
+Real volumes come from a prepared dataset (128^3 or 256^3 cubes) area-averaged to 64^3 once by
+``model.data.grid.resample`` (as ``encode`` does to a served scan's cube; the config records the
+dataset's preprocessing and cube, ``preprocess`` and ``data_resolution``) and kept in memory, with
+a random left-right flip (the paper's augmentation; its intensity randomisation is not specified
+and not done here).  The paper's critic D uses BatchNorm although the gradient penalty assumes a
+per-sample critic; we follow the paper.
 
 Where this differs from the authors' public training notebook (cyclomon/3dbraingen,
 Alpha_WGAN_ADNI_train.ipynb, as read at commit 4223902): there the E/G loss leaves out the
@@ -44,10 +46,10 @@ import torch.nn.functional as F
 
 from model.alphawgan.config import RESOLUTION, AlphaWGANConfig
 from model.alphawgan.networks import AlphaWGAN
-from model.base import Intensity
 from model.checkpoint import latest_checkpoint, read_training_checkpoint
 from model.data.datasets import VolumeDataset
-from model.training import LOOP_DEFAULTS, resume_checkpoint, write_checkpoint
+from model.data.grid import resample
+from model.training import LOOP_DEFAULTS, dataset_fields, resume_checkpoint, write_checkpoint
 
 DEFAULTS: dict[str, Any] = LOOP_DEFAULTS | {
     "batch": 4,
@@ -89,17 +91,12 @@ class Trainer:
             raise ValueError(f"the dataset's {self.data.resolution}^3 grid cannot be averaged down to {RESOLUTION}^3")
         self.device = resolve_device(self.o["device"])
         self.progress = progress
-        mf = self.data.manifest
-        gs = self.data.grid_spacing()
-        f = self.data.resolution / RESOLUTION
         self.cfg = AlphaWGANConfig(
             latent_dim=int(self.o["latent_dim"]),
             width=float(self.o["width"]),
             code_hidden=int(self.o["code_hidden"]),
-            modality=mf["modality"],
-            intensity=Intensity(**mf["intensity"]),
-            spacing=tuple(s * f for s in gs) if gs else (1.0, 1.0, 1.0),
-            description=f"3D alpha-WGAN-GP trained by voxgen train on {mf.get('source', '?')}",
+            description=f"3D alpha-WGAN-GP trained by voxgen train on {self.data.manifest.get('source', '?')}",
+            **dataset_fields(self.data, (RESOLUTION,) * 3),
         )
         torch.manual_seed(int(self.o["seed"]))
         self.net = AlphaWGAN(self.cfg).to(self.device).train()
@@ -117,11 +114,11 @@ class Trainer:
 
     # ------------------------------------------------------------------ data
     def volume(self, i: int) -> torch.Tensor:
-        """Dataset item i on the 64^3 grid (area-averaged once, then kept in memory)."""
+        """Dataset item i on the 64^3 grid (area-averaged by ``model.data.grid.resample`` once, as
+        ``AlphaWGANModel.encode`` does, then kept in memory)."""
         if i not in self._cache:
             v = torch.from_numpy(np.asarray(self.data.volume(i), np.float32))[None, None]
-            k = self.data.resolution // RESOLUTION
-            self._cache[i] = (F.avg_pool3d(v, k) if k > 1 else v)[0]
+            self._cache[i] = resample(v, self.cfg.grid_shape)[0]
         return self._cache[i]
 
     def _batch(self) -> torch.Tensor:
@@ -207,7 +204,10 @@ class Trainer:
 
     def _load_latest(self) -> None:
         ck = read_training_checkpoint(latest_checkpoint(self.run))
-        if AlphaWGANConfig.from_dict(ck.config()).to_dict() != self.cfg.to_dict():
+        saved = dict(ck.config())
+        for k in ("preprocess", "data_resolution"):  # not recorded by older runs: this run's dataset's
+            saved.setdefault(k, getattr(self.cfg, k))
+        if AlphaWGANConfig.from_dict(saved).to_dict() != self.cfg.to_dict():
             raise ValueError(
                 f"{ck.path}: the checkpoint's config differs from this run's options (width, latent_dim, ...)"
             )

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from model.config_base import Cube, Intensity
 from model.data.volumes import VolumeError, dicom_series, is_dicom_file, read_volume, to_model_space
 
 SCAN_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -249,6 +250,17 @@ class VolumeDataset:
             return None
         med = np.median(np.asarray(rows, dtype=np.float64), axis=0)
         return (float(med[0]), float(med[1]), float(med[2]))
+
+    def cube(self) -> Cube:
+        """The dataset's preprocessing as ``to_model_space`` takes it (``model.config_base.Cube``):
+        a scan read through it lands where ``prepare`` put the dataset's scans.  A model trained on
+        the dataset records it in its config (``preprocess``, the cube's resolution and voxel size),
+        so that its ``config.cube()`` is this."""
+        mf = self.manifest
+        modality = str(mf.get("modality", "ct"))
+        inten = Intensity(**mf["intensity"]) if mf.get("intensity") else Intensity.for_modality(modality)
+        spacing = self.grid_spacing() or (1.0, 1.0, 1.0)
+        return Cube(self.resolution, spacing, modality, inten, dict(mf.get("preprocess") or {}))
 
     def label(self, i: int) -> int | None:
         lab = self.items[i].get("label")

@@ -1,8 +1,9 @@
-"""The one preprocessing path from a scan in physical units to a model's grid, and back.
+"""The one preprocessing path from a scan in physical units to a model's cube, and back.
 
 ``prepare`` (training data), ``encode``, ``reconstruct``, ``/encode`` and ``fit-direction
---source encode`` all call ``to_model_space`` (model/data/volumes.py), which takes this path for a
-model whose config says ``preprocess.mode = "physical"``:
+--source encode`` all call ``to_model_space`` (model/data/volumes.py) with the model's cube
+(``config.cube()``, model/config_base.py: the R^3 grid, voxel size, intensity and preprocessing the
+training data were prepared with), which takes this path where ``preprocess.mode = "physical"``:
 
 1. intensity window of the config: CT clipped to [lo, hi] HU and mapped to [-1, 1]; MRI scaled
    so that the 99.9th percentile of its positive voxels is 1 (then [0, 1] -> [-1, 1], clipped);
@@ -13,10 +14,12 @@ model whose config says ``preprocess.mode = "physical"``:
    extent (the 0.5th to 99.5th percentile of its voxel coordinates along each axis, so stray noise
    voxels do not move it) and cropped / padded with background.
 
-``info`` receives the mapping between the model grid and the input's voxel grid, so a
-reconstruction can be put back onto the input's grid (``to_input_grid``).  Models trained by the
-authors' recipe (``mode = "stretch"``, the default of older configs) keep their preprocessing:
-blank axial slices trimmed and the rest resized to the cube, aspect ratio lost.
+``info`` receives the mapping between the cube and the input's voxel grid, so a reconstruction
+can be put back onto the input's grid (``to_input_grid``: from the cube, or from a network's grid
+resampled from it).  A family whose network works on another grid (alpha-WGAN-GP, the style-based
+ones) resamples the cube to it with ``model.data.grid.resample``, in training and serving alike.
+Models trained by the authors' recipe (``mode = "stretch"``, the default of older configs) keep
+their preprocessing: blank axial slices trimmed and the rest resized to the cube, aspect ratio lost.
 """
 
 from __future__ import annotations
@@ -56,6 +59,14 @@ def gaussian_blur(x: torch.Tensor, sigma: float | tuple[float, float, float]) ->
         pad[2 * (2 - axis)] = pad[2 * (2 - axis) + 1] = r
         y = F.conv3d(F.pad(y, pad, mode="replicate"), k.view(shape))
     return y
+
+
+def cube_of(config: Any) -> Any:
+    """What the preprocessing reads from a model's config: its cube (``config.cube()``,
+    ``model.config_base.Cube``: resolution, spacing, modality, intensity, preprocess); an object
+    without ``cube`` that has those attributes itself is used as it is."""
+    cube = getattr(config, "cube", None)
+    return cube() if callable(cube) else config
 
 
 def options(config: Any) -> dict[str, Any]:
@@ -159,13 +170,14 @@ def physical(
     info: dict[str, Any] | None = None,
     copy: bool = True,
 ) -> np.ndarray:
-    """A RAS scan (z, y, x) with voxel size ``spacing`` (x, y, z mm) -> the model grid (R, R, R)
-    float32 in [-1, 1]: window, anti-alias, resample to the config's spacing, centre the field of
+    """A RAS scan (z, y, x) with voxel size ``spacing`` (x, y, z mm) -> the model's cube (R, R, R)
+    float32 in [-1, 1]: window, anti-alias, resample to the cube's spacing, centre the field of
     view on the foreground and crop / pad (see the module docstring).  ``info`` receives
-    ``grid_spacing``, the centre (input voxel index), the input shape and spacing.  ``copy=False``
-    lets the windowing overwrite a float32 ``array`` (no second full-size copy)."""
+    ``grid_spacing`` (the cube's), the centre (input voxel index), the input shape and spacing.
+    ``copy=False`` lets the windowing overwrite a float32 ``array`` (no second full-size copy)."""
     from model.data.volumes import VolumeError
 
+    config = cube_of(config)
     a = np.asarray(array)
     if a.ndim != 3 or a.size == 0:
         raise VolumeError(f"expected a non-empty 3D array (z, y, x), got shape {a.shape}")
@@ -194,16 +206,22 @@ def physical(
 
 
 def to_input_grid(v_model: np.ndarray, info: dict[str, Any], config: Any) -> np.ndarray:
-    """The inverse resampling: a model-grid volume (R, R, R) -> the input's voxel grid (z, y, x, RAS),
-    trilinear; voxels outside the model's field of view take the background (-1)."""
+    """The inverse resampling: a model-space volume -> the input's voxel grid (z, y, x, RAS),
+    trilinear; voxels outside the model's field of view take the background (-1).  ``v_model`` is
+    the cube (R, R, R) or a grid (D, H, W) that ``model.data.grid.resample`` made from it (a
+    network's): both span the cube's field of view with their voxel centres where resample puts
+    them, so a voxel along an axis of n measures the cube's spacing x R / n, centred alike."""
+    cube = cube_of(config)
     shape, centre = info["input_shape"], info["centre_index"]
     sp = info["input_spacing"]
     src = (float(sp[2]), float(sp[1]), float(sp[0]))
-    dst = (float(config.spacing[2]), float(config.spacing[1]), float(config.spacing[0]))
+    cube_sp = (float(cube.spacing[2]), float(cube.spacing[1]), float(cube.spacing[0]))
     t = torch.from_numpy(np.ascontiguousarray(v_model, dtype=np.float32))
-    r = t.shape[0]
+    size, r = tuple(t.shape), int(cube.resolution)
     for axis in range(3):
-        ratio = src[axis] / dst[axis]  # model voxels per input voxel
-        pos = (r - 1) / 2 + (torch.arange(shape[axis], dtype=torch.float64) - centre[axis]) * ratio
+        n = size[axis]
+        dst = cube_sp[axis] if n == r else cube_sp[axis] * r / n  # mm per voxel of v_model
+        ratio = src[axis] / dst  # model voxels per input voxel
+        pos = (n - 1) / 2 + (torch.arange(shape[axis], dtype=torch.float64) - centre[axis]) * ratio
         t = _resample_axis(t, axis, pos, -1.0)
     return t.numpy()

@@ -893,12 +893,17 @@ def to_model_space(
     trim_blank: bool = True,
     info: dict[str, Any] | None = None,
 ) -> np.ndarray:
-    """Physical units -> (R, R, R) float32 in [-1, 1]: the one path every caller takes.
+    """Physical units -> the model's cube (R, R, R) float32 in [-1, 1]: the one path every caller
+    takes, training data (``voxgen prepare``) and served scans alike.
 
-    A config with ``preprocess.mode = "physical"`` (every model trained on a dataset prepared by
-    this version) goes through model/data/preprocess.py: window, resample to the model's spacing,
-    field of view centred on the foreground; ``info`` receives the mapping back to the input grid.
-    Older configs (``"stretch"``, the authors' recipe) take the paper's preprocessing below.
+    What it reads from ``config`` is its cube (``config.cube()``, model/config_base.py: R, the
+    cube's voxel size, modality, intensity and the dataset's preprocessing), the one the model's
+    training data were prepared on; a family whose network works on another grid resamples the
+    cube to it (``model.data.grid.resample``) as its trainer does.  A cube with
+    ``preprocess.mode = "physical"`` (every model trained on a dataset prepared by this version)
+    goes through model/data/preprocess.py: window, resample to the cube's spacing, field of view
+    centred on the foreground; ``info`` receives the mapping back to the input grid.  Older configs
+    (``"stretch"``, the authors' recipe) take the paper's preprocessing below.
 
     CT: clip to the config's window (default [-1024, 600] HU) and map linearly to [-1, 1]
     (NaN -> the window's minimum).  MRI: clip at the 99.9th percentile and scale [0, p99.9] ->
@@ -933,6 +938,7 @@ def _to_model_space(
     """``to_model_space`` on a C-contiguous float32 array it may overwrite."""
     from model.data import preprocess
 
+    config = preprocess.cube_of(config)
     if preprocess.options(config)["mode"] == preprocess.PHYSICAL:  # the one path (see to_model_space)
         return preprocess.physical(v, spacing, config, info=info, copy=False)
     import torch
@@ -974,10 +980,12 @@ def _to_model_space(
 
 
 def to_input_grid(v_model: np.ndarray, info: dict[str, Any], config: Any) -> np.ndarray:
-    """A model-grid volume back onto the grid of the scan ``info`` describes (``to_model_space``'s
+    """A model-space volume back onto the grid of the scan ``info`` describes (``to_model_space``'s
     or ``load_for_model``'s ``info``): (z, y, x) RAS model space, background where the model grid
-    does not reach.  Physical mode: the inverse resampling; stretch mode: the cube resized back to
-    the kept slices and padded with the trimmed blank ones."""
+    does not reach.  ``v_model`` is the model's cube or its network's grid (D, H, W), which spans
+    the cube's field of view (``model.data.grid.resample``).  Physical mode: the inverse
+    resampling; stretch mode: the volume resized back to the kept slices and padded with the
+    trimmed blank ones."""
     from model.data import preprocess
 
     if info.get("mode") != "stretch":
@@ -995,9 +1003,10 @@ def to_input_grid(v_model: np.ndarray, info: dict[str, Any], config: Any) -> np.
 
 
 def write_in_input_space(path: str | os.PathLike, v_model: np.ndarray, config: Any, info: dict[str, Any]) -> None:
-    """Write a model-grid volume as .nii / .nii.gz on the input scan's own grid and affine (the
-    upload's voxels, reordered to RAS: a viewer overlays it on the upload in world space), in the
-    model's physical units (CT: int16 HU).  Atomic, as ``write_volume``."""
+    """Write a model-space volume (the cube, or the network's grid: a reconstruction) as .nii /
+    .nii.gz on the input scan's own grid and affine (the upload's voxels, reordered to RAS: a viewer
+    overlays it on the upload in world space), in the model's physical units (CT: int16 HU).
+    Atomic, as ``write_volume``."""
     import nibabel as nib
 
     geo = info.get("geometry") or {}
@@ -1091,8 +1100,10 @@ def _write_atomic(p: Path, write: Any) -> None:
 def load_for_model(
     path: str | os.PathLike, config: Any, info: dict[str, Any] | None = None, **read_kw: Any
 ) -> np.ndarray:
-    """Read a scan and bring it to the model grid: (R, R, R) float32 in [-1, 1].  The array read is
-    worked on in place (no second full-size copy); ``read_kw`` go to ``read_volume``.  ``info``
+    """Read a scan and bring it to the model's cube (``config.cube()``): (R, R, R) float32 in
+    [-1, 1], what the model's training data were prepared on (a family with another network grid
+    resamples it, see ``to_model_space``).  The array read is worked on in place (no second
+    full-size copy); ``read_kw`` go to ``read_volume``.  ``info``
     receives the mapping between the model grid and the scan (``to_model_space``) and the scan's
     place in the world (``geometry``), what ``write_in_input_space`` needs."""
     geometry: dict[str, Any] | None = {} if info is not None else None

@@ -23,9 +23,7 @@ class HAGANConfig(BaseConfig):
     # GroupNorm keeps at least this many channels per group (1: the authors' layers, which turn into
     # instance norm at reduced width)
     norm_min_group: int = 1
-    # the one preprocessing path (model/data/preprocess.py): {"mode": "physical", ...}; older
-    # configs (the authors' recipe) read as {"mode": "stretch"}
-    preprocess: dict[str, Any] = field(default_factory=dict)
+    # (``preprocess``, the dataset's preprocessing, is BaseConfig's; HA-GAN's grid is the cube)
     # how the weights were trained (recipe, departures from the paper), for the record
     training: dict[str, Any] = field(default_factory=dict)
 
@@ -34,6 +32,7 @@ class HAGANConfig(BaseConfig):
         "resolution latent_dim width class_names modality spacing intensity description family norm_min_group "
         "preprocess training num_classes".split()
     )
+    json_optional: ClassVar[tuple[str, ...]] = ()  # preprocess is always written (as before BaseConfig had it)
 
     @property
     def num_classes(self) -> int:
@@ -49,6 +48,3 @@ class HAGANConfig(BaseConfig):
             raise ValueError(f"width must make 32*width a multiple of 8 (>= 8): 0.25, 0.5, 1, ...; got {self.width}")
         if not (isinstance(self.norm_min_group, int) and 1 <= self.norm_min_group <= 8):
             raise ValueError(f"norm_min_group must be an integer in 1..8, got {self.norm_min_group!r}")
-        mode = (self.preprocess or {}).get("mode", "stretch")
-        if mode not in ("stretch", "physical"):
-            raise ValueError(f"preprocess.mode must be 'stretch' or 'physical', got {mode!r}")

@@ -52,6 +52,8 @@ class HAGANModel(VolumeModel[HAGANConfig, HAGAN]):
     config_class = HAGANConfig
     net_class = HAGAN
     count_parameters = staticmethod(parameter_counts)
+    generator_parts = ("ga", "gh")  # G^L draws the low-resolution volume that only training uses
+    encoder_parts = ("eh", "eg")
 
     def __init__(self, net: HAGAN, device: str | torch.device = "cpu") -> None:
         super().__init__(net, device)
@@ -241,6 +243,7 @@ class HAGANModel(VolumeModel[HAGANConfig, HAGAN]):
         r = self.config.resolution
         if x.ndim != 5 or tuple(x.shape[1:]) != (1, r, r, r):
             raise ValueError(f"volume must have shape [n, 1, {r}, {r}, {r}], got {list(x.shape)}")
+        self.need(self.encoder_parts)
         zs = []
         for i in range(x.shape[0]):
             f = self.net.encode_features(x[i : i + 1].to(self.device, torch.float32), slabs_per_call=2)

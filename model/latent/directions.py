@@ -205,9 +205,9 @@ def fit_direction(
 
     - default: sample ``n`` latents from ``seed``, generate each volume, measure it;
     - ``latents``: generate from these latents instead;
-    - ``volumes`` (model space (R, R, R), e.g. real scans; any iterable, read one at a time): measure
-      each and encode it, as in the paper; with ``latents`` as well, those are the volumes' latents
-      and nothing is encoded.
+    - ``volumes`` (on the model's cube (R, R, R), ``config.cube()``, as ``load_for_model`` gives real
+      scans; any iterable, read one at a time): measure each and encode it, as in the paper; with
+      ``latents`` as well, those are the volumes' latents and nothing is encoded.
     Then fit a ridge regression latent -> attribute (``fit_values``)."""
     spec = _spec(attribute)
     if spec.modality not in ("any", model.modality):
@@ -219,7 +219,8 @@ def fit_direction(
     ys: list[float] = []
     if volumes is not None:
         total = len(volumes) if hasattr(volumes, "__len__") else 0
-        r = cfg.resolution
+        cube = cfg.cube()  # real volumes come on the model's cube (load_for_model), measured there
+        r = cube.resolution
         for i, v in enumerate(volumes):
             a = np.asarray(v, np.float32)
             if a.shape != (r, r, r):
@@ -231,7 +232,7 @@ def fit_direction(
             else:
                 with torch.no_grad():
                     zs.append(model.encode(torch.from_numpy(a)[None, None])[0].float())
-            ys.append(measure_model_volume(a, cfg, attribute))
+            ys.append(measure_model_volume(a, cube, attribute))
             if progress:
                 progress(i + 1, max(total, i + 1), "measure" if latents is not None else "encode and measure")
         if progress and total and len(ys) != total:  # the source skipped some (unreadable scans)

@@ -252,18 +252,6 @@ def load_model(model: Any, device: str | torch.device | None = None) -> tuple[An
     return model, None
 
 
-def _dataset_config(ds: Any) -> Any:
-    """The preprocessing of the real set (resolution, modality, intensity) as a config object."""
-    from types import SimpleNamespace
-
-    from model.base import Intensity
-
-    mf = ds.manifest
-    modality = str(mf.get("modality", "ct"))
-    inten = Intensity(**mf["intensity"]) if mf.get("intensity") else Intensity.for_modality(modality)
-    return SimpleNamespace(resolution=int(mf["resolution"]), modality=modality, intensity=inten)
-
-
 def spread_ratio(scored: torch.Tensor, real: torch.Tensor) -> float:
     """Total variance of the scored features over the real ones' (1: as varied as real data; a
     generator that ignores its latent: 0).  On volumes pooled to 4^3 it is the collapse figure."""
@@ -396,7 +384,8 @@ def evaluate(
         z = m.sample_latents(n, seed)
         chunks = _generated_chunks(m, z, grid, batch, progress)
     else:
-        chunks = _sample_chunks(files, _dataset_config(ds), grid, batch, progress)
+        # scans read as the real set was prepared (its cube: spacing, intensity, preprocessing)
+        chunks = _sample_chunks(files, ds.cube(), grid, batch, progress)
     for x in chunks:
         gen_stats.add(x)
     timings["generate_and_features_s"] = time.perf_counter() - t0

@@ -47,7 +47,8 @@ class StyleGAN3DConfig(BaseConfig):
     mbstd_group: int = 4
     dims: int = 3
     # the cube size (R^3) input scans are brought to first, as `voxgen prepare` does for the training
-    # data; the cube is then resampled to ``shape`` (see model/stylegan3d/data.py)
+    # data (``cube()``, with ``preprocess``); the cube is then resampled to ``shape`` by
+    # ``model.data.grid.resample``, in training and projection alike
     data_resolution: int = 128
     # optimisation steps of a projection (``encode``, the service's /encode) unless a caller says
     projection_steps: int = 200
@@ -58,7 +59,7 @@ class StyleGAN3DConfig(BaseConfig):
     json_keys: ClassVar[tuple[str, ...]] = tuple(
         "family shape channels z_dim w_dim mapping_layers mapping_width mapping_lr_mult split_g shuffle_g d_variant "
         "d_groups mbstd_group dims modality spacing intensity data_resolution projection_steps description "
-        "latent_dim".split()
+        "latent_dim preprocess".split()
     )
 
     def __post_init__(self) -> None:
@@ -112,6 +113,15 @@ class StyleGAN3DConfig(BaseConfig):
         """The cube size ``model.data.volumes.to_model_space`` brings an input scan to (= the
         prepared data's resolution); the model then resamples that cube to ``shape``."""
         return self.data_resolution
+
+    @property
+    def cube_resolution(self) -> int:
+        return self.data_resolution
+
+    @property
+    def grid_shape(self) -> tuple[int, int, int]:
+        """``shape``, also for a 2D model (its slices are axial slices of that grid)."""
+        return self.shape
 
     @property
     def latent_dim(self) -> int:

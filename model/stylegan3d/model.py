@@ -33,6 +33,7 @@ class StyleGAN3DModel(VolumeModel[StyleGAN3DConfig, StyleGAN3D]):
     config_class = StyleGAN3DConfig
     net_class = StyleGAN3D
     count_parameters = staticmethod(parameter_counts)
+    generator_parts = ("G",)  # serving and projection: D is never read
 
     def __init__(self, net: StyleGAN3D, device: str | torch.device = "cpu") -> None:
         super().__init__(net.requires_grad_(False), device)
@@ -151,9 +152,10 @@ class StyleGAN3DModel(VolumeModel[StyleGAN3DConfig, StyleGAN3D]):
             return project(self.net.G, x.reshape(1, 1, *self.config.image_shape), steps=steps, progress=progress, **kw)
 
     def to_grid(self, x: torch.Tensor) -> torch.Tensor:
-        """Volumes [n, 1, *S] in model space (e.g. the R^3 cube of ``load_for_model``) -> what the
-        networks see, [n, 1, *image_shape]: resampled to ``shape`` as the training data were; a 2D
-        model takes the middle axial slice of that grid."""
+        """Volumes [n, 1, *S] in model space (e.g. the R^3 cube of ``load_for_model``, ``config.cube()``)
+        -> what the networks see, [n, 1, *image_shape]: resampled to ``shape`` by
+        ``model.data.grid.resample`` as the training data were; a 2D model takes the middle axial
+        slice of that grid.  Any grid is accepted (it is taken to span the cube's field of view)."""
         if x.ndim != 5 or x.shape[1] != 1 or min(x.shape[2:]) < 1:
             raise ValueError(f"volume must have shape [n, 1, D, H, W], got {list(x.shape)}")
         if not torch.isfinite(x).all():

@@ -16,9 +16,11 @@ The StyleGAN2 objective (Karras et al. 2020) as Liu et al. (2022) configure it:
   images of batch, ramped up over the first images) is the generator that is saved and served.
 
 Data: a dataset made by ``voxgen prepare`` (cubes R^3 in [-1, 1]); each volume is resampled to
-the config's grid (``model/stylegan3d/data.py``); with ``dims=2`` the batches are axial slices
-(H, W) of that grid.  ``init_from`` (a 2D run folder or 2D model directory) starts a 3D run from
-the inflated 2D weights (``inflate.py``).
+the config's grid by ``model.data.grid.resample``, as a projection target is
+(``StyleGAN3DModel.to_grid``; the config records the dataset's preprocessing and cube,
+``preprocess`` and ``data_resolution``); with ``dims=2`` the batches are axial slices (H, W) of
+that grid.  ``init_from`` (a 2D run folder or 2D model directory) starts a 3D run from the
+inflated 2D weights (``inflate.py``).
 
 Run folder (as HA-GAN's trainer): ``checkpoints/iter_N/`` is a model directory (config.json and
 model.safetensors holding G_ema and D, servable as it is) plus ``train.safetensors`` (the raw G,
@@ -55,14 +57,14 @@ import torch
 import torch.nn.functional as F
 
 from model import distributed
-from model.base import Intensity, Progress
+from model.base import Progress
 from model.checkpoint import ModelDirError, TrainingCheckpoint, latest_checkpoint, read_training_checkpoint
 from model.data.datasets import VolumeDataset
-from model.data.grid import grid_spacing, volume_to_grid
+from model.data.grid import volume_to_grid
 from model.stylegan3d.config import StyleGAN3DConfig
 from model.stylegan3d.inflate import STRATEGIES, inflate_network
 from model.stylegan3d.networks import StyleGAN3D
-from model.training import LOOP_DEFAULTS, resume_checkpoint, write_checkpoint
+from model.training import LOOP_DEFAULTS, dataset_fields, resume_checkpoint, write_checkpoint
 
 DEFAULTS: dict[str, Any] = LOOP_DEFAULTS | {
     "family": "splitshuffle",
@@ -140,7 +142,9 @@ class Trainer:
         self.init_info: dict[str, Any] | None = None
         ck = read_training_checkpoint(latest_checkpoint(self.run)) if self.o["resume"] else None
         if ck is not None:
-            self.cfg = StyleGAN3DConfig.from_dict(ck.config())
+            saved = dict(ck.config())
+            saved.setdefault("preprocess", self.data.cube().preprocess)  # not recorded by older runs
+            self.cfg = StyleGAN3DConfig.from_dict(saved)
             torch.manual_seed(seed)
             self.net = StyleGAN3D(self.cfg)
         elif self.o["init_from"]:
@@ -188,16 +192,6 @@ class Trainer:
         c = interval / (interval + 1) if interval > 0 else 1.0  # lazy regularisation (StyleGAN2, appendix C)
         return torch.optim.Adam(params, lr=self.lr * c, betas=(0.0, 0.99**c), eps=1e-8)
 
-    def _data_fields(self, shape: tuple[int, int, int]) -> dict[str, Any]:
-        mf = self.data.manifest
-        cube = grid_spacing(self.data.grid_spacing() or (1.0, 1.0, 1.0), self.data.resolution, shape)
-        return {
-            "modality": mf["modality"],
-            "intensity": Intensity(**mf["intensity"]),
-            "spacing": cube,
-            "data_resolution": int(self.data.resolution),
-        }
-
     def _description(self, cfg_family: str, variant: str | None, dims: int, extra: str = "") -> str:
         src = self.data.manifest.get("source", "?")
         what = f"{cfg_family} ({variant or 'custom'}, {'2D slices' if dims == 2 else '3D'})"
@@ -216,7 +210,7 @@ class Trainer:
             kw["z_dim"] = kw["w_dim"] = int(o["latent_dim"])
         if o["mapping_width"] is not None:
             kw["mapping_width"] = int(o["mapping_width"])
-        cfg = StyleGAN3DConfig.for_variant(family, o["variant"], **kw, **self._data_fields(shape))
+        cfg = StyleGAN3DConfig.for_variant(family, o["variant"], **kw, **dataset_fields(self.data, shape))
         cfg.description = self._description(family, cfg.variant, cfg.dims)
         return cfg
 
@@ -253,7 +247,7 @@ class Trainer:
             raise ValueError(
                 f"--init-from {src}: slices of {c2.shape[1]}x{c2.shape[2]}; shape {shape} differs in-plane"
             )
-        d = c2.to_dict() | {"dims": 3, "shape": list(shape)} | self._data_fields(shape)
+        d = c2.to_dict() | {"dims": 3, "shape": list(shape)} | dataset_fields(self.data, shape)
         d["description"] = self._description(
             c2.family, c2.variant, 3, f", initialised by {o['inflate']} ({'+'.join(parts)}) from the 2D model {src}"
         )
