@@ -42,8 +42,6 @@ from typing import Any
 
 import torch
 
-# families whose trainers take part (the others refuse to run with WORLD_SIZE > 1)
-FAMILIES = ("hagan", "splitshuffle", "stylegan3d")
 BUCKET_BYTES = 25 << 20  # gradients are all-reduced in flattened buckets of about this size, as DDP's
 TIMEOUT = datetime.timedelta(hours=1)  # rank 0 alone writes checkpoints, previews and the monitor meanwhile
 ERROR_MARK = "voxgen train error: "  # how a rank reports a bad option or dataset to ``launch``

@@ -23,7 +23,8 @@ class Family:
     ``init``: the CLI's ``voxgen init`` for it, a function of the parsed arguments; ``variants``:
     where the architecture variants it accepts are named (a mapping or sequence; "" for none);
     ``encoder``: "amortised" (a network maps a volume to its latent) or "projection" (an
-    optimisation finds it); ``summary``: one line for help texts."""
+    optimisation finds it); ``summary``: one line for help texts; ``multi_process``: whether its
+    trainer takes part in torchrun training with several processes (the others refuse it)."""
 
     name: str
     config: str
@@ -33,6 +34,7 @@ class Family:
     encoder: Literal["amortised", "projection"]
     summary: str
     variants: str = ""
+    multi_process: bool = False  # its trainer runs under torchrun with several processes (model/distributed.py)
 
     def config_class(self) -> Any:
         return load(self.config)
@@ -67,6 +69,7 @@ FAMILIES: dict[str, Family] = {
             init="model.hagan.model:init_cli",
             encoder="amortised",
             summary="HA-GAN: hierarchical amortised GAN, 128-512^3, hierarchical encoder",
+            multi_process=True,
         ),
         Family(
             name="splitshuffle",
@@ -77,6 +80,7 @@ FAMILIES: dict[str, Family] = {
             encoder="projection",
             summary="3D Split&Shuffle-GAN: 3D StyleGAN2 with channel split & shuffle convolutions",
             variants="model.stylegan3d.config:VARIANTS",
+            multi_process=True,
         ),
         Family(
             name="stylegan3d",
@@ -87,6 +91,7 @@ FAMILIES: dict[str, Family] = {
             encoder="projection",
             summary="3D-StyleGAN baseline (no split/shuffle), projection and style mixing",
             variants="model.stylegan3d.config:VARIANTS",
+            multi_process=True,
         ),
         Family(
             name="alphawgan",
@@ -125,6 +130,11 @@ def get(name: str) -> Family:
 def with_encoder(kind: Literal["amortised", "projection"]) -> tuple[str, ...]:
     """The families whose encoder is of this kind."""
     return tuple(n for n, f in FAMILIES.items() if f.encoder == kind)
+
+
+def multi_process() -> tuple[str, ...]:
+    """The families whose trainers run under torchrun with several processes."""
+    return tuple(n for n, f in FAMILIES.items() if f.multi_process)
 
 
 def sharing_config(config: str) -> tuple[str, ...]:

@@ -203,10 +203,10 @@ def train(options: dict[str, Any], progress: Callable[[int, int, str], None] | N
 
     family = options.get("family") or "hagan"
     world = distributed.env_world_size()
-    if world > 1 and family not in distributed.FAMILIES:
+    if world > 1 and family not in families.multi_process():
         raise ValueError(
             f"family {family!r} trains in one process only; torchrun with several processes trains "
-            f"{', '.join(distributed.FAMILIES)}"
+            f"{', '.join(families.multi_process())}"
         )
     with distributed.session(options.get("device")) as (ctx, device):
         if world > 1:

@@ -22,6 +22,7 @@ def test_every_entry_names_parts_that_exist_and_agree() -> None:
         assert callable(f.trainer_module().train) and callable(f.init_function())
         assert f.encoder in ("amortised", "projection")
     assert families.with_encoder("amortised") == ("hagan", "alphawgan")
+    assert families.multi_process() == ("hagan", "splitshuffle", "stylegan3d")  # alpha-WGAN trains in one process
     assert set(families.get("splitshuffle").variant_names()) >= {"baseline", "split-shuffle"}
     with pytest.raises(ValueError, match="unknown model family 'nope'; known: hagan"):
         families.get("nope")
