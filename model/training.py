@@ -19,7 +19,6 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -30,6 +29,7 @@ if TYPE_CHECKING:
     import numpy as np
     import torch
 
+    from model.base import Progress
     from model.data.datasets import VolumeDataset
 
 TRAINERS: dict[str, str] = {name: f.trainer for name, f in families.FAMILIES.items()}
@@ -54,7 +54,7 @@ class LoopTrainer(Protocol):
     o: dict[str, Any]  # options: iterations, log_every, checkpoint_every, preview_every
     run: Path
     iteration: int
-    progress: Callable[[int, int, str], None] | None
+    progress: Progress | None
 
     def step(self) -> dict[str, float]: ...
     def save_checkpoint(self) -> Path: ...
@@ -193,7 +193,7 @@ def trainer_module(family: str) -> Any:
     return families.get(family).trainer_module()
 
 
-def train(options: dict[str, Any], progress: Callable[[int, int, str], None] | None = None) -> Path:
+def train(options: dict[str, Any], progress: Progress | None = None) -> Path:
     """Train (or resume, with ``options['resume']``) a run of ``options['family']`` (default hagan).
 
     Started by torchrun (``WORLD_SIZE`` > 1): joins the process group (model/distributed.py), trains on

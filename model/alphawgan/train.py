@@ -36,7 +36,6 @@ folder mirrors HA-GAN's: ``checkpoints/iter_N/``, ``latest.json`` (written last)
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +45,7 @@ import torch.nn.functional as F
 
 from model.alphawgan.config import RESOLUTION, AlphaWGANConfig
 from model.alphawgan.networks import AlphaWGAN
+from model.base import Progress
 from model.checkpoint import latest_checkpoint, read_training_checkpoint
 from model.data.datasets import VolumeDataset
 from model.data.grid import resample
@@ -78,7 +78,7 @@ def gradient_penalty(
 
 
 class Trainer:
-    def __init__(self, options: dict[str, Any], progress: Callable[[int, int, str], None] | None = None) -> None:
+    def __init__(self, options: dict[str, Any], progress: Progress | None = None) -> None:
         from model.registry import resolve_device
 
         known = set(DEFAULTS) | {"data", "output"}  # other families' options are ignored
@@ -230,6 +230,6 @@ class Trainer:
         return fit_loop(self)
 
 
-def train(options: dict[str, Any], progress: Callable[[int, int, str], None] | None = None) -> Path:
+def train(options: dict[str, Any], progress: Progress | None = None) -> Path:
     """Train (or resume) an alpha-WGAN-GP run; returns the finished model directory (RUN/model)."""
     return Trainer(options, progress).fit()

@@ -46,7 +46,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +54,7 @@ import torch
 import torch.nn.functional as F
 
 from model import distributed
-from model.base import Intensity
+from model.base import Intensity, Progress
 from model.checkpoint import latest_checkpoint, read_training_checkpoint, save_model_dir, write_json_atomic
 from model.data.augment import RandomAugment, diff_augment
 from model.data.datasets import VolumeDataset
@@ -190,7 +189,7 @@ def _requires_grad(net: HAGAN, names: tuple[str, ...], flag: bool) -> None:
 
 
 class Trainer:
-    def __init__(self, options: dict[str, Any], progress: Callable[[int, int, str], None] | None = None) -> None:
+    def __init__(self, options: dict[str, Any], progress: Progress | None = None) -> None:
         from model.registry import resolve_device
 
         given = {k: v for k, v in options.items() if v is not None}
@@ -553,6 +552,6 @@ class Trainer:
         return fit_loop(self)
 
 
-def train(options: dict[str, Any], progress: Callable[[int, int, str], None] | None = None) -> Path:
+def train(options: dict[str, Any], progress: Progress | None = None) -> Path:
     """Train (or resume) a run; returns the finished model directory (RUN/model)."""
     return Trainer(options, progress).fit()
