@@ -15,7 +15,8 @@ Paths:
           the same in bf16 (``set_precision("bf16")``: weights converted once, activations bf16,
           GroupNorm statistics fp32/fp64); run where the CPU has native bf16 (AVX-512 BF16 or AMX),
           or with --bf16 anywhere (on AVX2-only CPUs it is tens of times slower)
-Encoding: E^H on the 8 slabs + E^G, the authors' functional path vs ours (the same arithmetic).
+Encoding: E^H on the 8 slabs + E^G, the authors' functional path vs ours (the same arithmetic);
+encode-bf16: ours under bf16 autocast (``set_precision("bf16")``), where bf16 is native or --bf16.
 voxgen cells hold the whole model (G, D, E^H, E^G) as a served model directory does.
 """
 
@@ -68,9 +69,10 @@ def one(res: int, path: str, repeats: int, slab_mb: int) -> dict:
             t = time.perf_counter()
             m.generate(z, mode=path.removesuffix("-bf16"), budget_mb=slab_mb)
             times.append(time.perf_counter() - t)
-    elif path in ("encode-plain", "encode"):
+    elif path in ("encode-plain", "encode", "encode-bf16"):
         x = torch.rand(1, 1, res, res, res) * 2 - 1
-        if path == "encode":
+        if path != "encode-plain":
+            m.set_precision("bf16" if path == "encode-bf16" else "fp32")
             for _ in range(repeats):
                 t = time.perf_counter()
                 m.encode(x)
@@ -150,6 +152,7 @@ def main() -> None:
             paths = ["whole", "slab", "encode"]  # the plain path needs > 20 GiB at 512^3 (not run)
         if bf16:
             paths[paths.index("slab") + 1 : paths.index("slab") + 1] = ["whole-bf16", "slab-bf16"]
+            paths.append("encode-bf16")
         if a.paths:
             paths = [p for p in paths if p in a.paths]
         for path in paths:

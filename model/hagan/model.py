@@ -63,7 +63,8 @@ class HAGANModel(VolumeModel[HAGANConfig, HAGAN]):
 
     def set_precision(self, option: str | None = "auto") -> str:
         """Generation precision: 'fp32', 'bf16' or 'auto' (see the module docstring); returns the
-        one chosen.  Encoding stays fp32."""
+        one chosen.  Encoding follows it: bf16 runs E^H and E^G's convolutions under bf16 autocast
+        (GroupNorm in float32), latents returned as float32."""
         chosen = resolve_precision(option, self.device)
         if chosen != self.precision:
             self.precision, self._folded = chosen, None
@@ -239,15 +240,18 @@ class HAGANModel(VolumeModel[HAGANConfig, HAGAN]):
     # ---------------------------------------------------------------- encoding
     @torch.inference_mode()
     def encode(self, x: torch.Tensor, progress: Progress | None = None) -> torch.Tensor:
-        """Volumes [n, 1, R, R, R] in model space -> latents [n, latent] (hierarchical encoder)."""
+        """Volumes [n, 1, R, R, R] in model space -> latents [n, latent] (hierarchical encoder); in
+        the model's precision (``set_precision``: bf16 autocast for the convolutions)."""
         r = self.config.resolution
         if x.ndim != 5 or tuple(x.shape[1:]) != (1, r, r, r):
             raise ValueError(f"volume must have shape [n, 1, {r}, {r}, {r}], got {list(x.shape)}")
         self.need(self.encoder_parts)
         zs = []
+        bf16 = self.precision == "bf16"
         for i in range(x.shape[0]):
-            f = self.net.encode_features(x[i : i + 1].to(self.device, torch.float32), slabs_per_call=2)
-            zs.append(self.net.eg(f).float().cpu())
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
+                f = self.net.encode_features(x[i : i + 1].to(self.device, torch.float32), slabs_per_call=2)
+                zs.append(self.net.eg(f).float().cpu())
             if progress:
                 progress(i + 1, x.shape[0], "encode")
         return torch.cat(zs, 0)
