@@ -97,6 +97,12 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=12, help="jobs per throughput measurement (0: none)")
     ap.add_argument("--poll-ms", type=float, default=10.0, help="the polling row's interval (0: no polling row)")
     ap.add_argument("--queues", default="embedded,celery", help="which service paths to run")
+    ap.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "fp32", "bf16"],
+        help="generation arithmetic of every path (auto: bf16 on CPUs with native bf16), the same for all",
+    )
     a = ap.parse_args()
     import logging
 
@@ -109,6 +115,7 @@ def main() -> None:
     from model.data.volumes import write_volume
     from model.hagan.config import HAGANConfig
     from model.hagan.model import HAGANModel
+    from model.precision import resolve_precision
     from service.app import create_app
     from service.settings import Settings
     from worker.jobs import job_generate
@@ -116,6 +123,7 @@ def main() -> None:
     from worker.settings import job_threads
 
     torch.set_num_threads(job_threads(0))  # what every job pins (VOXGEN_THREADS=0)
+    precision = resolve_precision(a.precision, torch.device("cpu"))  # one arithmetic for every path
     tmp = Path(tempfile.mkdtemp(prefix="voxgen-bench-"))
     models = tmp / "models"
     HAGANModel.init(HAGANConfig(resolution=a.res, width=a.width), seed=0).save_pretrained(models / "m")
@@ -135,6 +143,7 @@ def main() -> None:
             "VOXGEN_REDIS_URL": url or "",
             "VOXGEN_MODELS_DIR": str(models),
             "VOXGEN_STORAGE_DIR": str(tmp / "st-celery"),
+            "VOXGEN_PRECISION": precision,
         }
 
         def start_worker() -> None:
@@ -148,6 +157,7 @@ def main() -> None:
             )
 
         m = HAGANModel.from_pretrained(models / "m")
+        m.set_precision(precision)
         m.generate(m.sample_latents(1, 0))  # warm-up
         emb = cel = None
         if "embedded" in queues:  # `voxgen serve` as deployed: its own process, real HTTP
@@ -251,7 +261,7 @@ def main() -> None:
     }
     print(
         f"# {a.res}^3 HA-GAN (width {a.width}), {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-        f"{job_threads(0)} threads, {a.repeats} interleaved rounds\n"
+        f"{job_threads(0)} threads, precision {precision} on every path, {a.repeats} interleaved rounds\n"
     )
     print("| path | median s | min s | overhead over direct (medians) | median of per-round ratios |")
     print("|---|---|---|---|---|")
