@@ -166,7 +166,8 @@ class VolumeModel(Generic[ConfigT, NetT]):
         with torch.device("meta"):
             net = cls.net_class(cfg)
         load_state_dict_checked(net, read_weights(path, parts=parts), path, parts)
-        if _meta_parts(net, parts):
+        whole_meta = parts is None and any(t.is_meta for t in (*net.parameters(), *net.buffers()))
+        if whole_meta or _meta_parts(net, parts):
             net = cls.net_class(cfg)
             load_state_dict_checked(net, read_weights(path), path)
         return net  # type: ignore[return-value]
