@@ -117,16 +117,6 @@ def register(sub: argparse._SubParsersAction, commands: dict[str, Callable]) -> 
     g.add_argument("--lr-g", type=float, help="G's learning rate (default 1e-4; a resumed run takes the new one)")
     g.add_argument("--lr-d", type=float, help="D's learning rate (default 4e-4)")
     g.add_argument("--lr-e", type=float, help="the encoders' learning rate (default 1e-4)")
-    g.add_argument(
-        "--recipe",
-        choices=["authors", "small-data"],
-        help="authors (default): the paper's; small-data: augmentation, DiffAugment, EMA of G, whole-volume "
-        "GroupNorm statistics, any-start sub-volumes, average-pooled low-res, encoder latent and prior terms, "
-        "quality monitor (each also an option below)",
-    )
-    g.add_argument("--augment", choices=["on", "off"], help="on-the-fly augmentation of the real volumes")
-    g.add_argument("--diffaug", choices=["on", "off"], help="DiffAugment on every input of D")
-    g.add_argument("--ema", type=float, help="EMA decay of G, served (0: off)")
     g.add_argument("--whole-stats", choices=["on", "off"], help="G^H GroupNorm with whole-volume statistics")
     g.add_argument("--any-start", choices=["on", "off"], help="sub-volumes may start at any slice")
     g.add_argument("--lowres", choices=["nearest", "average"], help="how the real low-resolution volume is made")
@@ -136,6 +126,18 @@ def register(sub: argparse._SubParsersAction, commands: dict[str, Callable]) -> 
     g.add_argument(
         "--lambda-rec", type=float, help="G and E^G learn together to reconstruct the real volumes: its weight (0: off)"
     )
+    g = s.add_argument_group("small-data recipe (every family)")
+    g.add_argument(
+        "--recipe",
+        choices=["authors", "small-data"],
+        help="authors (default): the paper's; small-data: augmentation of the real volumes, DiffAugment on D's "
+        "inputs, an EMA of G (served), the quality monitor keeping RUN/best, and for hagan whole-volume "
+        "GroupNorm statistics, any-start sub-volumes, average-pooled low-res and the encoder's latent and "
+        "prior terms (each also an option)",
+    )
+    g.add_argument("--augment", choices=["on", "off"], help="on-the-fly augmentation of the real volumes")
+    g.add_argument("--diffaug", choices=["on", "off"], help="DiffAugment on every input of D")
+    g.add_argument("--ema", type=float, help="hagan, alphawgan: EMA decay of G, served (0: off)")
     g.add_argument("--monitor-every", type=int, help="quality monitor every N iterations (0: off)")
     g.add_argument("--monitor-n", type=int, help="volumes the quality monitor generates (default 8)")
     s.add_argument("--keep-checkpoints", type=int, help="keep the newest K checkpoints (default 3; 0: all)")

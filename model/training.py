@@ -47,6 +47,44 @@ LOOP_DEFAULTS: dict[str, Any] = {
 }
 KEEP_CHECKPOINTS = 3  # the newest checkpoints fit_loop keeps where ``keep_checkpoints`` is not given
 
+# The small-data recipe's options every family has (a family's ``RECIPES["small-data"]`` turns them on
+# beside its own parts): the real volumes augmented afresh every iteration (model/data/augment.py
+# ``RandomAugment``), DiffAugment on every input of D, the quality monitor every N iterations
+# (``QualityMonitor``, which keeps RUN/best) on ``monitor_n`` volumes.
+RECIPE_DEFAULTS: dict[str, Any] = {
+    "recipe": "authors",
+    "augment": "off",
+    "diffaug": "off",
+    "monitor_every": 0,
+    "monitor_n": 8,
+}
+
+
+def recipe_options(
+    defaults: dict[str, Any], recipes: dict[str, dict[str, Any]], given: dict[str, Any]
+) -> dict[str, Any]:
+    """A trainer's options: its ``defaults``, then the parts of the recipe named in ``given`` (default
+    ``defaults["recipe"]``), then what was ``given`` (options given as None are left out by the
+    caller); the recipe's name and the on/off switches are checked."""
+    recipe = str(given.get("recipe", defaults["recipe"]))
+    if recipe not in recipes:
+        raise ValueError(f"recipe must be one of {', '.join(recipes)}, got {recipe!r}")
+    o = defaults | recipes[recipe] | given
+    for k in ("augment", "diffaug"):
+        if o[k] not in ("on", "off"):
+            raise ValueError(f"{k} must be on or off, got {o[k]!r}")
+    if int(o["monitor_every"]) < 0 or int(o["monitor_n"]) < 2:
+        raise ValueError("monitor_every must be >= 0 and monitor_n >= 2")
+    return o
+
+
+def recipe_record(o: dict[str, Any], defaults: dict[str, Any], parts: tuple[str, ...]) -> dict[str, Any]:
+    """What a config's ``training`` field records of a run's options ``o``: the recipe and its
+    ``parts`` where any differs from ``defaults`` (the authors' training), else ``{}``, so that the
+    config of a run trained as the paper says is unchanged."""
+    keys = ("recipe", *parts)
+    return {k: o[k] for k in keys} if any(o[k] != defaults[k] for k in keys) else {}
+
 
 class LoopTrainer(Protocol):
     """What ``fit_loop`` needs from a family's trainer."""
@@ -214,3 +252,89 @@ def train(options: dict[str, Any], progress: Progress | None = None) -> Path:
         if progress is None and os.environ.get("VOXGEN_PROGRESS_FILE"):
             progress = distributed.progress_file_writer(os.environ["VOXGEN_PROGRESS_FILE"])
         return trainer_module(family).train(dict(options, family=family), progress if ctx.main else None)
+
+
+MONITOR_MIN_REAL = 4  # the monitor's floor compares two halves of at least two real volumes each
+
+
+class QualityMonitor:
+    """The in-training quality monitor every family's small-data recipe shares: the evaluation's
+    texture distance (fd_texture) of ``n`` generated volumes against up to ``2 * n`` real volumes of
+    the training set (not augmented), on the model's native grid (a coarser one would average away
+    blockiness finer than its voxels), beside its real-vs-real floor at the same size, and the
+    coarse-anatomy spread ratio that flags collapse (a warning on stderr).  ``__call__`` returns the
+    figures (``q_*``) for the iteration's metrics row; the lowest fd_texture so far (among figures
+    taken on one grid) is kept as a model directory in ``RUN/best`` with ``best.json``.  With fewer
+    than ``MONITOR_MIN_REAL`` training volumes there is no floor: the monitor says so once and is off.
+
+    ``real(i)``: training volume ``i`` as a [D, H, W] array on any grid;
+    ``generate(z)``: volumes [k, 1, D, H, W] from latents [k, latent] (the served G, eval mode).
+    The latents are fixed (seed 4321), so successive figures differ by the weights only."""
+
+    def __init__(self, run: Path, grid: tuple[int, int, int], n: int, latent_dim: int) -> None:
+        self.run, self.grid, self.n, self.latent_dim = run, tuple(int(g) for g in grid), int(n), int(latent_dim)
+        self.best: dict[str, Any] | None = None  # the trainer sets it from its checkpoint on resume
+        self._real: dict[str, torch.Tensor] | None = None
+        self._warned = False
+
+    def __call__(
+        self,
+        iteration: int,
+        data_len: int,
+        real: Any,
+        generate: Any,
+        config: dict[str, Any],
+        served_state: Any,
+        chunk: int = 2,
+    ) -> dict[str, float]:
+        import numpy as np
+        import torch
+
+        from model.checkpoint import save_model_dir, write_json_atomic
+        from model.data.grid import resample
+        from model.metrics.evaluate import COLLAPSE_SPREAD, split_distances, spread_ratio, standardise
+        from model.metrics.features import PooledIntensity
+        from model.metrics.texture import TextureBank
+
+        n, grid = self.n, self.grid
+        if data_len < MONITOR_MIN_REAL:
+            if not self._warned:
+                sys.stderr.write(
+                    f"quality monitor: off, it needs at least {MONITOR_MIN_REAL} training volumes for its real-vs-real "
+                    f"floor (the dataset has {data_len})\n"
+                )
+                self._warned = True
+            return {}
+        extract = {"texture": TextureBank(), "pooled": PooledIntensity(4)}
+        with torch.no_grad():
+            if self._real is None:
+                k = min(data_len, 2 * n)
+                idx = np.random.default_rng(0).permutation(data_len)[:k]
+                x = torch.from_numpy(np.stack([np.asarray(real(int(i)), np.float32) for i in idx]))[:, None]
+                x = resample(x, grid)
+                self._real = {name: e(x) for name, e in extract.items()}
+            zs = torch.randn(n, self.latent_dim, generator=torch.Generator().manual_seed(4321))
+            fake = torch.cat([resample(generate(zs[i : i + chunk]).float().cpu(), grid) for i in range(0, n, chunk)])
+        gf = {name: e(fake) for name, e in extract.items()}
+        rf = dict(self._real)
+        rf["texture"], gf["texture"] = standardise(rf["texture"], gf["texture"])
+        m = min(n, len(rf["texture"]) // 2)
+        dist, floor = split_distances({"texture": gf["texture"][:m]}, {"texture": rf["texture"]}, m, 10, 0)
+        spread = spread_ratio(gf["pooled"], rf["pooled"])
+        out = {
+            "q_fd_texture": dist["texture"]["fd"],
+            "q_floor": floor["texture"]["fd"]["mean"],
+            "q_floor_sd": floor["texture"]["fd"]["sd"],
+            "q_spread": spread,
+        }
+        if spread < COLLAPSE_SPREAD:
+            sys.stderr.write(
+                f"[{iteration}] quality monitor: mode collapse? the samples' coarse anatomy varies "
+                f"{spread:.2f}x as much as the real volumes'\n"
+            )
+        comparable = self.best is not None and self.best.get("grid") == list(grid)  # figures of one grid only
+        if not comparable or out["q_fd_texture"] < self.best["q_fd_texture"]:  # type: ignore[index]
+            self.best = {"iteration": iteration, "grid": list(grid), **out}
+            save_model_dir(self.run / "best", config, served_state())
+            write_json_atomic(self.run / "best" / "best.json", self.best)
+        return out

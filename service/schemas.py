@@ -125,6 +125,12 @@ class TrainRequest(BaseModel):
     init_from: str | None = Field(None, description="stylegan: a 2D run or model directory to inflate from")
     inflate: str = Field("inflate-1", max_length=32)
     inflate_parts: Literal["g", "d", "gd"] = "gd"
+    recipe: Literal["authors", "small-data"] | None = Field(
+        None,
+        description="authors (default): the paper's training; small-data (every family): augmentation of the real "
+        "volumes, DiffAugment on the discriminator's inputs, an EMA of G that is served, and the quality monitor, "
+        "which keeps the best model (hagan adds its own parts; `voxgen train --help`)",
+    )
     processes: Int = Field(
         1,
         ge=1,

@@ -648,7 +648,7 @@ def test_admin_train_auth_and_a_train_job_registers_the_model(service_models_dir
     (src / "scan.nii.gz").write_bytes(nifti_upload(tmp_path))
     prepare_dataset(src, tmp_path / "ds", HAGANConfig(resolution=128))
     body = {"data": str(tmp_path / "ds"), "name": "trained1", "iterations": 2, "batch": 1, "width": 0.25}
-    body["latent_dim"] = 8
+    body |= {"latent_dim": 8, "recipe": "small-data"}
     s = Settings(models_dir=models, storage_dir=tmp_path / "storage", admin_token="s3cret")
     with TestClient(create_app(s)) as c:
         r = c.post("/admin/train", json=body)
@@ -658,6 +658,7 @@ def test_admin_train_auth_and_a_train_job_registers_the_model(service_models_dir
         auth = {"Authorization": "Bearer s3cret"}
         assert c.post("/admin/train", json=body | {"name": "tiny"}, headers=auth).status_code == 409
         assert c.post("/admin/train", json=body | {"name": "../x"}, headers=auth).status_code == 422
+        assert c.post("/admin/train", json=body | {"recipe": "fast"}, headers=auth).status_code == 422
         r = c.post("/admin/train", json=body, headers=auth)
         assert r.status_code == 202, r.text
         done = wait(c, r.json()["job_id"])
@@ -665,6 +666,8 @@ def test_admin_train_auth_and_a_train_job_registers_the_model(service_models_dir
         assert done["kind"] == "train" and done["result"]["model"] == "trained1"
         assert {"metrics.jsonl", "preview.png"} <= {f["name"] for f in done["result"]["files"]}
         assert "trained1" in {m["name"] for m in c.get("/models").json()}
+        trained = json.loads((models / "trained1" / "config.json").read_text())
+        assert trained["training"]["recipe"] == "small-data" and trained["training"]["ema"] == 0.999
         g = wait(c, c.post("/generate", json={"model": "trained1", "seed": 1}).json()["job_id"])
         assert g["state"] == "succeeded"
         bad = c.post("/admin/train", json=body | {"name": "t2", "data": str(tmp_path / "none")}, headers=auth)

@@ -223,3 +223,87 @@ def test_joint_reconstruction_teaches_g_the_real_volumes(brain_ds: Path, tmp_pat
             assert all(np.isfinite(r["e_g"]) for r in rows)
     assert from_pretrained(tmp_path / "rec10.0-3" / "model").config.training["lambda_rec"] == 10.0
     assert errors[10.0] < 0.8 * errors[0.0], errors
+
+
+# ---------------------------------------------------------------- the recipe in the other families
+SG = {"family": "stylegan3d", "shape": "16x32x32", "channels": 8, "latent_dim": 16, "mapping_width": 16}
+AW = {"width": 0.125, "latent_dim": 16, "code_hidden": 32}
+OTHER = {"batch": 2, "device": "cpu", "seed": 0, "recipe": "small-data", "preview_every": 100}
+OTHER |= {"checkpoint_every": 1, "monitor_every": 2, "monitor_n": 2}
+
+
+def _other(family: str) -> tuple[type, dict]:
+    if family == "stylegan3d":
+        from model.stylegan3d.train import Trainer as SGTrainer
+
+        return SGTrainer, OTHER | SG
+    from model.alphawgan.train import Trainer as AWTrainer
+
+    return AWTrainer, OTHER | AW
+
+
+@pytest.mark.parametrize("family", ["stylegan3d", "alphawgan"])
+def test_small_data_recipe_in_the_other_families(family: str, brain_ds: Path, tmp_path: Path) -> None:
+    """--recipe small-data in StyleGAN and alpha-WGAN: augmented real volumes, the monitor's figures in
+    the metrics, the best model kept, the recipe recorded in config.json, the EMA of G served; and an
+    exact resume (the augmentation's generator, the EMA and the best model go with the checkpoint)."""
+    trainer, opts = _other(family)
+    opts = opts | {"data": str(brain_ds), "monitor_every": 1}
+    run = tmp_path / "a"
+    t = trainer(opts | {"output": str(run), "iterations": 2})
+    assert t.augment is not None and t.o["diffaug"] == "on"
+    real = t._batch().cpu()
+    grid = [t._volume(i) if family == "stylegan3d" else t.volume(i)[0] for i in range(len(t.data))]
+    assert all(not np.allclose(r[0].numpy(), np.asarray(g), atol=1e-3) for r in real for g in grid)  # augmented
+    t.rng = np.random.default_rng(int(t.o["seed"]) + 2)  # the batch above drew from the run's generators
+    t.aug_gen.manual_seed(int(t.o["seed"]) + (4 if family == "stylegan3d" else 3))
+    t.fit()
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [1, 2]
+    for r in rows:
+        assert {"q_fd_texture", "q_floor", "q_spread"} <= set(r)
+        assert all(np.isfinite(v) for k, v in r.items() if k != "time")
+    best = json.loads((run / "best" / "best.json").read_text())
+    assert best["q_fd_texture"] == min(r["q_fd_texture"] for r in rows)
+    assert from_pretrained(run / "best").config.family == family
+    m = from_pretrained(run / "model")
+    assert m.config.training["recipe"] == "small-data" and m.config.training["augment"] == "on"
+    served = m.net.state_dict()
+    if family == "alphawgan":  # the served G is the EMA, E/D/C are the live ones
+        assert m.config.training["ema"] == 0.999
+        ema, live = t.ema_g.state_dict(), t.net.state_dict()
+        assert all(torch.equal(served[f"g.{k}"], v) for k, v in ema.items())
+        assert any(not torch.equal(served[f"g.{k}"], live[f"g.{k}"]) for k in ema if k.endswith("weight"))
+        assert torch.equal(served["e.convs.0.weight"], live["e.convs.0.weight"])
+    else:
+        assert all(torch.equal(served[f"G.{k}"], v) for k, v in t.G_ema.state_dict().items())
+
+    trainer(opts | {"output": str(tmp_path / "b"), "iterations": 1}).fit()
+    b = trainer(opts | {"output": str(tmp_path / "b"), "iterations": 2, "resume": True})
+    assert b.iteration == 1 and b.best is not None and b.best["iteration"] == 1
+    b.fit()
+    assert b.best == t.best
+    ema_a, ema_b = (t.ema_g, b.ema_g) if family == "alphawgan" else (t.G_ema, b.G_ema)
+    for na, nb in ((t.net, b.net), (ema_a, ema_b)):
+        sa, sb = na.state_dict(), nb.state_dict()
+        assert [k for k in sa if not torch.equal(sa[k], sb[k])] == []
+
+
+def test_small_data_recipe_for_slices_and_its_checks(brain_ds: Path, tmp_path: Path) -> None:
+    """A --dims 2 StyleGAN run (for inflation) takes the recipe on slices (DiffAugment on [B, C, H, W],
+    the volumes augmented before slicing) without the 3D monitor; asking for that monitor is an error,
+    as is an unknown recipe or switch in any family."""
+    trainer, opts = _other("stylegan3d")
+    opts = opts | {"data": str(brain_ds), "dims": 2, "batch": 4, "iterations": 2}
+    opts.pop("monitor_every")
+    t = trainer(opts | {"output": str(tmp_path / "2d")})
+    assert t.o["monitor_every"] == 0 and t.o["diffaug"] == "on" and t._batch().shape == (4, 1, 32, 32)
+    t.fit()
+    assert not any("q_fd_texture" in ln for ln in (tmp_path / "2d" / "metrics.jsonl").read_text().splitlines())
+    with pytest.raises(ValueError, match="3D volumes"):
+        trainer(opts | {"output": str(tmp_path / "x"), "monitor_every": 2})
+    for family in ("stylegan3d", "alphawgan"):
+        trainer, opts = _other(family)
+        for key, bad in (("recipe", "fast"), ("diffaug", "yes"), ("augment", 1)):
+            with pytest.raises(ValueError, match=key):
+                trainer(opts | {"data": str(brain_ds), "output": str(tmp_path / key), key: bad})

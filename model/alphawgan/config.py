@@ -5,7 +5,7 @@ shares and the round trip are ``model.config_base.BaseConfig``'s."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from model.config_base import BaseConfig, Intensity
 
@@ -27,13 +27,15 @@ class AlphaWGANConfig(BaseConfig):
     # 64^3 grid by ``model.data.grid.resample`` in training and when encoding; 64 (configs that
     # predate it): scans are brought to the grid itself
     data_resolution: int = RESOLUTION
+    # how the weights were trained where it departs from the paper (``recipe: small-data``), for the record
+    training: dict[str, Any] = field(default_factory=dict)
 
     label: ClassVar[str] = "an alpha-WGAN-GP"
     json_keys: ClassVar[tuple[str, ...]] = tuple(
         "resolution latent_dim width code_hidden modality spacing intensity class_names description family "
-        "preprocess data_resolution".split()
+        "preprocess data_resolution training".split()
     )
-    json_optional: ClassVar[tuple[str, ...]] = ("preprocess", "data_resolution")
+    json_optional: ClassVar[tuple[str, ...]] = ("preprocess", "data_resolution", "training")
 
     @property
     def cube_resolution(self) -> int:

@@ -36,6 +36,7 @@ folder mirrors HA-GAN's: ``checkpoints/iter_N/``, ``latest.json`` (written last)
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -47,9 +48,19 @@ from model.alphawgan.config import RESOLUTION, AlphaWGANConfig
 from model.alphawgan.networks import AlphaWGAN
 from model.base import Progress
 from model.checkpoint import latest_checkpoint, read_training_checkpoint
+from model.data.augment import RandomAugment, diff_augment
 from model.data.datasets import VolumeDataset
 from model.data.grid import resample
-from model.training import LOOP_DEFAULTS, dataset_fields, resume_checkpoint, write_checkpoint
+from model.training import (
+    LOOP_DEFAULTS,
+    RECIPE_DEFAULTS,
+    QualityMonitor,
+    dataset_fields,
+    recipe_options,
+    recipe_record,
+    resume_checkpoint,
+    write_checkpoint,
+)
 
 DEFAULTS: dict[str, Any] = LOOP_DEFAULTS | {
     "batch": 4,
@@ -62,6 +73,16 @@ DEFAULTS: dict[str, Any] = LOOP_DEFAULTS | {
     "lambda_rec": 10.0,
     "g_updates": 2,
     "flip": True,
+    # the small-data recipe's parts (model/training.py RECIPE_DEFAULTS) and an EMA of G
+    **RECIPE_DEFAULTS,
+    "ema": 0.0,  # EMA decay of G, served (0: off); ramped up as min(ema, (1 + it) / (10 + it))
+}
+# ``recipe: small-data``: the real volumes augmented afresh every iteration (after the flip), DiffAugment
+# on every input of the critic D (real, reconstructed and random volumes; the gradient penalties on
+# interpolates of the augmented ones), an EMA of G that is served, and the quality monitor keeping RUN/best
+RECIPES: dict[str, dict[str, Any]] = {
+    "authors": {},
+    "small-data": {"augment": "on", "diffaug": "on", "ema": 0.999, "monitor_every": 100},
 }
 NETS = ("e", "g", "d", "c")
 
@@ -82,7 +103,9 @@ class Trainer:
         from model.registry import resolve_device
 
         known = set(DEFAULTS) | {"data", "output"}  # other families' options are ignored
-        self.o = DEFAULTS | {k: v for k, v in options.items() if v is not None and k in known}
+        self.o = recipe_options(DEFAULTS, RECIPES, {k: v for k, v in options.items() if v is not None and k in known})
+        if not 0.0 <= float(self.o["ema"]) < 1.0:
+            raise ValueError(f"ema must be a decay in [0, 1), got {self.o['ema']!r}")
         self.run = Path(self.o["output"])
         self.data = VolumeDataset(self.o["data"])
         if len(self.data) == 0:
@@ -97,6 +120,7 @@ class Trainer:
             code_hidden=int(self.o["code_hidden"]),
             description=f"3D alpha-WGAN-GP trained by voxgen train on {self.data.manifest.get('source', '?')}",
             **dataset_fields(self.data, (RESOLUTION,) * 3),
+            training=recipe_record(self.o, DEFAULTS, ("augment", "diffaug", "ema")),
         )
         torch.manual_seed(int(self.o["seed"]))
         self.net = AlphaWGAN(self.cfg).to(self.device).train()
@@ -109,6 +133,13 @@ class Trainer:
         self.iteration = 0
         self.fixed_z = torch.randn(4, self.cfg.latent_dim, generator=torch.Generator().manual_seed(1234))
         self._cache: dict[int, torch.Tensor] = {}
+        self.aug_gen = torch.Generator().manual_seed(int(self.o["seed"]) + 3)  # augmentation, DiffAugment
+        self.augment = RandomAugment() if self.o["augment"] == "on" else None
+        self.ema_g: torch.nn.Module | None = None
+        if float(self.o["ema"]) > 0:
+            self.ema_g = copy.deepcopy(self.net.g).requires_grad_(False)
+        self.best: dict[str, Any] | None = None
+        self.quality = QualityMonitor(self.run, self.cfg.grid_shape, int(self.o["monitor_n"]), self.cfg.latent_dim)
         if self.o["resume"]:
             self._load_latest()
 
@@ -128,7 +159,14 @@ class Trainer:
         vols = [self.volume(int(i)) for i in idx]
         if self.o["flip"]:
             vols = [v.flip(-1) if fl else v for v, fl in zip(vols, flips, strict=True)]  # W = left-right
-        return torch.stack(vols).to(self.device)
+        x = torch.stack(vols)
+        if self.augment is not None:  # each volume its own draw, afresh every iteration
+            x = self.augment(x, self.aug_gen)
+        return x.to(self.device)
+
+    def _aug(self, x: torch.Tensor) -> torch.Tensor:
+        """D's input: DiffAugmented with ``diffaug`` (differentiable in ``x``), else ``x``."""
+        return diff_augment(x, self.aug_gen) if self.o["diffaug"] == "on" else x
 
     def _z(self, b: int) -> torch.Tensor:
         return torch.randn(b, self.cfg.latent_dim, generator=self.gen).to(self.device)
@@ -154,7 +192,7 @@ class Trainer:
             x_rec = net.g(z_e)
             x_rand = net.g(self._z(b))
             rec = F.l1_loss(x_rec, x)
-            adv = -net.d(x_rec).mean() - net.d(x_rand).mean()
+            adv = -net.d(self._aug(x_rec)).mean() - net.d(self._aug(x_rand)).mean()
             code = -net.c(z_e).mean()
             loss = adv + code + float(self.o["lambda_rec"]) * rec
             self.opts["e"].zero_grad(set_to_none=True)
@@ -162,6 +200,7 @@ class Trainer:
             loss.backward()
             self.opts["e"].step()
             self.opts["g"].step()
+            self._ema_update()
         losses |= {"eg": float(loss.detach()), "l1": float(rec.detach()), "eg_code": float(code.detach())}
 
         # 2. discriminator: reconstructions and random samples are both fake
@@ -172,6 +211,7 @@ class Trainer:
             x_rec = net.g(z_e)
             z_r = self._z(b)
             x_rand = net.g(z_r)
+        x, x_rec, x_rand = self._aug(x), self._aug(x_rec), self._aug(x_rand)
         d_real = net.d(x).mean()
         w = net.d(x_rec).mean() + net.d(x_rand).mean() - 2 * d_real
         gp = self._gp(net.d, x, x_rand) + self._gp(net.d, x, x_rec)
@@ -194,13 +234,62 @@ class Trainer:
         self.iteration += 1
         return losses
 
+    def _ema_update(self) -> None:
+        """EMA of G's weights after each G update, decay ramped up as min(ema, (1 + u) / (10 + u))
+        over the G updates u so far."""
+        if self.ema_g is None:
+            return
+        u = self.iteration * int(self.o["g_updates"])
+        decay = min(float(self.o["ema"]), (1 + u) / (10 + u))
+        with torch.no_grad():
+            for pe, p in zip(self.ema_g.parameters(), self.net.g.parameters(), strict=True):
+                pe.lerp_(p, 1.0 - decay)
+            for be, b in zip(self.ema_g.buffers(), self.net.g.buffers(), strict=True):
+                be.copy_(b)
+
+    def served_state(self) -> dict[str, torch.Tensor]:
+        """The weights a model directory holds: G from the EMA when there is one, E, D and C live."""
+        sd = self.net.state_dict()
+        if self.ema_g is not None:
+            sd |= {f"g.{k}": v for k, v in self.ema_g.state_dict().items()}
+        return sd
+
+    # ------------------------------------------------------------------ quality monitor
+    def monitor(self) -> dict[str, float]:
+        """The shared quality monitor (model/training.py ``QualityMonitor``) on ``monitor_n`` volumes
+        of the served G on the 64^3 grid; keeps the best model in RUN/best."""
+        g = self.ema_g if self.ema_g is not None else self.net.g
+
+        @torch.no_grad()
+        def generate(z: torch.Tensor) -> torch.Tensor:
+            return g(z.to(self.device))
+
+        self.quality.best = self.best
+        g.eval()
+        try:
+            out = self.quality(
+                self.iteration,
+                len(self.data),
+                lambda i: self.volume(i)[0],
+                generate,
+                self.cfg.to_dict(),
+                self.served_state,
+            )
+        finally:
+            g.train()
+        self.best = self.quality.best
+        return out
+
     # ------------------------------------------------------------------ checkpoints
     def generators(self) -> dict[str, torch.Generator]:
         """The CPU generators a checkpoint keeps (``rng.<name>``)."""
-        return {"latents": self.gen}
+        return {"latents": self.gen, "augment": self.aug_gen}
 
     def save_checkpoint(self) -> Path:
-        return write_checkpoint(self, self.net.state_dict())
+        live = {}  # the served G is the EMA; the live G goes with the training state
+        if self.ema_g is not None:
+            live = {f"live.g.{k}": v for k, v in self.net.g.state_dict().items()}
+        return write_checkpoint(self, self.served_state(), extra=live, state={"best": self.best})
 
     def _load_latest(self) -> None:
         ck = read_training_checkpoint(latest_checkpoint(self.run))
@@ -211,7 +300,13 @@ class Trainer:
             raise ValueError(
                 f"{ck.path}: the checkpoint's config differs from this run's options (width, latent_dim, ...)"
             )
-        self.net.load_state_dict(ck.weights())
+        served, live = ck.weights(), ck.extra("live.")
+        if self.ema_g is not None:
+            if not live:
+                raise ValueError(f"{ck.path}: this run trains with an EMA of G but the checkpoint has no live G")
+            self.ema_g.load_state_dict({k[2:]: v for k, v in served.items() if k.startswith("g.")})
+        self.net.load_state_dict(served | live)
+        self.best = ck.state.get("best")
         resume_checkpoint(self, ck)
 
     # ------------------------------------------------------------------ previews and the loop
@@ -219,9 +314,10 @@ class Trainer:
     def preview(self) -> Path:
         from model.preview import montage_png
 
-        self.net.g.eval()
-        vols = self.net.g(self.fixed_z.to(self.device)).float().cpu().numpy()[:, 0]
-        self.net.g.train()
+        g = self.ema_g if self.ema_g is not None else self.net.g
+        g.eval()
+        vols = g(self.fixed_z.to(self.device)).float().cpu().numpy()[:, 0]
+        g.train()
         return montage_png(vols, self.run / "previews" / f"iter_{self.iteration:07d}.png", min_tile=64)
 
     def fit(self) -> Path:

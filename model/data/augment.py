@@ -129,25 +129,29 @@ def diff_augment(
     policy: tuple[str, ...] = DIFFAUG_POLICY,
     translate: float = 0.125,
     cutout: float = 0.5,
-    axes: tuple[int, ...] = (2, 3, 4),
+    axes: tuple[int, ...] | None = None,
     rows: tuple[int, int, int] | None = None,
 ) -> torch.Tensor:
-    """DiffAugment for 3D model-space volumes [B, C, D, H, W]: differentiable in ``x``, random
-    parameters per sample drawn from ``gen``.  ``color``: brightness +-0.2 and contrast x0.5-1.5
-    about each volume's mean; ``translation``: integer shifts up to ``translate`` of the size along
-    ``axes`` (the vacated voxels are background); ``cutout``: one box of ``cutout`` of the size per
-    axis (along ``axes``) set to background.  ``rows=(global_n, lo, hi)``: ``x`` is rows [lo, hi) of
-    a batch of ``global_n``, whose parameters are drawn (module docstring)."""
+    """DiffAugment for model-space volumes [B, C, D, H, W] (or slices [B, C, H, W]): differentiable
+    in ``x``, random parameters per sample drawn from ``gen``.  ``color``: brightness +-0.2 and
+    contrast x0.5-1.5 about each volume's mean; ``translation``: integer shifts up to ``translate`` of
+    the size along ``axes`` (default: every spatial axis; the vacated voxels are background);
+    ``cutout``: one box of ``cutout`` of the size per axis (along ``axes``) set to background.
+    ``rows=(global_n, lo, hi)``: ``x`` is rows [lo, hi) of a batch of ``global_n``, whose parameters
+    are drawn (module docstring)."""
     b, dev = x.shape[0], x.device
     n, r0, r1 = _rows(rows, b)
+    if axes is None:
+        axes = tuple(range(2, x.ndim))  # every spatial axis
+    per_sample = (b, *[1] * (x.ndim - 1))
 
     def u(*shape: int) -> torch.Tensor:  # shape[0]: the batch
         return torch.rand(n, *shape[1:], generator=gen)[r0:r1].to(dev)
 
     if "color" in policy:
-        x = x + (u(b, 1, 1, 1, 1) - 0.5) * 0.4
-        mean = x.mean(dim=(1, 2, 3, 4), keepdim=True)
-        x = (x - mean) * (u(b, 1, 1, 1, 1) + 0.5) + mean
+        x = x + (u(*per_sample) - 0.5) * 0.4
+        mean = x.mean(dim=tuple(range(1, x.ndim)), keepdim=True)
+        x = (x - mean) * (u(*per_sample) + 0.5) + mean
     if "translation" in policy:
         shifts = [
             (torch.floor(u(b) * (2 * int(x.shape[a] * translate) + 1)).long() - int(x.shape[a] * translate))

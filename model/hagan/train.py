@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -55,12 +54,20 @@ import torch.nn.functional as F
 
 from model import distributed
 from model.base import Intensity, Progress
-from model.checkpoint import latest_checkpoint, read_training_checkpoint, save_model_dir, write_json_atomic
+from model.checkpoint import latest_checkpoint, read_training_checkpoint
 from model.data.augment import RandomAugment, diff_augment
 from model.data.datasets import VolumeDataset
 from model.hagan.config import HAGANConfig
 from model.hagan.networks import HAGAN
-from model.training import KEEP_CHECKPOINTS, LOOP_DEFAULTS, resume_checkpoint, write_checkpoint
+from model.training import (
+    KEEP_CHECKPOINTS,
+    LOOP_DEFAULTS,
+    RECIPE_DEFAULTS,
+    QualityMonitor,
+    recipe_options,
+    resume_checkpoint,
+    write_checkpoint,
+)
 
 DEFAULTS: dict[str, Any] = LOOP_DEFAULTS | {
     "batch": 2,
@@ -84,9 +91,7 @@ DEFAULTS: dict[str, Any] = LOOP_DEFAULTS | {
     # benchmarks/RESULTS.md, so it is off unless asked for.
     "tune_malloc": "off",
     # ---- the small-data recipe's parts (see RECIPES and the module docstring)
-    "recipe": "authors",
-    "augment": "off",
-    "diffaug": "off",
+    **RECIPE_DEFAULTS,
     "ema": 0.0,  # EMA decay of G (0: off); ramped up as min(ema, (1 + it) / (10 + it))
     "whole_stats": "off",
     "any_start": "off",
@@ -98,8 +103,6 @@ DEFAULTS: dict[str, Any] = LOOP_DEFAULTS | {
     # adds lambda_rec * L1 of G(E^G(E^H features)) against the real sub-volume and low-resolution
     # volume, with gradients into G and E^G (0: the authors' encoder, trained through a frozen G)
     "lambda_rec": 0.0,
-    "monitor_every": 0,  # quality monitor every N iterations (0: off)
-    "monitor_n": 8,
     "keep_checkpoints": KEEP_CHECKPOINTS,  # the newest K checkpoints are kept (0: all); RUN/best is kept apart
 }
 
@@ -192,11 +195,7 @@ class Trainer:
     def __init__(self, options: dict[str, Any], progress: Progress | None = None) -> None:
         from model.registry import resolve_device
 
-        given = {k: v for k, v in options.items() if v is not None}
-        recipe = str(given.get("recipe", DEFAULTS["recipe"]))
-        if recipe not in RECIPES:
-            raise ValueError(f"recipe must be one of {', '.join(RECIPES)}, got {recipe!r}")
-        self.o = DEFAULTS | RECIPES[recipe] | given
+        self.o = recipe_options(DEFAULTS, RECIPES, {k: v for k, v in options.items() if v is not None})
         for k in _SWITCHES:
             if self.o[k] not in ("on", "off"):
                 raise ValueError(f"{k} must be on or off, got {self.o[k]!r}")
@@ -263,7 +262,7 @@ class Trainer:
         if float(self.o["ema"]) > 0:
             self.ema = copy.deepcopy(self.net).requires_grad_(False)
         self.best: dict[str, Any] | None = None
-        self._monitor_real: dict[str, torch.Tensor] | None = None
+        self.quality = QualityMonitor(self.run, (res,) * 3, int(self.o["monitor_n"]), self.cfg.latent_dim)
         if self.o["resume"]:
             self._load_latest()
         distributed.broadcast_module(self.net)
@@ -453,59 +452,26 @@ class Trainer:
         return sd
 
     # ------------------------------------------------------------------ quality monitor
-    @torch.no_grad()
     def monitor(self) -> dict[str, float]:
-        """The evaluation's texture distance (fd_texture) of ``monitor_n`` volumes from the served G
-        against up to 2 * monitor_n real volumes of the training set (not augmented), on the model's
-        native grid (a coarser one would average away blockiness finer than its voxels), beside its
-        real-vs-real floor at the same size, and the coarse-anatomy spread ratio that flags collapse.
-        Keeps the best model (lowest fd_texture, among figures taken on one grid) in RUN/best."""
-        from model.data.grid import resample
-        from model.metrics.evaluate import COLLAPSE_SPREAD, split_distances, spread_ratio, standardise
-        from model.metrics.features import PooledIntensity
-        from model.metrics.texture import TextureBank
-
-        n = int(self.o["monitor_n"])
-        grid = (self.cfg.resolution,) * 3
-        extract = {"texture": TextureBank(), "pooled": PooledIntensity(4)}
-        if self._monitor_real is None:
-            k = min(len(self.data), 2 * n)
-            idx = np.random.default_rng(0).permutation(len(self.data))[:k]
-            x = torch.from_numpy(np.stack([np.asarray(self.data.volume(int(i)), np.float32) for i in idx]))[:, None]
-            x = resample(x, grid)
-            self._monitor_real = {name: e(x) for name, e in extract.items()}
+        """The shared quality monitor (model/training.py ``QualityMonitor``) on ``monitor_n`` volumes
+        of the served G (the EMA where there is one), on the model's native grid; keeps RUN/best."""
         g = self.ema if self.ema is not None else self.net
-        g.eval()
-        zs = torch.randn(n, self.cfg.latent_dim, generator=torch.Generator().manual_seed(4321)).to(self.device)
-        vols = []
-        for i in range(0, n, 2):
-            z = zs[i : i + 2]
+
+        @torch.no_grad()
+        def generate(z: torch.Tensor) -> torch.Tensor:
+            z = z.to(self.device)
             labels = torch.zeros(len(z), dtype=torch.long, device=self.device) if self.cfg.num_classes else None
-            vols.append(resample(g.gh(g.features(z, labels)).float().cpu(), grid))
-        g.train()
-        fake = torch.cat(vols)
-        gf = {name: e(fake) for name, e in extract.items()}
-        rf = dict(self._monitor_real)
-        rf["texture"], gf["texture"] = standardise(rf["texture"], gf["texture"])
-        m = min(n, len(rf["texture"]) // 2)
-        dist, floor = split_distances({"texture": gf["texture"][:m]}, {"texture": rf["texture"]}, m, 10, 0)
-        spread = spread_ratio(gf["pooled"], rf["pooled"])
-        out = {
-            "q_fd_texture": dist["texture"]["fd"],
-            "q_floor": floor["texture"]["fd"]["mean"],
-            "q_floor_sd": floor["texture"]["fd"]["sd"],
-            "q_spread": spread,
-        }
-        if spread < COLLAPSE_SPREAD:
-            sys.stderr.write(
-                f"[{self.iteration}] quality monitor: mode collapse? the samples' coarse anatomy varies "
-                f"{spread:.2f}x as much as the real volumes'\n"
+            return g.gh(g.features(z, labels))
+
+        self.quality.best = self.best
+        g.eval()
+        try:
+            out = self.quality(
+                self.iteration, len(self.data), self.data.volume, generate, self.cfg.to_dict(), self.served_state
             )
-        comparable = self.best is not None and self.best.get("grid") == list(grid)  # figures of one grid only
-        if not comparable or out["q_fd_texture"] < self.best["q_fd_texture"]:  # type: ignore[index]
-            self.best = {"iteration": self.iteration, "grid": list(grid), **out}
-            save_model_dir(self.run / "best", self.cfg.to_dict(), self.served_state())
-            write_json_atomic(self.run / "best" / "best.json", self.best)
+        finally:
+            g.train()
+        self.best = self.quality.best
         return out
 
     # ------------------------------------------------------------------ checkpoints

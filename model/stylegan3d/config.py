@@ -9,7 +9,7 @@ The fields every family shares and the round trip are ``model.config_base.BaseCo
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from model import families
@@ -52,6 +52,8 @@ class StyleGAN3DConfig(BaseConfig):
     data_resolution: int = 128
     # optimisation steps of a projection (``encode``, the service's /encode) unless a caller says
     projection_steps: int = 200
+    # how the weights were trained where it departs from the paper (``recipe: small-data``), for the record
+    training: dict[str, Any] = field(default_factory=dict)
 
     label: ClassVar[str] = "a style-based 3D"
     # ``latent_dim`` (= ``w_dim``, the served latent's size) is derived: written for readers of
@@ -59,8 +61,9 @@ class StyleGAN3DConfig(BaseConfig):
     json_keys: ClassVar[tuple[str, ...]] = tuple(
         "family shape channels z_dim w_dim mapping_layers mapping_width mapping_lr_mult split_g shuffle_g d_variant "
         "d_groups mbstd_group dims modality spacing intensity data_resolution projection_steps description "
-        "latent_dim preprocess".split()
+        "latent_dim preprocess training".split()
     )
+    json_optional: ClassVar[tuple[str, ...]] = ("preprocess", "training")  # written where not the default
 
     def __post_init__(self) -> None:
         self.shape = tuple(int(s) for s in self.shape)  # type: ignore[assignment]

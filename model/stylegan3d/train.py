@@ -59,12 +59,22 @@ import torch.nn.functional as F
 from model import distributed
 from model.base import Progress
 from model.checkpoint import ModelDirError, TrainingCheckpoint, latest_checkpoint, read_training_checkpoint
+from model.data.augment import RandomAugment, diff_augment
 from model.data.datasets import VolumeDataset
 from model.data.grid import volume_to_grid
 from model.stylegan3d.config import StyleGAN3DConfig
 from model.stylegan3d.inflate import STRATEGIES, inflate_network
 from model.stylegan3d.networks import StyleGAN3D
-from model.training import LOOP_DEFAULTS, dataset_fields, resume_checkpoint, write_checkpoint
+from model.training import (
+    LOOP_DEFAULTS,
+    RECIPE_DEFAULTS,
+    QualityMonitor,
+    dataset_fields,
+    recipe_options,
+    recipe_record,
+    resume_checkpoint,
+    write_checkpoint,
+)
 
 DEFAULTS: dict[str, Any] = LOOP_DEFAULTS | {
     "family": "splitshuffle",
@@ -92,6 +102,16 @@ DEFAULTS: dict[str, Any] = LOOP_DEFAULTS | {
     "init_from": None,
     "inflate": "inflate-1",
     "inflate_parts": "gd",
+    # the small-data recipe's parts (model/training.py RECIPE_DEFAULTS; the EMA of G is always on)
+    **RECIPE_DEFAULTS,
+}
+# ``recipe: small-data``: the real volumes augmented afresh every iteration (3D affine, elastic, bias
+# field, gamma, noise: model/data/augment.py; for --dims 2 the volumes are augmented, then sliced),
+# DiffAugment on every input of D (real, generated and R1's reals, differentiably; StyleGAN2 + DiffAugment
+# as Zhao et al. 2020 train on 100-image sets), and the quality monitor (3D runs) keeping RUN/best
+RECIPES: dict[str, dict[str, Any]] = {
+    "authors": {},
+    "small-data": {"augment": "on", "diffaug": "on", "monitor_every": 100},
 }
 LR_SCRATCH, LR_INFLATED = 0.0025, 0.002
 GRID_CACHE_BYTES = 2 << 30  # resampled volumes are kept in memory up to this size
@@ -128,7 +148,8 @@ class Trainer:
     def __init__(self, options: dict[str, Any], progress: Progress | None = None) -> None:
         from model.registry import resolve_device
 
-        self.o = DEFAULTS | {k: v for k, v in options.items() if v is not None}
+        given = {k: v for k, v in options.items() if v is not None}
+        self.o = recipe_options(DEFAULTS, RECIPES, given)
         self.run = Path(self.o["output"])
         self.progress = progress
         self.data = VolumeDataset(self.o["data"])
@@ -155,6 +176,8 @@ class Trainer:
             torch.manual_seed(seed)
             self.net = StyleGAN3D(self.cfg)
         self._check_data()
+        if ck is None:
+            self.cfg.training = recipe_record(self.o, DEFAULTS, ("augment", "diffaug"))
         self.G, self.D = self.net.G, self.net.D
         self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
         self.net.to(self.device).train()
@@ -181,6 +204,14 @@ class Trainer:
         torch.manual_seed(seed + 3)  # the noise inputs and the path-length noise (the device's generator)
         if self.device.type == "cuda":
             torch.cuda.manual_seed(seed + 3)
+        self.aug_gen = torch.Generator().manual_seed(seed + 4)  # augmentation and DiffAugment (CPU)
+        self.augment = RandomAugment() if self.o["augment"] == "on" else None
+        if self.cfg.dims == 2 and int(self.o["monitor_every"]):
+            if "monitor_every" in given:
+                raise ValueError("the quality monitor scores 3D volumes; a --dims 2 run has none")
+            self.o["monitor_every"] = 0  # the recipe's monitor is for 3D runs
+        self.best: dict[str, Any] | None = None
+        self.quality = QualityMonitor(self.run, self.cfg.shape, int(self.o["monitor_n"]), self.cfg.z_dim)
         if ck is not None:
             self._load_checkpoint(ck)
             self.rows = distributed.part(self.batch)  # the checkpoint's batch
@@ -270,16 +301,28 @@ class Trainer:
                 self._grid[i] = v
         return v
 
+    def _part(self) -> tuple[int, int, int] | None:
+        """(global batch, lo, hi) of this rank's rows in a distributed run; None in one process."""
+        lo, hi = self.rows
+        return None if (lo, hi) == (0, self.batch) else (self.batch, lo, hi)
+
     def _batch(self) -> torch.Tensor:
         b = self.batch
         lo, hi = self.rows  # this rank's shard of the global batch: only its volumes are read
         idx = self.rng.integers(0, len(self.data), size=b)
+        vols = torch.from_numpy(np.stack([self._volume(int(i)) for i in idx[lo:hi]]))[:, None]
+        if self.augment is not None:  # each volume its own draw, afresh every iteration
+            vols = self.augment(vols, self.aug_gen, rows=self._part())
         if self.cfg.dims == 3:
-            x = np.stack([self._volume(int(i)) for i in idx[lo:hi]])
-        else:
-            sl = self.rng.integers(0, self.cfg.shape[0], size=b)
-            x = np.stack([self._volume(int(i))[int(s)] for i, s in zip(idx[lo:hi], sl[lo:hi], strict=True)])
-        return torch.from_numpy(x)[:, None].to(self.device)
+            return vols.to(self.device)
+        sl = self.rng.integers(0, self.cfg.shape[0], size=b)
+        return torch.stack([v[:, int(s)] for v, s in zip(vols, sl[lo:hi], strict=True)]).to(self.device)
+
+    def _d(self, x: torch.Tensor) -> torch.Tensor:
+        """D's logits, on DiffAugmented input with ``diffaug`` (differentiable in ``x``)."""
+        if self.o["diffaug"] == "on":
+            x = diff_augment(x, self.aug_gen, rows=self._part())
+        return self.D(x)
 
     # ------------------------------------------------------------------ one iteration
     def _ws(self, n: int, update_w_avg: bool = False, rows: tuple[int, int] | None = None) -> torch.Tensor:
@@ -313,7 +356,7 @@ class Trainer:
         G.requires_grad_(True)
         D.requires_grad_(False)
         with distributed.rows(b, lo, hi):
-            logits = D(G.synthesis(self._ws(b, update_w_avg=True, rows=self.rows)))
+            logits = self._d(G.synthesis(self._ws(b, update_w_avg=True, rows=self.rows)))
             g_loss = F.softplus(-logits).mean()
             self.opts["g"].zero_grad(set_to_none=True)
             g_loss.backward()
@@ -350,8 +393,8 @@ class Trainer:
         with distributed.rows(b, lo, hi):
             with torch.no_grad():
                 fake = G.synthesis(self._ws(b, rows=self.rows))
-            d_fake = F.softplus(D(fake)).mean()
-            d_real = F.softplus(-D(real)).mean()
+            d_fake = F.softplus(self._d(fake)).mean()
+            d_real = F.softplus(-self._d(real)).mean()
             self.opts["d"].zero_grad(set_to_none=True)
             (d_fake + d_real).backward()
         self._step("d")
@@ -361,7 +404,7 @@ class Trainer:
         if o["r1_gamma"] > 0 and t % int(o["r1_every"]) == 0:
             x = real.detach().requires_grad_(True)
             with distributed.rows(b, lo, hi):
-                (grad,) = torch.autograd.grad(D(x).sum(), x, create_graph=True)
+                (grad,) = torch.autograd.grad(self._d(x).sum(), x, create_graph=True)
                 r1 = grad.square().flatten(1).sum(1).mean()
                 self.opts["d"].zero_grad(set_to_none=True)
                 (r1 * (float(o["r1_gamma"]) / 2) * int(o["r1_every"])).backward()
@@ -394,11 +437,11 @@ class Trainer:
 
     def generators(self) -> dict[str, torch.Generator]:
         """The CPU generators a checkpoint keeps (``rng.<name>``)."""
-        return {"latents": self.gen}
+        return {"latents": self.gen, "augment": self.aug_gen}
 
     def save_checkpoint(self) -> Path:
         extra = {f"G_raw.{k}": v for k, v in self.G.state_dict().items()} | {"pl_mean": self.pl_mean}
-        state = {"init": self.init_info, "lr": self.lr, "batch": self.batch}
+        state = {"init": self.init_info, "lr": self.lr, "batch": self.batch, "best": self.best}
         return write_checkpoint(self, self._model_state(), extra=extra, state=state)
 
     def _load_checkpoint(self, ck: TrainingCheckpoint) -> None:
@@ -409,6 +452,7 @@ class Trainer:
         self.D.load_state_dict({k[2:]: v for k, v in weights.items() if k.startswith("D.")})
         self.G.load_state_dict(ck.extra("G_raw."))
         self.pl_mean.copy_(ck.extra()["pl_mean"])
+        self.best = ck.state.get("best")
         resume_checkpoint(self, ck)
 
     # ------------------------------------------------------------------ previews and the loop
@@ -419,6 +463,21 @@ class Trainer:
 
         imgs = self.G_ema(self.fixed_z.to(self.device), noise_mode="const").float().cpu().numpy()[:, 0]
         return montage_png(imgs, self.run / "previews" / f"iter_{self.iteration:07d}.png")
+
+    def monitor(self) -> dict[str, float]:
+        """The shared quality monitor (model/training.py ``QualityMonitor``) on ``monitor_n`` volumes
+        of G_ema (constant noise) on the model's grid; keeps the best model in RUN/best."""
+
+        @torch.no_grad()
+        def generate(z: torch.Tensor) -> torch.Tensor:
+            return self.G_ema(z.to(self.device), noise_mode="const")
+
+        self.quality.best = self.best
+        out = self.quality(
+            self.iteration, len(self.data), self._volume, generate, self.cfg.to_dict(), self._model_state
+        )
+        self.best = self.quality.best
+        return out
 
     def fit(self) -> Path:
         from model.training import fit_loop
