@@ -127,6 +127,16 @@ def test_thread_count_changes_a_volume_by_float_rounding_only() -> None:
     assert (vols[0] - vols[1]).abs().max() <= 1e-4
 
 
+def test_a_latent_gives_the_same_volume_alone_and_in_a_batch() -> None:
+    """A volume does not depend on how many were asked for with it: generation runs one sample at a
+    time (batching G^A changes the last bits, benchmarks/bench_batch_ga.py), so the i-th volume of a
+    request is bit for bit the volume of its latent asked for alone."""
+    m = tiny(128)
+    z = m.sample_latents(3, 7)
+    together = m.generate(z)
+    assert all(torch.equal(together[i : i + 1], m.generate(z[i : i + 1])) for i in range(3))
+
+
 @pytest.mark.parametrize("seed", [-1, 2**63, 1.5, "3"])
 def test_bad_seeds_are_refused(seed) -> None:
     with pytest.raises(ValueError, match="seed"):
