@@ -91,6 +91,24 @@ def test_slab_generation_equals_whole_volume(res: int, rows: int) -> None:
     assert whole.std() > 0.01  # not a constant volume
 
 
+def test_slabs_are_written_into_the_result_itself() -> None:
+    """The slab path (the default at 512^3) writes each slab into the returned volume, so a request
+    never holds a second full-size copy (512 MiB at 512^3 in float32; benchmarks/RESULTS.md), and
+    two volumes of one request are those of their latents alone."""
+    m = tiny(128)
+    z = m.sample_latents(2, 3)
+    with torch.inference_mode():  # as generate runs it
+        f = m.features(z[:1])
+        dest = torch.full((1, 1, 128, 128, 128), 7.0)
+        got = m._gh_slabs(f, 2**20, 24, None, dest)
+        assert got is dest and (dest.abs() <= 1).all()
+        assert torch.equal(dest, m._gh_slabs(f, 2**20, 24, None))
+        with pytest.raises(ValueError, match="float32"):
+            m._gh_slabs(f, 2**20, 24, None, torch.empty(1, 1, 64, 128, 128))
+    both = m.generate(z, mode="slab", slab_rows=24)
+    assert torch.equal(both[1:], m.generate(z[1:], mode="slab", slab_rows=24))
+
+
 def test_auto_mode_uses_slabs_when_the_budget_is_small() -> None:
     m = tiny(256)
     calls = []

@@ -164,9 +164,10 @@ class HAGANModel(VolumeModel[HAGANConfig, HAGAN]):
                 v = self._gh_whole(f)
                 if step:
                     step(1, 1, "generate")
-            else:
-                v = self._gh_slabs(f, budget, slab_rows, step)
-            out[i] = v[0].float().cpu()
+            else:  # on the CPU the slabs land in the result itself: no second full-size volume
+                v = self._gh_slabs(f, budget, slab_rows, step, out[i : i + 1] if out.device == f.device else None)
+            if v.data_ptr() != out[i].data_ptr():
+                out[i] = v[0].float().cpu()
         return out
 
     def _gh_whole(self, f: torch.Tensor) -> torch.Tensor:
@@ -195,7 +196,16 @@ class HAGANModel(VolumeModel[HAGANConfig, HAGAN]):
             return F.relu_(scale_shift_(y, *stats[k]))
         return torch.tanh_(y)
 
-    def _gh_slabs(self, f: torch.Tensor, budget: int, slab_rows: int | None, progress: Progress | None) -> torch.Tensor:
+    def _gh_slabs(
+        self,
+        f: torch.Tensor,
+        budget: int,
+        slab_rows: int | None,
+        progress: Progress | None,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """G^H on ``f`` [1, C, ...] slab by slab (module docstring) into ``out`` (a float32 [1, 1, R, R,
+        R] on f's device) or a new volume; returns it."""
         gh = self.net.gh
         n_stages = len(gh.convs)
         f_rows = f.shape[2]
@@ -229,7 +239,11 @@ class HAGANModel(VolumeModel[HAGANConfig, HAGAN]):
             stats.append(gn_affine(norm, mean, var))
             if progress:
                 progress(k + 1, total_steps, "statistics")
-        out = torch.empty(1, 1, total_rows, f.shape[3] * 2**n_stages, f.shape[4] * 2**n_stages, device=f.device)
+        shape = (1, 1, total_rows, f.shape[3] * 2**n_stages, f.shape[4] * 2**n_stages)
+        if out is None:
+            out = torch.empty(shape, device=f.device)
+        elif tuple(out.shape) != shape or out.dtype != torch.float32 or out.device != f.device:
+            raise ValueError(f"out must be a float32 {list(shape)} volume on {f.device}")
         for a in range(0, total_rows, rows):
             b = min(total_rows, a + rows)
             out[:, :, a:b] = self._stage(f, n_stages - 1, a, b, stats)
