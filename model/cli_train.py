@@ -117,6 +117,12 @@ def register(sub: argparse._SubParsersAction, commands: dict[str, Callable]) -> 
     g.add_argument("--lr-g", type=float, help="G's learning rate (default 1e-4; a resumed run takes the new one)")
     g.add_argument("--lr-d", type=float, help="D's learning rate (default 4e-4)")
     g.add_argument("--lr-e", type=float, help="the encoders' learning rate (default 1e-4)")
+    g.add_argument(
+        "--d-loss",
+        choices=["mean-logit", "each"],
+        help="mean-logit (default, the authors'): one BCE of the mean of the D^H and D^L logits; each: a BCE per "
+        "discriminator, averaged (G keeps D^H's gradient when D^L finds the outline real)",
+    )
     g.add_argument("--whole-stats", choices=["on", "off"], help="G^H GroupNorm with whole-volume statistics")
     g.add_argument("--any-start", choices=["on", "off"], help="sub-volumes may start at any slice")
     g.add_argument("--lowres", choices=["nearest", "average"], help="how the real low-resolution volume is made")

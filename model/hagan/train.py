@@ -103,6 +103,11 @@ DEFAULTS: dict[str, Any] = LOOP_DEFAULTS | {
     # adds lambda_rec * L1 of G(E^G(E^H features)) against the real sub-volume and low-resolution
     # volume, with gradients into G and E^G (0: the authors' encoder, trained through a frozen G)
     "lambda_rec": 0.0,
+    # how D's two logits make the adversarial loss: mean-logit = one BCE of the mean of the D^H and D^L
+    # logits (the authors'); each = a BCE for each discriminator, averaged.  With mean-logit a fake whose
+    # outline D^L finds real (a large D^L logit) leaves G little gradient from D^H, which alone judges
+    # the anatomy inside (benchmarks/probe_hagan_d.py)
+    "d_loss": "mean-logit",
     "keep_checkpoints": KEEP_CHECKPOINTS,  # the newest K checkpoints are kept (0: all); RUN/best is kept apart
 }
 
@@ -121,7 +126,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         "monitor_every": 100,
     },
 }
-_RECORDED = ("lambda_rec", "width", "latent_dim", "batch")  # in config.training beside the recipe's parts
+_RECORDED = ("lambda_rec", "d_loss", "width", "latent_dim", "batch")  # in config.training beside the recipe's parts
 _SWITCHES = ("augment", "diffaug", "whole_stats", "any_start")
 
 # glibc mallopt parameters (malloc.h)
@@ -199,6 +204,8 @@ class Trainer:
         for k in _SWITCHES:
             if self.o[k] not in ("on", "off"):
                 raise ValueError(f"{k} must be on or off, got {self.o[k]!r}")
+        if self.o["d_loss"] not in ("mean-logit", "each"):
+            raise ValueError(f"d_loss must be mean-logit or each, got {self.o['d_loss']!r}")
         if self.o["lowres"] not in ("nearest", "average"):
             raise ValueError(f"lowres must be nearest or average, got {self.o['lowres']!r}")
         if not 0.0 <= float(self.o["ema"]) < 1.0:
@@ -336,22 +343,30 @@ class Trainer:
             g = torch.randn(part[0], self.cfg.latent_dim, generator=self.gen)  # the global batch's
             return g[part[1] : part[2]].to(self.device)
 
-        def d_of(hi: torch.Tensor, lo: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        def d_of(hi: torch.Tensor, lo: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+            """D's logits (one, or D^H's and D^L's with ``d_loss: each``) and class logits."""
             if self.o["diffaug"] == "on":  # depth stays put in the sub-volume: D^H is told where it starts
                 hi = diff_augment(hi, self.aug_gen, axes=(3, 4), rows=part)
                 lo = diff_augment(lo, self.aug_gen, rows=part)
-            return net.discriminate(hi, lo, r)
+            if self.o["d_loss"] == "each":
+                (h, h_cls), (lo_logit, l_cls) = net.dh(hi, r), net.dl(lo)
+                return [h, lo_logit], (None if h_cls is None else (h_cls + l_cls) / 2.0)
+            logit, cls = net.discriminate(hi, lo, r)
+            return [logit], cls
+
+        def adv(logits: list[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
+            return sum(bce(t, target) for t in logits) / len(logits)  # type: ignore[return-value]
 
         # 1. D
         _requires_grad(net, OPTIMIZERS["d"], True)
         self.opts["d"].zero_grad(set_to_none=True)
         with ac():
             logit, cls = d_of(x_crop, x_low)
-            d_real = bce(logit, ones) + (ce(cls, labels) if cls is not None else 0.0)
+            d_real = adv(logit, ones) + (ce(cls, labels) if cls is not None else 0.0)
             with torch.no_grad():
                 fake_hi, fake_lo = net.generate_train(z(), r, labels, ws)
             logit, _ = d_of(fake_hi, fake_lo)
-            d_fake = bce(logit, zeros)
+            d_fake = adv(logit, zeros)
         (d_real + d_fake).backward()
         self._update("d")
         losses["d_real"], losses["d_fake"] = float(d_real.detach()), float(d_fake.detach())
@@ -387,7 +402,7 @@ class Trainer:
         with ac():
             fake_hi, fake_lo = net.generate_train(z(), r, labels, ws)
             logit, cls = d_of(fake_hi, fake_lo)
-            g_loss = bce(logit, ones)
+            g_loss = adv(logit, ones)
             if cls is not None:
                 g_loss = g_loss + self.o["lambda_class"] * ce(cls, labels)
             total = g_loss
