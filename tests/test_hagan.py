@@ -105,7 +105,13 @@ def test_slabs_are_written_into_the_result_itself() -> None:
         assert torch.equal(dest, m._gh_slabs(f, 2**20, 24, None))
         with pytest.raises(ValueError, match="float32"):
             m._gh_slabs(f, 2**20, 24, None, torch.empty(1, 1, 64, 128, 128))
+    dests = []
+    slabs = m._gh_slabs
+    m._gh_slabs = lambda *a: dests.append(a[-1]) or slabs(*a)  # type: ignore[method-assign]
     both = m.generate(z, mode="slab", slab_rows=24)
+    del m._gh_slabs
+    # generate hands each volume's place in the result to the slab path
+    assert [d.data_ptr() for d in dests] == [both[i].data_ptr() for i in range(2)]
     assert torch.equal(both[1:], m.generate(z[1:], mode="slab", slab_rows=24))
 
 

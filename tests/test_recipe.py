@@ -322,3 +322,18 @@ def test_small_data_recipe_for_slices_and_its_checks(brain_ds: Path, tmp_path: P
         for key, bad in (("recipe", "fast"), ("diffaug", "yes"), ("augment", 1)):
             with pytest.raises(ValueError, match=key):
                 trainer(opts | {"data": str(brain_ds), "output": str(tmp_path / key), key: bad})
+
+
+@pytest.mark.parametrize("family", ["stylegan3d", "alphawgan"])
+def test_a_run_resumed_with_the_recipe_records_it(family: str, brain_ds: Path, tmp_path: Path) -> None:
+    """A run trained the authors' way and resumed with --recipe small-data trains and records the
+    recipe from then on (alpha-WGAN's EMA starts from the checkpoint's G)."""
+    trainer, opts = _other(family)
+    opts = opts | {"data": str(brain_ds), "monitor_every": 0, "output": str(tmp_path / "r")}
+    trainer(opts | {"recipe": "authors", "iterations": 1}).fit()
+    t = trainer(opts | {"iterations": 2, "resume": True})
+    assert t.iteration == 1 and t.augment is not None
+    if family == "alphawgan":
+        assert all(torch.equal(v, t.net.g.state_dict()[k]) for k, v in t.ema_g.state_dict().items())
+    t.fit()
+    assert from_pretrained(tmp_path / "r" / "model").config.training["recipe"] == "small-data"

@@ -75,7 +75,7 @@ DEFAULTS: dict[str, Any] = LOOP_DEFAULTS | {
     "flip": True,
     # the small-data recipe's parts (model/training.py RECIPE_DEFAULTS) and an EMA of G
     **RECIPE_DEFAULTS,
-    "ema": 0.0,  # EMA decay of G, served (0: off); ramped up as min(ema, (1 + it) / (10 + it))
+    "ema": 0.0,  # EMA decay of G, served (0: off); ramped up over the G updates (Trainer._ema_update)
 }
 # ``recipe: small-data``: the real volumes augmented afresh every iteration (after the flip), DiffAugment
 # on every input of the critic D (real, reconstructed and random volumes; the gradient penalties on
@@ -235,8 +235,8 @@ class Trainer:
         return losses
 
     def _ema_update(self) -> None:
-        """EMA of G's weights after each G update, decay ramped up as min(ema, (1 + u) / (10 + u))
-        over the G updates u so far."""
+        """EMA of G's weights after each G update, decay ramped up as min(ema, (1 + u) / (10 + u)) with
+        u = iteration * g_updates (the updates of one iteration share it)."""
         if self.ema_g is None:
             return
         u = self.iteration * int(self.o["g_updates"])
@@ -296,14 +296,13 @@ class Trainer:
         saved = dict(ck.config())
         for k in ("preprocess", "data_resolution"):  # not recorded by older runs: this run's dataset's
             saved.setdefault(k, getattr(self.cfg, k))
+        saved["training"] = self.cfg.training  # the recipe may change on resume; it is recorded as trained now
         if AlphaWGANConfig.from_dict(saved).to_dict() != self.cfg.to_dict():
             raise ValueError(
                 f"{ck.path}: the checkpoint's config differs from this run's options (width, latent_dim, ...)"
             )
         served, live = ck.weights(), ck.extra("live.")
-        if self.ema_g is not None:
-            if not live:
-                raise ValueError(f"{ck.path}: this run trains with an EMA of G but the checkpoint has no live G")
+        if self.ema_g is not None:  # (a run without an EMA resumed with one: the EMA starts from its G)
             self.ema_g.load_state_dict({k[2:]: v for k, v in served.items() if k.startswith("g.")})
         self.net.load_state_dict(served | live)
         self.best = ck.state.get("best")

@@ -176,8 +176,8 @@ class Trainer:
             torch.manual_seed(seed)
             self.net = StyleGAN3D(self.cfg)
         self._check_data()
-        if ck is None:
-            self.cfg.training = recipe_record(self.o, DEFAULTS, ("augment", "diffaug"))
+        # what this run trains with now (a resumed run may change its recipe; HA-GAN records the same way)
+        self.cfg.training = recipe_record(self.o, DEFAULTS, ("augment", "diffaug"))
         self.G, self.D = self.net.G, self.net.D
         self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
         self.net.to(self.device).train()
