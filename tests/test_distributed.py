@@ -172,6 +172,9 @@ STYLEGAN = {"family": "stylegan3d", "shape": "8x16x16", "channels": 8, "latent_d
 # pl_batch_shrink 1: the path-length batch (2) splits over the two ranks as the single process has it
 STYLEGAN |= {"batch": 2, "device": "cpu", "seed": 3, "checkpoint_every": 1, "preview_every": 2, "log_every": 1}
 STYLEGAN |= {"pl_batch_shrink": 1}
+# the small-data recipe: the augmentation and DiffAugment draws of the global batch on every rank, the
+# monitor (at the last iteration of each run, and RUN/best) on rank 0
+STYLEGAN |= {"recipe": "small-data", "monitor_every": 10, "monitor_n": 2}
 
 
 def _close(a: Path, b: Path, files: tuple[str, ...], atol: float) -> None:
@@ -206,7 +209,7 @@ def test_stylegan_two_ranks_train_as_one_process_and_resume_with_any_number(ct_d
         poll_s=0.05,
     )
     assert model_dir == two / "model" and (model_dir / "config.json").is_file()
-    assert seen[-1] == (2, 2, "train")
+    assert seen[-1] == (2, 2, "train") and (two / "best" / "best.json").is_file()
     one = tmp_path / "one"
     Trainer(STYLEGAN | {"data": str(ct_ds), "output": str(one), "iterations": 2}).fit()
     files = ("model.safetensors", "train.safetensors")
