@@ -19,6 +19,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -268,12 +269,14 @@ class QualityMonitor:
     than ``MONITOR_MIN_REAL`` training volumes there is no floor: the monitor says so once and is off.
 
     ``real(i)``: training volume ``i`` as a [D, H, W] array on any grid;
-    ``generate(z)``: volumes [k, 1, D, H, W] from latents [k, latent] (the served G, eval mode).
-    The latents are fixed (seed 4321), so successive figures differ by the weights only."""
+    ``generate(z)``: volumes [k, 1, D, H, W] from latents [k, latent] (the served G, eval mode; run
+    without gradients).  The latents are fixed (``seed``, 4321 in training), so successive figures
+    differ by the weights only.  ``best`` (the trainer's checkpoints keep it) is the best figure so far."""
 
-    def __init__(self, run: Path, grid: tuple[int, int, int], n: int, latent_dim: int) -> None:
+    def __init__(self, run: Path, grid: tuple[int, int, int], n: int, latent_dim: int, seed: int = 4321) -> None:
         self.run, self.grid, self.n, self.latent_dim = run, tuple(int(g) for g in grid), int(n), int(latent_dim)
-        self.best: dict[str, Any] | None = None  # the trainer sets it from its checkpoint on resume
+        self.seed = int(seed)
+        self.best: dict[str, Any] | None = None  # set from the checkpoint on resume
         self._real: dict[str, torch.Tensor] | None = None
         self._warned = False
 
@@ -281,10 +284,10 @@ class QualityMonitor:
         self,
         iteration: int,
         data_len: int,
-        real: Any,
-        generate: Any,
+        real: Callable[[int], Any],
+        generate: Callable[[torch.Tensor], torch.Tensor],
         config: dict[str, Any],
-        served_state: Any,
+        served_state: Callable[[], dict[str, torch.Tensor]],
         chunk: int = 2,
     ) -> dict[str, float]:
         import numpy as np
@@ -313,7 +316,7 @@ class QualityMonitor:
                 x = torch.from_numpy(np.stack([np.asarray(real(int(i)), np.float32) for i in idx]))[:, None]
                 x = resample(x, grid)
                 self._real = {name: e(x) for name, e in extract.items()}
-            zs = torch.randn(n, self.latent_dim, generator=torch.Generator().manual_seed(4321))
+            zs = torch.randn(n, self.latent_dim, generator=torch.Generator().manual_seed(self.seed))
             fake = torch.cat([resample(generate(zs[i : i + chunk]).float().cpu(), grid) for i in range(0, n, chunk)])
         gf = {name: e(fake) for name, e in extract.items()}
         rf = dict(self._real)

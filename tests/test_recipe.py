@@ -295,9 +295,9 @@ def test_small_data_recipe_in_the_other_families(family: str, brain_ds: Path, tm
 
     trainer(opts | {"output": str(tmp_path / "b"), "iterations": 1}).fit()
     b = trainer(opts | {"output": str(tmp_path / "b"), "iterations": 2, "resume": True})
-    assert b.iteration == 1 and b.best is not None and b.best["iteration"] == 1
+    assert b.iteration == 1 and b.quality.best is not None and b.quality.best["iteration"] == 1
     b.fit()
-    assert b.best == t.best
+    assert b.quality.best == t.quality.best
     ema_a, ema_b = (t.ema_g, b.ema_g) if family == "alphawgan" else (t.G_ema, b.G_ema)
     for na, nb in ((t.net, b.net), (ema_a, ema_b)):
         sa, sb = na.state_dict(), nb.state_dict()

@@ -138,7 +138,6 @@ class Trainer:
         self.ema_g: torch.nn.Module | None = None
         if float(self.o["ema"]) > 0:
             self.ema_g = copy.deepcopy(self.net.g).requires_grad_(False)
-        self.best: dict[str, Any] | None = None
         self.quality = QualityMonitor(self.run, self.cfg.grid_shape, int(self.o["monitor_n"]), self.cfg.latent_dim)
         if self.o["resume"]:
             self._load_latest()
@@ -260,14 +259,12 @@ class Trainer:
         of the served G on the 64^3 grid; keeps the best model in RUN/best."""
         g = self.ema_g if self.ema_g is not None else self.net.g
 
-        @torch.no_grad()
         def generate(z: torch.Tensor) -> torch.Tensor:
             return g(z.to(self.device))
 
-        self.quality.best = self.best
         g.eval()
         try:
-            out = self.quality(
+            return self.quality(
                 self.iteration,
                 len(self.data),
                 lambda i: self.volume(i)[0],
@@ -277,8 +274,6 @@ class Trainer:
             )
         finally:
             g.train()
-        self.best = self.quality.best
-        return out
 
     # ------------------------------------------------------------------ checkpoints
     def generators(self) -> dict[str, torch.Generator]:
@@ -289,7 +284,7 @@ class Trainer:
         live = {}  # the served G is the EMA; the live G goes with the training state
         if self.ema_g is not None:
             live = {f"live.g.{k}": v for k, v in self.net.g.state_dict().items()}
-        return write_checkpoint(self, self.served_state(), extra=live, state={"best": self.best})
+        return write_checkpoint(self, self.served_state(), extra=live, state={"best": self.quality.best})
 
     def _load_latest(self) -> None:
         ck = read_training_checkpoint(latest_checkpoint(self.run))
@@ -305,7 +300,7 @@ class Trainer:
         if self.ema_g is not None:  # (a run without an EMA resumed with one: the EMA starts from its G)
             self.ema_g.load_state_dict({k[2:]: v for k, v in served.items() if k.startswith("g.")})
         self.net.load_state_dict(served | live)
-        self.best = ck.state.get("best")
+        self.quality.best = ck.state.get("best")
         resume_checkpoint(self, ck)
 
     # ------------------------------------------------------------------ previews and the loop

@@ -127,7 +127,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     },
 }
 _RECORDED = ("lambda_rec", "d_loss", "width", "latent_dim", "batch")  # in config.training beside the recipe's parts
-_SWITCHES = ("augment", "diffaug", "whole_stats", "any_start")
+_SWITCHES = ("whole_stats", "any_start")  # (augment and diffaug: recipe_options checks them)
 
 # glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
@@ -268,7 +268,6 @@ class Trainer:
         self.ema: HAGAN | None = None
         if float(self.o["ema"]) > 0:
             self.ema = copy.deepcopy(self.net).requires_grad_(False)
-        self.best: dict[str, Any] | None = None
         self.quality = QualityMonitor(self.run, (res,) * 3, int(self.o["monitor_n"]), self.cfg.latent_dim)
         if self.o["resume"]:
             self._load_latest()
@@ -472,22 +471,18 @@ class Trainer:
         of the served G (the EMA where there is one), on the model's native grid; keeps RUN/best."""
         g = self.ema if self.ema is not None else self.net
 
-        @torch.no_grad()
         def generate(z: torch.Tensor) -> torch.Tensor:
             z = z.to(self.device)
             labels = torch.zeros(len(z), dtype=torch.long, device=self.device) if self.cfg.num_classes else None
             return g.gh(g.features(z, labels))
 
-        self.quality.best = self.best
         g.eval()
         try:
-            out = self.quality(
+            return self.quality(
                 self.iteration, len(self.data), self.data.volume, generate, self.cfg.to_dict(), self.served_state
             )
         finally:
             g.train()
-        self.best = self.quality.best
-        return out
 
     # ------------------------------------------------------------------ checkpoints
     def generators(self) -> dict[str, torch.Generator]:
@@ -498,7 +493,7 @@ class Trainer:
         live = {}  # the served G is the EMA; the live G goes with the training state
         if self.ema is not None:
             live = {f"live.{k}": v for k, v in self.net.state_dict().items() if k.split(".")[0] in OPTIMIZERS["g"]}
-        return write_checkpoint(self, self.served_state(), extra=live, state={"best": self.best})
+        return write_checkpoint(self, self.served_state(), extra=live, state={"best": self.quality.best})
 
     def _load_latest(self) -> None:
         ck = read_training_checkpoint(latest_checkpoint(self.run))
@@ -508,7 +503,7 @@ class Trainer:
             if not live:
                 raise ValueError(f"{ck.path}: this run trains with an EMA of G but the checkpoint has no live G")
         self.net.load_state_dict(served | live)
-        self.best = ck.state.get("best")
+        self.quality.best = ck.state.get("best")
         resume_checkpoint(self, ck)
         for k, opt in self.opts.items():  # the learning rates asked for now (the same unless changed)
             for group in opt.param_groups:

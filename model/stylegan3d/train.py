@@ -210,7 +210,6 @@ class Trainer:
             if "monitor_every" in given:
                 raise ValueError("the quality monitor scores 3D volumes; a --dims 2 run has none")
             self.o["monitor_every"] = 0  # the recipe's monitor is for 3D runs
-        self.best: dict[str, Any] | None = None
         self.quality = QualityMonitor(self.run, self.cfg.shape, int(self.o["monitor_n"]), self.cfg.z_dim)
         if ck is not None:
             self._load_checkpoint(ck)
@@ -441,7 +440,7 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         extra = {f"G_raw.{k}": v for k, v in self.G.state_dict().items()} | {"pl_mean": self.pl_mean}
-        state = {"init": self.init_info, "lr": self.lr, "batch": self.batch, "best": self.best}
+        state = {"init": self.init_info, "lr": self.lr, "batch": self.batch, "best": self.quality.best}
         return write_checkpoint(self, self._model_state(), extra=extra, state=state)
 
     def _load_checkpoint(self, ck: TrainingCheckpoint) -> None:
@@ -452,7 +451,7 @@ class Trainer:
         self.D.load_state_dict({k[2:]: v for k, v in weights.items() if k.startswith("D.")})
         self.G.load_state_dict(ck.extra("G_raw."))
         self.pl_mean.copy_(ck.extra()["pl_mean"])
-        self.best = ck.state.get("best")
+        self.quality.best = ck.state.get("best")
         resume_checkpoint(self, ck)
 
     # ------------------------------------------------------------------ previews and the loop
@@ -468,16 +467,12 @@ class Trainer:
         """The shared quality monitor (model/training.py ``QualityMonitor``) on ``monitor_n`` volumes
         of G_ema (constant noise) on the model's grid; keeps the best model in RUN/best."""
 
-        @torch.no_grad()
         def generate(z: torch.Tensor) -> torch.Tensor:
             return self.G_ema(z.to(self.device), noise_mode="const")
 
-        self.quality.best = self.best
-        out = self.quality(
+        return self.quality(
             self.iteration, len(self.data), self._volume, generate, self.cfg.to_dict(), self._model_state
         )
-        self.best = self.quality.best
-        return out
 
     def fit(self) -> Path:
         from model.training import fit_loop
