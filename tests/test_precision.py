@@ -9,7 +9,7 @@ import torch
 
 from model.hagan.config import HAGANConfig
 from model.hagan.model import HAGANModel
-from model.precision import cpu_has_bf16, resolve_precision
+from model.precision import BF16_FLAGS, X86, cpu_flags, cpu_has_bf16, resolve_precision
 
 # Measured (README): at 128^3 on an untrained width-0.25 model, bf16 against fp32 gave PSNR 51.5 dB
 # over the [-1, 1] range and a largest difference of 0.044; a bf16 mantissa holds 8 bits (relative
@@ -21,6 +21,20 @@ MIN_PSNR_DB, MAX_ABS = 40.0, 0.1
 @pytest.fixture(scope="module")
 def model() -> HAGANModel:
     return HAGANModel.init(HAGANConfig(resolution=128, latent_dim=16, width=0.25), seed=0)
+
+
+def test_native_bf16_means_the_cpu_flags_not_onednn_emulation() -> None:
+    """auto picks bf16 only where the CPU has bf16 dot products (AVX-512 BF16 or AMX).  oneDNN calls
+    bf16 supported on every AVX-512 CPU and emulates it there, 3.3x slower than fp32 at 256^3 on a
+    Xeon without AVX-512 BF16 or AMX (benchmarks/RESULTS.md): such a CPU must keep fp32."""
+    import platform
+
+    flags = cpu_flags()
+    if platform.machine().lower() not in X86 or flags is None:
+        pytest.skip("needs an x86 CPU whose flags /proc/cpuinfo lists")
+    assert cpu_has_bf16() == any(f in flags for f in BF16_FLAGS), sorted(
+        f for f in flags if "avx512" in f or "amx" in f
+    )
 
 
 def test_auto_follows_the_cpu_and_fp32_or_bf16_are_taken_as_given() -> None:
