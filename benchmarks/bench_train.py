@@ -117,6 +117,7 @@ def run_cell(res: int, path: str, data: Path, a: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--one", str(res), path, str(data)]
     cmd += ["--batch", str(a.batch), "--iterations", str(a.iterations), "--device", a.device]
     cmd += ["--width", str(a.width), "--latent-dim", str(a.latent_dim), "--recipe", a.recipe]
+    cmd += ["--sub-volumes", str(a.sub_volumes)]
     return run_in_child(cmd, res, path)
 
 
@@ -134,6 +135,7 @@ def main() -> None:
     ap.add_argument("--width", type=float, default=1.0, help="channel width multiplier (1.0: the authors')")
     ap.add_argument("--latent-dim", type=int, default=1024)
     ap.add_argument("--recipe", choices=["authors", "small-data"], default="authors")
+    ap.add_argument("--sub-volumes", type=int, default=1, help="high-resolution sub-volumes per iteration")
     ap.add_argument(
         "--amp-cpu",
         action="store_true",
@@ -142,6 +144,7 @@ def main() -> None:
     a = ap.parse_args()
     if a.one:
         model = {"width": a.width, "latent_dim": a.latent_dim, "recipe": a.recipe, "monitor_every": 0}
+        model["sub_volumes"] = a.sub_volumes
         r = one(int(a.one[0]), a.one[1], a.one[2], a.batch, a.iterations, a.device, model)
         print(json.dumps(r))
         return
@@ -154,7 +157,7 @@ def main() -> None:
     print(
         f"# machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, device {a.device}; width {a.width}, latent {a.latent_dim}, recipe "
-        f"{a.recipe}; batch {a.batch}; {a.rounds} round(s) of "
+        f"{a.recipe}; sub-volumes {a.sub_volumes}; batch {a.batch}; {a.rounds} round(s) of "
         f"{a.iterations} timed iterations per cell; peak memory: the largest of the rounds\n"
     )
     rows = []

@@ -123,6 +123,12 @@ def register(sub: argparse._SubParsersAction, commands: dict[str, Callable]) -> 
         help="mean-logit (default, the authors'): one BCE of the mean of the D^H and D^L logits; each: a BCE per "
         "discriminator, averaged (G keeps D^H's gradient when D^L finds the outline real)",
     )
+    g.add_argument(
+        "--sub-volumes",
+        type=int,
+        help="high-resolution sub-volumes per iteration, each judged by D^H (default 1, the authors'); K costs K "
+        "times G^H and D^H",
+    )
     g.add_argument("--whole-stats", choices=["on", "off"], help="G^H GroupNorm with whole-volume statistics")
     g.add_argument("--any-start", choices=["on", "off"], help="sub-volumes may start at any slice")
     g.add_argument("--lowres", choices=["nearest", "average"], help="how the real low-resolution volume is made")

@@ -209,6 +209,31 @@ def test_d_loss_each_scores_d_h_and_d_l_apart(brain_ds: Path, tmp_path: Path) ->
     assert not torch.equal(a["ga.fc.weight"], b["ga.fc.weight"])  # G learned from another loss
 
 
+def test_sub_volumes_draws_several_crops_of_one_volume(brain_ds: Path, tmp_path: Path) -> None:
+    """--sub-volumes K: G^H's sub-volumes at K starts come from one feature map and are each what
+    generate_train gives at that start; a run with K = 2 learns from another loss than K = 1 and
+    records K in config.json; K must be a positive integer."""
+    opts = SMALL | {"data": str(brain_ds), "monitor_every": 0, "iterations": 1, "augment": "off", "diffaug": "off"}
+    runs = {}
+    for k in (1, 2):
+        t = Trainer(opts | {"output": str(tmp_path / f"k{k}"), "sub_volumes": k})
+        t.fit()
+        runs[k] = t
+        assert from_pretrained(tmp_path / f"k{k}" / "model").config.training["sub_volumes"] == k
+    a, b = runs[1].net.state_dict(), runs[2].net.state_dict()
+    assert not torch.equal(a["gh.convs.0.weight"], b["gh.convs.0.weight"])  # G^H learned from two crops
+    net = runs[2].net
+    z = torch.randn(2, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        crops, low = net.generate_train_crops(z, [5, 40], None, True)
+        for r, crop in zip((5, 40), crops, strict=True):
+            hi, lo = net.generate_train(z, r, None, True)
+            assert torch.equal(hi, crop) and torch.equal(lo, low)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="sub_volumes"):
+            Trainer(opts | {"output": str(tmp_path / "bad"), "sub_volumes": bad})
+
+
 def _reconstruction_error(t: Trainer) -> float:
     """L1 between the training volumes and their reconstruction by the live G from E^G's codes."""
     x = torch.from_numpy(np.stack([np.asarray(t.data.volume(i), np.float32) for i in range(len(t.data))]))[:, None]

@@ -453,17 +453,29 @@ class HAGAN(nn.Module):
         whole volume).  A start r that is not a multiple of the feature scale takes one more feature
         slice and crops G^H's output to the sub-volume.  ``whole_stats``: G^H's GroupNorm uses the
         statistics of the whole feature map (as inference does) instead of the slab's own."""
+        crops, low = self.generate_train_crops(z, [r], label, whole_stats)
+        return crops[0], low
+
+    def generate_train_crops(
+        self, z: torch.Tensor, rs: list[int], label: torch.Tensor | None = None, whole_stats: bool = False
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """``generate_train`` at several starts ``rs`` from one feature map: ([the sub-volume at each
+        start], the low-resolution whole volume)."""
         f = self.features(z, label)
         s, d = self.feat_scale, self.sub_depth
-        if not 0 <= r <= self.config.resolution - d:
-            raise ValueError(f"r={r} must be in 0..{self.config.resolution - d}")
-        lo, hi = r // s, -(-(r + d) // s)
+        for r in rs:
+            if not 0 <= r <= self.config.resolution - d:
+                raise ValueError(f"r={r} must be in 0..{self.config.resolution - d}")
         stats = self.gh.group_stats(f) if whole_stats else None
-        out = self.gh(f[:, :, lo:hi], stats)
-        off = r - lo * s
-        if off or out.shape[2] != d:
-            out = out[:, :, off : off + d]
-        return out, self.gl(f)
+        crops = []
+        for r in rs:
+            lo, hi = r // s, -(-(r + d) // s)
+            out = self.gh(f[:, :, lo:hi], stats)
+            off = r - lo * s
+            if off or out.shape[2] != d:
+                out = out[:, :, off : off + d]
+            crops.append(out)
+        return crops, self.gl(f)
 
     def discriminate(
         self, x_high: torch.Tensor, x_low: torch.Tensor, r: int

@@ -108,6 +108,11 @@ DEFAULTS: dict[str, Any] = LOOP_DEFAULTS | {
     # outline D^L finds real (a large D^L logit) leaves G little gradient from D^H, which alone judges
     # the anatomy inside (benchmarks/probe_hagan_d.py)
     "d_loss": "mean-logit",
+    # sub-volumes per iteration (the authors': 1): G^H draws K sub-volumes at K random starts and D^H
+    # judges each (its losses averaged), so more of G^H's output is trained each iteration at K times
+    # the G^H and D^H cost.  Fitted directly, G reached with the whole volume in 300 iterations what one
+    # sub-volume of R/8 slices reached in 1000 (benchmarks/probe_g_fit.py, RESULTS.md)
+    "sub_volumes": 1,
     "keep_checkpoints": KEEP_CHECKPOINTS,  # the newest K checkpoints are kept (0: all); RUN/best is kept apart
 }
 
@@ -126,7 +131,8 @@ RECIPES: dict[str, dict[str, Any]] = {
         "monitor_every": 100,
     },
 }
-_RECORDED = ("lambda_rec", "d_loss", "width", "latent_dim", "batch")  # in config.training beside the recipe's parts
+# in config.training beside the recipe's parts
+_RECORDED = ("lambda_rec", "d_loss", "sub_volumes", "width", "latent_dim", "batch")
 _SWITCHES = ("whole_stats", "any_start")  # (augment and diffaug: recipe_options checks them)
 
 # glibc mallopt parameters (malloc.h)
@@ -206,6 +212,9 @@ class Trainer:
                 raise ValueError(f"{k} must be on or off, got {self.o[k]!r}")
         if self.o["d_loss"] not in ("mean-logit", "each"):
             raise ValueError(f"d_loss must be mean-logit or each, got {self.o['d_loss']!r}")
+        sv = self.o["sub_volumes"]
+        if isinstance(sv, bool) or not isinstance(sv, int) or sv < 1:
+            raise ValueError(f"sub_volumes must be an integer >= 1, got {sv!r}")
         if self.o["lowres"] not in ("nearest", "average"):
             raise ValueError(f"lowres must be nearest or average, got {self.o['lowres']!r}")
         if not 0.0 <= float(self.o["ema"]) < 1.0:
@@ -322,11 +331,15 @@ class Trainer:
             x = self.augment(x, self.aug_gen, rows=part)
         b = x.shape[0]
         s, depth = net.feat_scale, net.sub_depth
-        if self.o["any_start"] == "on":
-            r = int(self.rng.integers(0, self.cfg.resolution - depth + 1))
-        else:
-            r = int(self.rng.integers(0, (self.cfg.resolution - depth) // s + 1)) * s
-        x_crop = x[:, :, r : r + depth]
+        rs = []
+        for _ in range(int(self.o["sub_volumes"])):
+            if self.o["any_start"] == "on":
+                rs.append(int(self.rng.integers(0, self.cfg.resolution - depth + 1)))
+            else:
+                rs.append(int(self.rng.integers(0, (self.cfg.resolution - depth) // s + 1)) * s)
+        r = rs[0]  # the encoders' sub-volume
+        crops = [x[:, :, q : q + depth] for q in rs]
+        x_crop = crops[0]
         if self.o["lowres"] == "average":
             x_low = F.avg_pool3d(x, s)
         else:
@@ -342,28 +355,33 @@ class Trainer:
             g = torch.randn(part[0], self.cfg.latent_dim, generator=self.gen)  # the global batch's
             return g[part[1] : part[2]].to(self.device)
 
-        def d_of(hi: torch.Tensor, lo: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-            """D's logits (one, or D^H's and D^L's with ``d_loss: each``) and class logits."""
+        def d_of(his: list[torch.Tensor], lo: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+            """D's logits on the sub-volumes ``his`` (at the starts ``rs``) and the low-resolution volume:
+            one per sub-volume (the mean of its D^H logit and D^L's, the authors'), or with ``d_loss:
+            each`` D^H's and D^L's apart; and the class logits."""
             if self.o["diffaug"] == "on":  # depth stays put in the sub-volume: D^H is told where it starts
-                hi = diff_augment(hi, self.aug_gen, axes=(3, 4), rows=part)
+                his = [diff_augment(hi, self.aug_gen, axes=(3, 4), rows=part) for hi in his]
                 lo = diff_augment(lo, self.aug_gen, rows=part)
+            hs = [net.dh(hi, q) for hi, q in zip(his, rs, strict=True)]
+            lo_logit, l_cls = net.dl(lo)
+            h_cls = None if hs[0][1] is None else sum(c for _, c in hs) / len(hs)
+            cls = None if h_cls is None else (h_cls + l_cls) / 2.0
             if self.o["d_loss"] == "each":
-                (h, h_cls), (lo_logit, l_cls) = net.dh(hi, r), net.dl(lo)
-                return [h, lo_logit], (None if h_cls is None else (h_cls + l_cls) / 2.0)
-            logit, cls = net.discriminate(hi, lo, r)
-            return [logit], cls
+                return [torch.cat([h for h, _ in hs]), lo_logit], cls
+            return [torch.cat([(h + lo_logit) / 2.0 for h, _ in hs])], cls
 
         def adv(logits: list[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
-            return sum(bce(t, target) for t in logits) / len(logits)  # type: ignore[return-value]
+            # a logit per sub-volume and sample (sub_volumes > 1: the crops' logits one after another)
+            return sum(bce(t, target.repeat(t.shape[0] // target.shape[0], 1)) for t in logits) / len(logits)  # type: ignore[return-value]
 
         # 1. D
         _requires_grad(net, OPTIMIZERS["d"], True)
         self.opts["d"].zero_grad(set_to_none=True)
         with ac():
-            logit, cls = d_of(x_crop, x_low)
+            logit, cls = d_of(crops, x_low)
             d_real = adv(logit, ones) + (ce(cls, labels) if cls is not None else 0.0)
             with torch.no_grad():
-                fake_hi, fake_lo = net.generate_train(z(), r, labels, ws)
+                fake_hi, fake_lo = net.generate_train_crops(z(), rs, labels, ws)
             logit, _ = d_of(fake_hi, fake_lo)
             d_fake = adv(logit, zeros)
         (d_real + d_fake).backward()
@@ -399,7 +417,7 @@ class Trainer:
         _requires_grad(net, OPTIMIZERS["d"], False)
         self.opts["g"].zero_grad(set_to_none=True)
         with ac():
-            fake_hi, fake_lo = net.generate_train(z(), r, labels, ws)
+            fake_hi, fake_lo = net.generate_train_crops(z(), rs, labels, ws)
             logit, cls = d_of(fake_hi, fake_lo)
             g_loss = adv(logit, ones)
             if cls is not None:
