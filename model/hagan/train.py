@@ -1,7 +1,8 @@
 """HA-GAN training (paper section III-B..E), one amortised iteration at a time.
 
 Each iteration draws one sub-volume start r (a multiple of the feature scale, so the real
-high-resolution crop and the generated one cover the same slices) and runs, as the authors do:
+high-resolution crop and the generated one cover the same slices; ``sub_volumes`` K > 1 draws K starts,
+D^H judging each and the encoders taking the first) and runs, as the authors do:
 
 1. D step: D^H on real/generated sub-volumes with r, D^L on real/generated low-resolution whole
    volumes, BCE with logits (+ the auxiliary classifier's cross-entropy for a conditional model).
