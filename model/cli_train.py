@@ -138,6 +138,17 @@ def register(sub: argparse._SubParsersAction, commands: dict[str, Callable]) -> 
     g.add_argument(
         "--lambda-rec", type=float, help="G and E^G learn together to reconstruct the real volumes: its weight (0: off)"
     )
+    g.add_argument(
+        "--rec-region",
+        choices=["sub-volume", "whole"],
+        help="what the reconstruction compares: sub-volume (default, the authors' E^G loss) = G^H's sub-volume plus "
+        "the low-res volume; whole = G^H's whole volume plus the low-res volume",
+    )
+    g.add_argument(
+        "--rec-warmup",
+        type=int,
+        help="the first N iterations train G and the encoders by reconstruction alone (D idle; needs --lambda-rec)",
+    )
     g = s.add_argument_group("small-data recipe (every family)")
     g.add_argument(
         "--recipe",

@@ -104,6 +104,15 @@ DEFAULTS: dict[str, Any] = LOOP_DEFAULTS | {
     # adds lambda_rec * L1 of G(E^G(E^H features)) against the real sub-volume and low-resolution
     # volume, with gradients into G and E^G (0: the authors' encoder, trained through a frozen G)
     "lambda_rec": 0.0,
+    # what the reconstruction (lambda_rec, and the E^G step) compares: sub-volume = G^H's sub-volume at the
+    # iteration's start plus the low-resolution volume (the authors' E^G loss); whole = G^H's whole volume
+    # plus the low-resolution volume, so all of G^H's output is supervised each iteration
+    # (benchmarks/probe_g_fit.py: 3x fewer iterations to the same fit)
+    "rec_region": "sub-volume",
+    # the first N iterations train G and the encoders by reconstruction alone (lambda_rec > 0 needed): D
+    # idle, no adversarial term; then the GAN with the reconstruction beside it.  G learns the anatomy
+    # from the volumes themselves before D judges it (0: off)
+    "rec_warmup": 0,
     # how D's two logits make the adversarial loss: mean-logit = one BCE of the mean of the D^H and D^L
     # logits (the authors'); each = a BCE for each discriminator, averaged.  With mean-logit a fake whose
     # outline D^L finds real (a large D^L logit) leaves G little gradient from D^H, which alone judges
@@ -133,7 +142,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     },
 }
 # in config.training beside the recipe's parts
-_RECORDED = ("lambda_rec", "d_loss", "sub_volumes", "width", "latent_dim", "batch")
+_RECORDED = ("lambda_rec", "rec_region", "rec_warmup", "d_loss", "sub_volumes", "width", "latent_dim", "batch")
 _SWITCHES = ("whole_stats", "any_start")  # (augment and diffaug: recipe_options checks them)
 
 # glibc mallopt parameters (malloc.h)
@@ -216,6 +225,13 @@ class Trainer:
         sv = self.o["sub_volumes"]
         if isinstance(sv, bool) or not isinstance(sv, int) or sv < 1:
             raise ValueError(f"sub_volumes must be an integer >= 1, got {sv!r}")
+        if self.o["rec_region"] not in ("sub-volume", "whole"):
+            raise ValueError(f"rec_region must be sub-volume or whole, got {self.o['rec_region']!r}")
+        wu = self.o["rec_warmup"]
+        if isinstance(wu, bool) or not isinstance(wu, int) or wu < 0:
+            raise ValueError(f"rec_warmup must be an integer >= 0, got {wu!r}")
+        if wu and not float(self.o["lambda_rec"]):
+            raise ValueError("rec_warmup trains G by reconstruction alone: it needs lambda_rec > 0")
         if self.o["lowres"] not in ("nearest", "average"):
             raise ValueError(f"lowres must be nearest or average, got {self.o['lowres']!r}")
         if not 0.0 <= float(self.o["ema"]) < 1.0:
@@ -375,19 +391,32 @@ class Trainer:
             # a logit per sub-volume and sample (sub_volumes > 1: the crops' logits one after another)
             return sum(bce(t, target.repeat(t.shape[0] // target.shape[0], 1)) for t in logits) / len(logits)  # type: ignore[return-value]
 
+        warmup = self.iteration < int(self.o["rec_warmup"])  # reconstruction alone: no D, no adversarial term
+
+        def rec_loss(g: HAGAN, z_e: torch.Tensor) -> torch.Tensor:
+            """L1 of G(z_e) against the real volume: G^H's sub-volume at r (or its whole volume with
+            ``rec_region: whole``) and G^L's low-resolution volume, averaged."""
+            if self.o["rec_region"] == "whole":
+                f = g.features(z_e, labels)
+                rec_hi, rec_lo = g.gh(f), g.gl(f)
+                return (l1(rec_hi, x) + l1(rec_lo, x_low)) / 2
+            rec_hi, rec_lo = g.generate_train(z_e, r, labels, ws)
+            return (l1(rec_hi, x_crop) + l1(rec_lo, x_low)) / 2
+
         # 1. D
-        _requires_grad(net, OPTIMIZERS["d"], True)
-        self.opts["d"].zero_grad(set_to_none=True)
-        with ac():
-            logit, cls = d_of(crops, x_low)
-            d_real = adv(logit, ones) + (ce(cls, labels) if cls is not None else 0.0)
-            with torch.no_grad():
-                fake_hi, fake_lo = net.generate_train_crops(z(), rs, labels, ws)
-            logit, _ = d_of(fake_hi, fake_lo)
-            d_fake = adv(logit, zeros)
-        (d_real + d_fake).backward()
-        self._update("d")
-        losses["d_real"], losses["d_fake"] = float(d_real.detach()), float(d_fake.detach())
+        if not warmup:
+            _requires_grad(net, OPTIMIZERS["d"], True)
+            self.opts["d"].zero_grad(set_to_none=True)
+            with ac():
+                logit, cls = d_of(crops, x_low)
+                d_real = adv(logit, ones) + (ce(cls, labels) if cls is not None else 0.0)
+                with torch.no_grad():
+                    fake_hi, fake_lo = net.generate_train_crops(z(), rs, labels, ws)
+                logit, _ = d_of(fake_hi, fake_lo)
+                d_fake = adv(logit, zeros)
+            (d_real + d_fake).backward()
+            self._update("d")
+            losses["d_real"], losses["d_fake"] = float(d_real.detach()), float(d_fake.detach())
 
         def eg_terms(z_e: torch.Tensor, rec: torch.Tensor) -> torch.Tensor:
             """E^G's loss: the reconstruction, its codes' prior and the latent term on generated volumes."""
@@ -418,17 +447,19 @@ class Trainer:
         _requires_grad(net, OPTIMIZERS["d"], False)
         self.opts["g"].zero_grad(set_to_none=True)
         with ac():
-            fake_hi, fake_lo = net.generate_train_crops(z(), rs, labels, ws)
-            logit, cls = d_of(fake_hi, fake_lo)
-            g_loss = adv(logit, ones)
-            if cls is not None:
-                g_loss = g_loss + self.o["lambda_class"] * ce(cls, labels)
+            g_loss = torch.zeros((), device=self.device)
+            if not warmup:
+                fake_hi, fake_lo = net.generate_train_crops(z(), rs, labels, ws)
+                logit, cls = d_of(fake_hi, fake_lo)
+                g_loss = adv(logit, ones)
+                if cls is not None:
+                    g_loss = g_loss + self.o["lambda_class"] * ce(cls, labels)
+                del fake_hi, fake_lo
             total = g_loss
             if feats is not None:
                 self.opts["eg"].zero_grad(set_to_none=True)
                 z_e = net.eg(feats)
-                rec_hi, rec_lo = net.generate_train(z_e, r, labels, ws)
-                rec = (l1(rec_hi, x_crop) + l1(rec_lo, x_low)) / 2
+                rec = rec_loss(net, z_e)
                 losses["e_g"] = float(rec.detach())
                 total = total + joint * eg_terms(z_e, rec)
         total.backward()
@@ -436,8 +467,9 @@ class Trainer:
         if feats is not None:
             self._update("eg")
         self._ema_update()
-        losses["g"] = float(g_loss.detach())
-        del fake_hi, fake_lo, total
+        if not warmup:
+            losses["g"] = float(g_loss.detach())
+        del total
 
         # 3. E^H: reconstruct the real sub-volume through the frozen G^H
         _requires_grad(net, OPTIMIZERS["g"], False)
@@ -455,8 +487,7 @@ class Trainer:
             self.opts["eg"].zero_grad(set_to_none=True)
             with ac():
                 z_e = net.eg(feats)
-                rec_hi, rec_lo = gen.generate_train(z_e, r, labels, ws)
-                rec = (l1(rec_hi, x_crop) + l1(rec_lo, x_low)) / 2
+                rec = rec_loss(gen, z_e)
                 losses["e_g"] = float(rec.detach())
                 eg_loss = eg_terms(z_e, rec)
             eg_loss.backward()
