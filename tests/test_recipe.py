@@ -265,7 +265,6 @@ def test_joint_reconstruction_teaches_g_the_real_volumes(brain_ds: Path, tmp_pat
     assert errors[10.0] < 0.8 * errors[0.0], errors
 
 
-
 def test_reconstruction_warmup_trains_g_alone_then_the_gan(brain_ds: Path, tmp_path: Path) -> None:
     """--rec-warmup N: the first N iterations train G and the encoders by reconstruction alone (D keeps
     its initial weights, no adversarial loss is logged), then D and the adversarial term join;
@@ -299,6 +298,7 @@ def test_reconstruction_warmup_trains_g_alone_then_the_gan(brain_ds: Path, tmp_p
     for bad in ({"rec_warmup": -1}, {"rec_warmup": 1.5}, {"rec_region": "slab"}, {"lambda_rec": 0.0}):
         with pytest.raises(ValueError, match="rec_warmup|rec_region"):
             Trainer(opts | bad | {"output": str(tmp_path / "bad")})
+
 
 # ---------------------------------------------------------------- the recipe in the other families
 SG = {"family": "stylegan3d", "shape": "16x32x32", "channels": 8, "latent_dim": 16, "mapping_width": 16}
