@@ -27,6 +27,9 @@ term on generated volumes and a prior on its codes (``lambda_latent``, ``lambda_
 learning to reconstruct the real volumes from their codes beside fooling D (``lambda_rec``): a GAN's
 generator alone, on a few CPU iterations, spends hundreds of them on blobs before any anatomy, while a
 reconstruction signal gives it the anatomy of every training volume from the first iterations.
+``rec_region: whole`` makes that reconstruction compare G^H's whole volume (not only the iteration's
+sub-volume), and ``rec_warmup`` N trains G and the encoders by reconstruction alone for the first N
+iterations (D idle) before the GAN starts.
 ``monitor_every`` runs the evaluation's texture distance on a few EMA samples (``monitor``) and keeps
 the best model in RUN/best.
 
