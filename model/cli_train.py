@@ -145,6 +145,12 @@ def register(sub: argparse._SubParsersAction, commands: dict[str, Callable]) -> 
         "the low-res volume; whole = G^H's whole volume plus the low-res volume",
     )
     g.add_argument(
+        "--latent-refit",
+        type=int,
+        help="every N iterations, fold a Gaussian fitted to E^G's codes of the training volumes into E^G's output "
+        "and G^A's first layer, so sampled latents land where real volumes' codes are (0: off)",
+    )
+    g.add_argument(
         "--rec-warmup",
         type=int,
         help="the first N iterations train G and the encoders by reconstruction alone (D idle; needs --lambda-rec)",

@@ -300,6 +300,51 @@ def test_reconstruction_warmup_trains_g_alone_then_the_gan(brain_ds: Path, tmp_p
             Trainer(opts | bad | {"output": str(tmp_path / "bad")})
 
 
+def test_latent_refit_standardises_the_codes_without_changing_the_networks_outputs(
+    brain_ds: Path, tmp_path: Path
+) -> None:
+    """--latent-refit N: every N iterations the codes of the training volumes are made standard normal
+    (their fitted mean and deviation folded into E^G's output layer and G^A's first layer, live and EMA),
+    so a reconstruction G(E(x)) is what it was, the codes of the real volumes have mean 0 and deviation
+    1 per dimension, and a sampled z is read as a draw from the real codes' Gaussian."""
+    opts = SMALL | {"data": str(brain_ds), "monitor_every": 0, "iterations": 2, "augment": "off", "diffaug": "off"}
+    t = Trainer(opts | {"output": str(tmp_path / "r"), "latent_refit": 2})
+    t.step()
+    net = t.net.eval()
+    x = torch.from_numpy(np.stack([np.asarray(t.data.volume(i), np.float32) for i in range(len(t.data))]))[:, None]
+
+    def codes() -> torch.Tensor:
+        with torch.no_grad():
+            return torch.cat([net.eg(net.encode_features(x[i : i + 1], None, t.channels_last)) for i in range(len(x))])
+
+    z = torch.randn(2, 16, generator=torch.Generator().manual_seed(5))
+    net.train()
+    row = t.step()  # iteration 2: the refit, after the step's updates
+    assert row["latent_mean_norm"] > 0 and row["latent_std"] > 0
+    net.eval()
+    c1 = codes()
+    # the weights moved in step 2, so compare the refit against the same weights unfolded by hand
+    assert torch.allclose(c1.mean(0), torch.zeros(16), atol=1e-4)
+    assert torch.allclose(c1.std(0), torch.ones(16), atol=1e-3)
+    # folded exactly: decoding z after the fit = decoding m' + s' * z with the pre-fit layers
+    t2 = Trainer(opts | {"output": str(tmp_path / "r2"), "latent_refit": 0})
+    t2.step()
+    t2.step()  # the same two updates, no refit
+    net2 = t2.net.eval()
+    with torch.no_grad():
+        c2 = torch.cat([net2.eg(net2.encode_features(x[i : i + 1], None, t2.channels_last)) for i in range(len(x))])
+        m2, s2 = c2.mean(0), c2.std(0)
+        want = net2.gh(net2.features(m2 + s2 * z))
+        got = net.gh(net.features(z))
+        assert torch.allclose(got, want, atol=1e-4), float((got - want).abs().max())
+        assert torch.allclose(c1, (c2 - m2) / s2, atol=1e-4)
+        want_ema = t2.ema.eval().gh(t2.ema.features(m2 + s2 * z))
+        assert torch.allclose(t.ema.eval().gh(t.ema.features(z)), want_ema, atol=1e-4)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="latent_refit"):
+            Trainer(opts | {"latent_refit": bad, "output": str(tmp_path / "bad")})
+
+
 # ---------------------------------------------------------------- the recipe in the other families
 SG = {"family": "stylegan3d", "shape": "16x32x32", "channels": 8, "latent_dim": 16, "mapping_width": 16}
 AW = {"width": 0.125, "latent_dim": 16, "code_hidden": 32}

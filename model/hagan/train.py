@@ -116,6 +116,11 @@ DEFAULTS: dict[str, Any] = LOOP_DEFAULTS | {
     # idle, no adversarial term; then the GAN with the reconstruction beside it.  G learns the anatomy
     # from the volumes themselves before D judges it (0: off)
     "rec_warmup": 0,
+    # every N iterations, a Gaussian fitted to E^G's codes of the training volumes (per-dimension mean and
+    # standard deviation, as the ex-post density estimation of regularised autoencoders) is folded into
+    # E^G's output layer and G^A's first layer, so the codes of real volumes are standard normal again and
+    # a sampled z ~ N(0, I) lands where the real volumes' codes are (0: off)
+    "latent_refit": 0,
     # how D's two logits make the adversarial loss: mean-logit = one BCE of the mean of the D^H and D^L
     # logits (the authors'); each = a BCE for each discriminator, averaged.  With mean-logit a fake whose
     # outline D^L finds real (a large D^L logit) leaves G little gradient from D^H, which alone judges
@@ -145,7 +150,17 @@ RECIPES: dict[str, dict[str, Any]] = {
     },
 }
 # in config.training beside the recipe's parts
-_RECORDED = ("lambda_rec", "rec_region", "rec_warmup", "d_loss", "sub_volumes", "width", "latent_dim", "batch")
+_RECORDED = (
+    "lambda_rec",
+    "rec_region",
+    "rec_warmup",
+    "latent_refit",
+    "d_loss",
+    "sub_volumes",
+    "width",
+    "latent_dim",
+    "batch",
+)
 _SWITCHES = ("whole_stats", "any_start")  # (augment and diffaug: recipe_options checks them)
 
 # glibc mallopt parameters (malloc.h)
@@ -228,6 +243,9 @@ class Trainer:
         sv = self.o["sub_volumes"]
         if isinstance(sv, bool) or not isinstance(sv, int) or sv < 1:
             raise ValueError(f"sub_volumes must be an integer >= 1, got {sv!r}")
+        lr_ = self.o["latent_refit"]
+        if isinstance(lr_, bool) or not isinstance(lr_, int) or lr_ < 0:
+            raise ValueError(f"latent_refit must be an integer >= 0, got {lr_!r}")
         if self.o["rec_region"] not in ("sub-volume", "whole"):
             raise ValueError(f"rec_region must be sub-volume or whole, got {self.o['rec_region']!r}")
         wu = self.o["rec_warmup"]
@@ -497,7 +515,44 @@ class Trainer:
             self._update("eg")
         _requires_grad(net, OPTIMIZERS["g"], True)
         self.iteration += 1
+        every = int(self.o["latent_refit"])
+        if every and self.iteration % every == 0:
+            losses |= self.refit_latent()
         return distributed.average_scalars(losses)
+
+    @torch.no_grad()
+    def refit_latent(self) -> dict[str, float]:
+        """Re-standardise the code space: E^G's codes of every training volume (as prepared, not
+        augmented) get a per-dimension mean m and standard deviation s, and the affine map is folded
+        into the networks without changing what they compute: E^G's output layer then gives (c - m) / s,
+        and G^A's first layer (live and EMA) takes m + s * z where it took c.  A reconstruction G(E(x))
+        is unchanged; a sampled z ~ N(0, I) now stands for a code drawn from the fitted Gaussian of the
+        real volumes' codes.  The Adam state of the two folded layers starts afresh.  Returns the
+        codes' spread before the fit (``latent_mean_norm``: |m|, ``latent_std``: the median of s)."""
+        net = self.net
+        was = net.training
+        net.eval()
+        codes = []
+        for i in range(len(self.data)):
+            x = torch.from_numpy(np.asarray(self.data.volume(i), np.float32))[None, None].to(self.device)
+            with self._ac():
+                codes.append(net.eg(net.encode_features(x, None, self.channels_last)).float())
+        net.train(was)
+        c = torch.cat(codes)
+        m = c.mean(0)
+        s = c.std(0).clamp_min(1e-3) if len(c) > 1 else torch.ones_like(m)
+        out = net.eg.out  # conv producing one value per latent dimension: c = W x + b
+        out.weight.div_(s.view(-1, *([1] * (out.weight.dim() - 1))))
+        out.bias.sub_(m).div_(s)
+        latent = self.cfg.latent_dim
+        for g in (net, self.ema) if self.ema is not None else (net,):
+            fc = g.ga.fc  # h = W [c, onehot] + b, with c = m + s z
+            fc.bias.add_(fc.weight[:, :latent] @ m)
+            fc.weight[:, :latent].mul_(s)
+        for group, params in (("g", (net.ga.fc.weight, net.ga.fc.bias)), ("eg", (out.weight, out.bias))):
+            for prm in params:
+                self.opts[group].state.pop(prm, None)
+        return {"latent_mean_norm": float(m.norm()), "latent_std": float(s.median())}
 
     def _ema_update(self) -> None:
         """EMA of G's weights (G^A, G^L, G^H), decay ramped up as min(ema, (1 + it) / (10 + it))."""
