@@ -18,7 +18,7 @@ from model.data.datasets import VolumeDataset, prepare_dataset
 from model.data.preprocess import foreground_centre, to_input_grid, window
 from model.data.volumes import load_for_model, read_volume, to_model_space
 from model.hagan.config import HAGANConfig
-from model.hagan.train import Trainer
+from model.hagan.train import LATENT_FLOOR, Trainer
 from model.registry import from_pretrained
 
 SPACING = (2.0, 2.0, 2.0)
@@ -304,9 +304,9 @@ def test_latent_refit_standardises_the_codes_without_changing_the_networks_outpu
     brain_ds: Path, tmp_path: Path
 ) -> None:
     """--latent-refit N: every N iterations the codes of the training volumes are made standard normal
-    (their fitted mean and deviation folded into E^G's output layer and G^A's first layer, live and EMA),
-    so a reconstruction G(E(x)) is what it was, the codes of the real volumes have mean 0 and deviation
-    1 per dimension, and a sampled z is read as a draw from the real codes' Gaussian."""
+    (their fitted mean and covariance folded into E^G's output layer and G^A's first layer, live and EMA),
+    so a reconstruction G(E(x)) is what it was, the codes of the real volumes have mean 0 and covariance
+    I where they span, and a sampled z is read as a draw from the real codes' Gaussian."""
     opts = SMALL | {"data": str(brain_ds), "monitor_every": 0, "iterations": 2, "augment": "off", "diffaug": "off"}
     t = Trainer(opts | {"output": str(tmp_path / "r"), "latent_refit": 2})
     t.step()
@@ -325,7 +325,8 @@ def test_latent_refit_standardises_the_codes_without_changing_the_networks_outpu
     c1 = codes()
     # the weights moved in step 2, so compare the refit against the same weights unfolded by hand
     assert torch.allclose(c1.mean(0), torch.zeros(16), atol=1e-4)
-    assert torch.allclose(c1.std(0), torch.ones(16), atol=1e-3)
+    lam = torch.linalg.eigvalsh(torch.cov(c1.T.double()))  # whitened: 1 where the volumes span, less elsewhere
+    assert abs(float(lam.max()) - 1.0) < 1e-3 and float(lam.min()) > -1e-6
     # folded exactly: decoding z after the fit = decoding m' + s' * z with the pre-fit layers
     t2 = Trainer(opts | {"output": str(tmp_path / "r2"), "latent_refit": 0})
     t2.step()
@@ -333,12 +334,15 @@ def test_latent_refit_standardises_the_codes_without_changing_the_networks_outpu
     net2 = t2.net.eval()
     with torch.no_grad():
         c2 = torch.cat([net2.eg(net2.encode_features(x[i : i + 1], None, t2.channels_last)) for i in range(len(x))])
-        m2, s2 = c2.mean(0), c2.std(0)
-        want = net2.gh(net2.features(m2 + s2 * z))
+        m2 = c2.mean(0)
+        lam, vec = torch.linalg.eigh(torch.cov(c2.T.double()))
+        lam = lam.clamp_min(LATENT_FLOOR * float(lam.clamp_min(0).mean()) + 1e-12)
+        root = ((vec * lam.sqrt()) @ vec.T).float()
+        want = net2.gh(net2.features(m2 + z @ root))
         got = net.gh(net.features(z))
         assert torch.allclose(got, want, atol=1e-4), float((got - want).abs().max())
-        assert torch.allclose(c1, (c2 - m2) / s2, atol=1e-4)
-        want_ema = t2.ema.eval().gh(t2.ema.features(m2 + s2 * z))
+        assert torch.allclose(c1 @ root + m2, c2, atol=1e-4)  # E^G's codes: z = L^-1 (c - m)
+        want_ema = t2.ema.eval().gh(t2.ema.features(m2 + z @ root))
         assert torch.allclose(t.ema.eval().gh(t.ema.features(z)), want_ema, atol=1e-4)
     for bad in (-1, 1.5, True):
         with pytest.raises(ValueError, match="latent_refit"):

@@ -116,8 +116,8 @@ DEFAULTS: dict[str, Any] = LOOP_DEFAULTS | {
     # idle, no adversarial term; then the GAN with the reconstruction beside it.  G learns the anatomy
     # from the volumes themselves before D judges it (0: off)
     "rec_warmup": 0,
-    # every N iterations, a Gaussian fitted to E^G's codes of the training volumes (per-dimension mean and
-    # standard deviation, as the ex-post density estimation of regularised autoencoders) is folded into
+    # every N iterations, a Gaussian fitted to E^G's codes of the training volumes (mean and covariance, as
+    # the ex-post density estimation of regularised autoencoders) is folded into
     # E^G's output layer and G^A's first layer, so the codes of real volumes are standard normal again and
     # a sampled z ~ N(0, I) lands where the real volumes' codes are (0: off)
     "latent_refit": 0,
@@ -162,6 +162,7 @@ _RECORDED = (
     "batch",
 )
 _SWITCHES = ("whole_stats", "any_start")  # (augment and diffaug: recipe_options checks them)
+LATENT_FLOOR = 0.01  # refit_latent: the covariance's eigenvalues floored at this fraction of their mean
 
 # glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
@@ -522,13 +523,16 @@ class Trainer:
 
     @torch.no_grad()
     def refit_latent(self) -> dict[str, float]:
-        """Re-standardise the code space: E^G's codes of every training volume (as prepared, not
-        augmented) get a per-dimension mean m and standard deviation s, and the affine map is folded
-        into the networks without changing what they compute: E^G's output layer then gives (c - m) / s,
-        and G^A's first layer (live and EMA) takes m + s * z where it took c.  A reconstruction G(E(x))
-        is unchanged; a sampled z ~ N(0, I) now stands for a code drawn from the fitted Gaussian of the
-        real volumes' codes.  The Adam state of the two folded layers starts afresh.  Returns the
-        codes' spread before the fit (``latent_mean_norm``: |m|, ``latent_std``: the median of s)."""
+        """Re-standardise the code space: E^G's codes c of every training volume (as prepared, not
+        augmented) get a mean m and covariance S = V diag(lam) V^T, whose eigenvalues are floored at
+        ``LATENT_FLOOR`` times their mean (a few dozen volumes span only some of the latent's
+        dimensions), and the affine map c = m + L z, L = S^(1/2), is folded into the networks without
+        changing what they compute: E^G's output layer then gives z = L^-1 (c - m), and G^A's first layer
+        (live and EMA) takes z where it took c.  A reconstruction G(E(x)) is unchanged; the real
+        volumes' codes have mean 0 and covariance I (up to the floor); a sampled z ~ N(0, I) stands for a
+        code drawn from the Gaussian fitted to the real volumes' codes, correlations included.  The Adam
+        state of the two folded layers starts afresh.  Returns the codes' spread before the fit
+        (``latent_mean_norm``: |m|, ``latent_std``: the square root of the largest eigenvalue)."""
         net = self.net
         was = net.training
         net.eval()
@@ -536,23 +540,29 @@ class Trainer:
         for i in range(len(self.data)):
             x = torch.from_numpy(np.asarray(self.data.volume(i), np.float32))[None, None].to(self.device)
             with self._ac():
-                codes.append(net.eg(net.encode_features(x, None, self.channels_last)).float())
+                codes.append(net.eg(net.encode_features(x, None, self.channels_last)).double())
         net.train(was)
         c = torch.cat(codes)
         m = c.mean(0)
-        s = c.std(0).clamp_min(1e-3) if len(c) > 1 else torch.ones_like(m)
-        out = net.eg.out  # conv producing one value per latent dimension: c = W x + b
-        out.weight.div_(s.view(-1, *([1] * (out.weight.dim() - 1))))
-        out.bias.sub_(m).div_(s)
-        latent = self.cfg.latent_dim
+        k = len(m)
+        cov = torch.cov(c.T) if len(c) > 1 else torch.eye(k, dtype=c.dtype, device=c.device)
+        lam, vec = torch.linalg.eigh(cov)
+        lam = lam.clamp_min(LATENT_FLOOR * float(lam.clamp_min(0).mean()) + 1e-12)
+        root = (vec * lam.sqrt()) @ vec.T  # L = S^(1/2), symmetric
+        inv = (vec / lam.sqrt()) @ vec.T
+        out = net.eg.out  # conv with one output channel per latent dimension: c = W x + b
+        w = out.weight.double()
+        out.weight.copy_((inv @ w.flatten(1)).view_as(w))
+        out.bias.copy_(inv @ (out.bias.double() - m))
         for g in (net, self.ema) if self.ema is not None else (net,):
-            fc = g.ga.fc  # h = W [c, onehot] + b, with c = m + s z
-            fc.bias.add_(fc.weight[:, :latent] @ m)
-            fc.weight[:, :latent].mul_(s)
+            fc = g.ga.fc  # h = W [c, onehot] + b, with c = m + L z
+            wl = fc.weight[:, :k].double()
+            fc.bias.add_((wl @ m).to(fc.bias.dtype))
+            fc.weight[:, :k] = (wl @ root).to(fc.weight.dtype)
         for group, params in (("g", (net.ga.fc.weight, net.ga.fc.bias)), ("eg", (out.weight, out.bias))):
             for prm in params:
                 self.opts[group].state.pop(prm, None)
-        return {"latent_mean_norm": float(m.norm()), "latent_std": float(s.median())}
+        return {"latent_mean_norm": float(m.norm()), "latent_std": float(lam.max().sqrt())}
 
     def _ema_update(self) -> None:
         """EMA of G's weights (G^A, G^L, G^H), decay ramped up as min(ema, (1 + it) / (10 + it))."""
