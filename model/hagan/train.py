@@ -162,7 +162,7 @@ _RECORDED = (
     "batch",
 )
 _SWITCHES = ("whole_stats", "any_start")  # (augment and diffaug: recipe_options checks them)
-LATENT_FLOOR = 0.01  # refit_latent: the covariance's eigenvalues floored at this fraction of their mean
+LATENT_FLOOR = 0.1  # refit_latent: the covariance's eigenvalues floored at this fraction of their mean
 
 # glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
