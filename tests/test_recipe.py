@@ -109,7 +109,8 @@ def test_every_family_describes_the_cube_its_training_data_were_prepared_on() ->
     from model.stylegan3d.config import StyleGAN3DConfig
 
     demo = HAGANConfig.from_dict(read_config(Path(__file__).parents[1] / "models" / "demo-brain-mri"))
-    assert demo.cube() == Cube(128, (1.82, 1.82, 1.82), "mri", demo.intensity, {})
+    assert demo.cube() == Cube(128, (1.6, 1.6, 1.6), "mri", demo.intensity, demo.preprocess)
+    assert demo.preprocess["mode"] == "physical" and demo.preprocess["spacing"] == [1.6, 1.6, 1.6]
     prep = {"mode": "physical", "spacing": [1.15, 1.15, 1.15]}
     sg = StyleGAN3DConfig.for_variant(
         "splitshuffle", shape=(96, 64, 64), data_resolution=128, preprocess=prep,
