@@ -241,18 +241,13 @@ class Trainer:
                 raise ValueError(f"{k} must be on or off, got {self.o[k]!r}")
         if self.o["d_loss"] not in ("mean-logit", "each"):
             raise ValueError(f"d_loss must be mean-logit or each, got {self.o['d_loss']!r}")
-        sv = self.o["sub_volumes"]
-        if isinstance(sv, bool) or not isinstance(sv, int) or sv < 1:
-            raise ValueError(f"sub_volumes must be an integer >= 1, got {sv!r}")
-        lr_ = self.o["latent_refit"]
-        if isinstance(lr_, bool) or not isinstance(lr_, int) or lr_ < 0:
-            raise ValueError(f"latent_refit must be an integer >= 0, got {lr_!r}")
+        for k, least in (("sub_volumes", 1), ("latent_refit", 0), ("rec_warmup", 0)):
+            v = self.o[k]
+            if isinstance(v, bool) or not isinstance(v, int) or v < least:
+                raise ValueError(f"{k} must be an integer >= {least}, got {v!r}")
         if self.o["rec_region"] not in ("sub-volume", "whole"):
             raise ValueError(f"rec_region must be sub-volume or whole, got {self.o['rec_region']!r}")
-        wu = self.o["rec_warmup"]
-        if isinstance(wu, bool) or not isinstance(wu, int) or wu < 0:
-            raise ValueError(f"rec_warmup must be an integer >= 0, got {wu!r}")
-        if wu and not float(self.o["lambda_rec"]):
+        if self.o["rec_warmup"] and not float(self.o["lambda_rec"]):
             raise ValueError("rec_warmup trains G by reconstruction alone: it needs lambda_rec > 0")
         if self.o["lowres"] not in ("nearest", "average"):
             raise ValueError(f"lowres must be nearest or average, got {self.o['lowres']!r}")
