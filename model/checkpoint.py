@@ -109,6 +109,16 @@ def _cached(f: Path, kind: str, read: Any) -> Any:
     return value
 
 
+def find_model_dir(path: str | os.PathLike) -> Path:
+    """A model directory, or a run folder's ``model/`` (its finished model)."""
+    p = Path(path)
+    if (p / "config.json").is_file():
+        return p
+    if (p / "model" / "config.json").is_file():
+        return p / "model"
+    raise ValueError(f"{p}: neither a model directory (config.json) nor a run folder with model/config.json")
+
+
 def read_config_cached(path: str | os.PathLike) -> dict[str, Any]:
     """``read_config``, cached per file and re-read when it changes (a copy: callers may edit it)."""
     p = Path(path)

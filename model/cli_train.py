@@ -174,7 +174,12 @@ def register(sub: argparse._SubParsersAction, commands: dict[str, Callable]) -> 
     g.add_argument("--shape", help="volume grid DxHxW, e.g. 32x64x64 (default 32x64x64)")
     g.add_argument("--variant", help="the paper's architecture variant (baseline, split-shuffle, ...)")
     g.add_argument("--dims", type=int, choices=[2, 3], default=3, help="2: train on axial slices for inflation")
-    g.add_argument("--init-from", help="a 2D run (or model directory) to inflate into this 3D run")
+    g.add_argument(
+        "--init-from",
+        help="hagan: a model directory (or run folder) whose weights start this run (fine-tuning; its width, "
+        "latent size and grid are taken); splitshuffle/stylegan3d: a 2D run (or model directory) to inflate "
+        "into this 3D run",
+    )
     g.add_argument("--inflate", default="inflate-1", help="inflation strategy (inflate-1, inflate-2, ...)")
     g.add_argument("--inflate-parts", default="gd", choices=["g", "d", "gd"], help="inflate G, D or both")
     commands["train"] = cmd_train

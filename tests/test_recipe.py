@@ -350,6 +350,46 @@ def test_latent_refit_standardises_the_codes_without_changing_the_networks_outpu
             Trainer(opts | {"latent_refit": bad, "output": str(tmp_path / "bad")})
 
 
+def test_init_from_starts_a_run_from_a_model_directory(brain_ds: Path, tmp_path: Path) -> None:
+    """--init-from MODEL: a new run starts from a finished model's weights (its served G as the live G
+    and the EMA, its encoders and D), takes its width and latent size, records where it came from, and
+    refuses a model that does not fit the dataset or the options; a resumed run keeps its own weights."""
+    opts = SMALL | {"data": str(brain_ds), "monitor_every": 0, "iterations": 1, "augment": "off"}
+    a = Trainer(opts | {"output": str(tmp_path / "a"), "lambda_rec": 10.0})
+    a.fit()
+    src = from_pretrained(tmp_path / "a" / "model").net.state_dict()
+    # width and latent size come from the model (asked for by neither option here)
+    given = {k: v for k, v in opts.items() if k not in ("width", "latent_dim")}
+    b = Trainer(given | {"output": str(tmp_path / "b"), "init_from": str(tmp_path / "a")})
+    assert (b.cfg.width, b.cfg.latent_dim) == (0.25, 16)
+    assert b.init_parts == ["dh", "dl", "eg", "eh", "ga", "gh", "gl"] and b.iteration == 0
+    live, ema = b.net.state_dict(), b.ema.state_dict()
+    assert [k for k in src if not torch.equal(live[k], src[k])] == []  # the served weights, every part
+    assert [k for k in src if k.split(".")[0] in ("ga", "gl", "gh") and not torch.equal(ema[k], src[k])] == []
+    fresh = Trainer(given | {"output": str(tmp_path / "f"), "width": 0.25, "latent_dim": 16})
+    assert not torch.equal(fresh.net.state_dict()["gh.convs.0.weight"], src["gh.convs.0.weight"])
+    b.fit()
+    # the EMA was the model's G already: it takes the full decay (0.999) at once, not the ramp from 0.1
+    g0, g1, e1 = src["gh.convs.0.weight"], b.net.gh.convs[0].weight.detach(), b.ema.gh.convs[0].weight
+    assert torch.allclose(e1, g0 + 0.001 * (g1 - g0), atol=1e-7)
+    cfg = from_pretrained(tmp_path / "b" / "model").config
+    assert cfg.training["init_from"] == "a" and "initialised from the model a" in cfg.description
+    # resumed, the run's own checkpoint decides (not the model it started from)
+    b2 = Trainer(given | {"output": str(tmp_path / "b"), "init_from": str(tmp_path / "a"), "resume": True})
+    got = b2.net.state_dict()
+    assert b2.iteration == 1 and torch.equal(got["gh.convs.0.weight"], b.net.state_dict()["gh.convs.0.weight"])
+    # refused: an architecture that disagrees, a dataset on another grid, not a model
+    with pytest.raises(ValueError, match="latent_dim 16, not 32"):
+        Trainer(given | {"output": str(tmp_path / "x"), "init_from": str(tmp_path / "a"), "latent_dim": 32})
+    cfg_file = tmp_path / "a" / "model" / "config.json"
+    d = json.loads(cfg_file.read_text())
+    cfg_file.write_text(json.dumps(d | {"preprocess": d["preprocess"] | {"spacing": [1.0, 1.0, 1.0]}}))
+    with pytest.raises(ValueError, match="preprocessing is physical at \\[1.0, 1.0, 1.0\\] mm"):
+        Trainer(given | {"output": str(tmp_path / "x"), "init_from": str(tmp_path / "a")})
+    with pytest.raises(ValueError, match="neither a model directory"):
+        Trainer(given | {"output": str(tmp_path / "x"), "init_from": str(tmp_path / "nothing")})
+
+
 # ---------------------------------------------------------------- the recipe in the other families
 SG = {"family": "stylegan3d", "shape": "16x32x32", "channels": 8, "latent_dim": 16, "mapping_width": 16}
 AW = {"width": 0.125, "latent_dim": 16, "code_hidden": 32}

@@ -132,7 +132,14 @@ DEFAULTS: dict[str, Any] = LOOP_DEFAULTS | {
     # sub-volume of R/8 slices reached in 1000 (benchmarks/probe_g_fit.py, RESULTS.md)
     "sub_volumes": 1,
     "keep_checkpoints": KEEP_CHECKPOINTS,  # the newest K checkpoints are kept (0: all); RUN/best is kept apart
+    # a model directory (or a run folder's model/) whose weights start this run: fine-tuning a shipped or
+    # earlier model on new data, or going on with a finished model whose training state is gone.  Its
+    # architecture (width, latent_dim, norm_min_group, classes) is taken, and must agree with what is given;
+    # G (the served weights, live and EMA), the encoders and D are loaded where the directory has them;
+    # the optimizers start afresh at iteration 0
+    "init_from": None,
 }
+_ARCH = ("width", "latent_dim", "norm_min_group")  # what init_from takes from its model directory
 
 RECIPES: dict[str, dict[str, Any]] = {
     "authors": {},
@@ -259,6 +266,7 @@ class Trainer:
             raise ValueError(f"{self.o['data']}: the dataset is empty")
         self.device = resolve_device(self.o["device"])
         self.progress = progress
+        init = self._init_source({k: v for k, v in options.items() if v is not None}) if self.o["init_from"] else None
         self.rows = distributed.part(int(self.o["batch"]))  # this rank's rows of the global batch
         res = int(self.o["resolution"] or self.data.resolution)
         if res != self.data.resolution:
@@ -281,7 +289,14 @@ class Trainer:
         if self.cfg.preprocess.get("mode") == "physical":
             self.cfg.spacing = tuple(float(v) for v in self.cfg.preprocess["spacing"])  # type: ignore[assignment]
         torch.manual_seed(int(self.o["seed"]))
-        self.net = HAGAN(self.cfg).to(self.device).train()
+        self.net = HAGAN(self.cfg)
+        self.init_parts: list[str] = []
+        if init is not None:
+            self.cfg.training["init_from"] = init[0].name if init[0].name != "model" else init[0].parent.name
+            self.cfg.description += f", initialised from the model {self.cfg.training['init_from']}"
+            if not self.o["resume"]:  # a resumed run has its own weights
+                self.init_parts = self._load_init(init[0])
+        self.net = self.net.to(self.device).train()
         self.channels_last = use_channels_last(str(self.o["channels_last"]), self.device)
         self.net.set_mixed_layout(self.channels_last)
         # E^G step: slabs through E^H per call; one slab of every volume, as the authors' loop (all at
@@ -317,6 +332,62 @@ class Trainer:
         distributed.broadcast_module(self.net)
         if self.ema is not None:
             distributed.broadcast_module(self.ema)
+
+    # ------------------------------------------------------------------ init_from
+    def _init_source(self, given: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
+        """The model directory named by ``init_from`` and its config, checked against the dataset and
+        the options; its architecture (``_ARCH``) goes into the options."""
+        from model.checkpoint import ModelDirError, find_model_dir, read_config
+
+        src = find_model_dir(self.o["init_from"])
+        try:
+            c = read_config(src)
+        except ModelDirError as e:
+            raise ValueError(f"--init-from: {e}") from e
+        name = src.name if src.name != "model" else src.parent.name
+        if c.get("family") != "hagan":
+            raise ValueError(f"--init-from {name}: a {c.get('family')} model; this run trains hagan")
+        mf = self.data.manifest
+        checks = (
+            ("resolution", c.get("resolution"), self.data.resolution),
+            ("modality", c.get("modality"), mf["modality"]),
+            ("classes", list(c.get("class_names") or []), list(self.data.class_names)),
+            ("preprocessing", _prep_key(c.get("preprocess")), _prep_key(mf.get("preprocess"))),
+        )
+        for what, model_v, data_v in checks:
+            if model_v != data_v:
+                raise ValueError(f"--init-from {name}: the model's {what} is {model_v}, the dataset's {data_v}")
+        for k in _ARCH:
+            v = c.get(k, DEFAULTS[k] if k != "norm_min_group" else 1)
+            if k in given and given[k] != v:
+                raise ValueError(f"--init-from {name}: the model has {k} {v}, not {given[k]} as asked")
+            self.o[k] = v
+        return src, c
+
+    def _load_init(self, src: Path) -> list[str]:
+        """Load the weights of the model directory ``src`` into the (CPU) network; returns the top-level
+        parts loaded.  G must be there; encoders and D stay as initialised where the directory has none."""
+        from model.checkpoint import ModelDirError, read_weights
+
+        try:
+            sd = read_weights(src)
+        except ModelDirError as e:
+            raise ValueError(f"--init-from: {e}") from e
+        own = self.net.state_dict()
+        unknown = sorted(set(sd) - set(own))
+        if unknown:
+            raise ValueError(f"--init-from {src.name}: weights this network does not have: {', '.join(unknown[:5])}")
+        for k, v in sd.items():
+            if v.shape != own[k].shape:
+                raise ValueError(
+                    f"--init-from {src.name}: {k} is {tuple(v.shape)}, this network's {tuple(own[k].shape)}"
+                )
+        parts = sorted({k.split(".", 1)[0] for k in sd})
+        missing_g = [p for p in OPTIMIZERS["g"] if any(k.startswith(p + ".") for k in own) and p not in parts]
+        if missing_g:
+            raise ValueError(f"--init-from {src.name}: no weights for G's {', '.join(missing_g)}")
+        self.net.load_state_dict(own | sd)
+        return parts
 
     # ------------------------------------------------------------------ one iteration
     def _part(self) -> tuple[int, int, int] | None:
@@ -560,10 +631,13 @@ class Trainer:
         return {"latent_mean_norm": float(m.norm()), "latent_std": float(lam.max().sqrt())}
 
     def _ema_update(self) -> None:
-        """EMA of G's weights (G^A, G^L, G^H), decay ramped up as min(ema, (1 + it) / (10 + it))."""
+        """EMA of G's weights (G^A, G^L, G^H), decay ramped up as min(ema, (1 + it) / (10 + it)); a run
+        started from a model (``init_from``) has its EMA there already and takes the full decay at once."""
         if self.ema is None:
             return
-        decay = min(float(self.o["ema"]), (1 + self.iteration) / (10 + self.iteration))
+        decay = float(self.o["ema"])
+        if not self.o["init_from"]:
+            decay = min(decay, (1 + self.iteration) / (10 + self.iteration))
         with torch.no_grad():
             for name in OPTIMIZERS["g"]:
                 pairs = zip(getattr(self.ema, name).parameters(), getattr(self.net, name).parameters(), strict=True)
@@ -639,6 +713,14 @@ class Trainer:
         from model.training import fit_loop
 
         return fit_loop(self)
+
+
+def _prep_key(p: dict[str, Any] | None) -> str:
+    """A preprocessing record as init_from compares it: the mode and, in physical units, the spacing."""
+    p = p or {}
+    if p.get("mode") == "physical":
+        return f"physical at {[float(v) for v in p.get('spacing', [])]} mm"
+    return str(p.get("mode") or "stretch")
 
 
 def train(options: dict[str, Any], progress: Progress | None = None) -> Path:

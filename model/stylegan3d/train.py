@@ -58,7 +58,13 @@ import torch.nn.functional as F
 
 from model import distributed
 from model.base import Progress
-from model.checkpoint import ModelDirError, TrainingCheckpoint, latest_checkpoint, read_training_checkpoint
+from model.checkpoint import (
+    ModelDirError,
+    TrainingCheckpoint,
+    find_model_dir,
+    latest_checkpoint,
+    read_training_checkpoint,
+)
 from model.data.augment import RandomAugment, diff_augment
 from model.data.datasets import VolumeDataset
 from model.data.grid import volume_to_grid
@@ -129,16 +135,6 @@ def parse_shape(shape: Any) -> tuple[int, int, int]:
     if len(parts) != 3:
         raise ValueError(f"shape must be DxHxW, e.g. 32x64x64, got {shape!r}")
     return parts  # type: ignore[return-value]
-
-
-def find_model_dir(path: str | Path) -> Path:
-    """A model directory, or a run folder's ``model/`` (its finished model)."""
-    p = Path(path)
-    if (p / "config.json").is_file():
-        return p
-    if (p / "model" / "config.json").is_file():
-        return p / "model"
-    raise ValueError(f"{p}: neither a model directory (config.json) nor a run folder with model/config.json")
 
 
 class Trainer:
