@@ -4,14 +4,15 @@ A direction is fitted as `voxgen fit-direction` fits it (``--n`` samples from ``
 ridge regression latent -> attribute), kept in memory.  The training range is the attribute over
 those samples.  For each seed 0..``--seeds``-1 the target is the other quartile of that range
 (the 75th percentile for a start below the median, else the 25th), so it lies inside the range.
-Each step of ``traverse(..., target=T, n_steps=N)`` is generated and measured, as `voxgen traverse`
-writes and the API reports them.  Per seed it prints the measured values, whether they move
-monotonically towards the target, and the end's error relative to the target's value and to the
-distance asked for (|end - target| / |target - start|).  Where the attribute varies little between
+Each step of ``traverse(..., target=T, n_steps=N, refine=R)`` is generated and measured, as `voxgen
+traverse` writes and the API reports them (``--refine`` R, default 3 as theirs: the linear step
+corrected by up to R volumes generated and measured; 0: the linear step alone).  Per seed it prints
+the measured values, whether they move monotonically towards the target, and the end's error
+relative to the target's value and to the distance asked for (|end - target| / |target - start|).  Where the attribute varies little between
 samples, 10% of the target's value can exceed its whole range; the distance is the strict figure.
 
     python benchmarks/eval_traverse.py --model models/demo-brain-mri --attribute brain_tissue_ml \\
-        [--n 128] [--seeds 8] [--n-steps 5]
+        [--n 128] [--seeds 8] [--n-steps 5] [--refine 3]
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=8)
     ap.add_argument("--n-steps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--refine", type=int, default=3, help="as `voxgen traverse --refine` (0: the linear step)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     from model.latent.directions import fit_values, measure_model_volume, traverse
@@ -55,13 +57,19 @@ def main() -> None:
     )
     print("| seed | start | target | measured along the steps | monotonic | end error / target | / distance |")
     print("|---|---|---|---|---|---|---|")
-    hits = hits_d = mono = 0
+    hits = hits_d = mono = extra = 0
     for seed in range(a.seeds):
         z0 = m.sample_latents(1, seed)
         with torch.no_grad():
             start = measure_model_volume(m.generate(z0)[0, 0].numpy(), m.config, a.attribute)
         target = float(q75 if start < q50 else q25)
-        rows = traverse(m, z0, d, target=target, n_steps=a.n_steps)
+
+        def measure(z: torch.Tensor) -> float:
+            with torch.no_grad():
+                return measure_model_volume(m.generate(z)[0, 0].numpy(), m.config, a.attribute)
+
+        rows = traverse(m, z0, d, target=target, n_steps=a.n_steps, measure=measure, refine=a.refine)
+        extra += len(rows[-1].get("refine", {}).get("tried", [])) - 1  # the start is generated anyway
         meas = []
         for r in rows:
             with torch.no_grad():
@@ -77,7 +85,8 @@ def main() -> None:
         print(f"| {seed} | {start:.1f} | {target:.1f} | {path} | {is_mono} | {err_t:.3f} | {err_d:.2f} |")
     print(
         f"monotonic: {mono}/{a.seeds}; end within 10% of the target's value: {hits}/{a.seeds}; "
-        f"within 10% of the distance asked for: {hits_d}/{a.seeds}"
+        f"within 10% of the distance asked for: {hits_d}/{a.seeds}; refine {a.refine}: {extra / a.seeds:.1f} "
+        "extra volumes per traverse"
     )
 
 

@@ -136,13 +136,19 @@ def cmd_traverse(a: argparse.Namespace) -> int:
         z0 = torch.from_numpy(z).reshape(1, -1)
     else:
         z0 = m.sample_latents(1, a.seed)
+    report = _progress_printer("traverse")
+
+    def measure(z: torch.Tensor) -> float:  # the target's refinement: generate and measure, as reported below
+        with torch.no_grad():
+            return measure_model_volume(m.generate(z)[0, 0].cpu().numpy(), m.config, d.attribute)
+
     try:
-        rows = traverse(m, z0, d, steps=_parse_steps(a.steps) if a.steps else None, target=a.target, n_steps=a.n_steps)
+        steps = _parse_steps(a.steps) if a.steps else None
+        rows = traverse(m, z0, d, steps=steps, target=a.target, n_steps=a.n_steps, measure=measure, refine=a.refine)
     except ValueError as e:
         raise SystemExit(f"voxgen traverse: {e}") from e
     out = Path(a.output)
     out.mkdir(parents=True, exist_ok=True)
-    report = _progress_printer("traverse")
     name = Path(a.model).resolve().name
     dicom = DicomWriter(m.config, f"SYNTHETIC voxgen {name} traverse") if a.format == "dicom" else None
     for i, row in enumerate(rows):
@@ -158,7 +164,10 @@ def cmd_traverse(a: argparse.Namespace) -> int:
         row["measured"] = measure_model_volume(v, m.config, d.attribute)
         row["latent"] = row["latent"][0].tolist()
         report(i + 1, len(rows), "generate")
+    refine = rows[-1].pop("refine", None)
     doc = {"direction": d.name, "attribute": d.attribute, "r2": d.r2, "r2_cv": d.r2_cv, "steps": rows}
+    if refine is not None:
+        doc["refine"] = refine
     tmp = out / ".steps.json.tmp"
     tmp.write_text(json.dumps(doc, indent=1))
     tmp.replace(out / "steps.json")
@@ -169,6 +178,7 @@ def cmd_traverse(a: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction, commands: dict[str, Callable[[argparse.Namespace], int]]) -> None:
     from model.cli import precision_arg
+    from model.latent import REFINE_ROUNDS
     from model.latent.directions import ATTRIBUTES
 
     s = sub.add_parser(
@@ -200,6 +210,13 @@ def register(sub: argparse._SubParsersAction, commands: dict[str, Callable[[argp
     )
     s.add_argument("--target", type=float, help="attribute value to reach")
     s.add_argument("--n-steps", type=int, default=5, help="steps from the start to the target (--target)")
+    s.add_argument(
+        "--refine",
+        type=int,
+        default=REFINE_ROUNDS,
+        help="with --target: at most this many extra volumes generated and measured to correct the direction's "
+        "linear step, so the measured attribute ends at the target (0: the linear step alone)",
+    )
     s.add_argument(
         "--format",
         choices=["nifti", "nrrd", "mha", "npy", "dicom"],

@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, field_validator
 
 from model import families
+from model.latent import REFINE_ROUNDS
 
 # Latent codes are drawn from N(0, 1); a value far outside that is a mistake, and an enormous one
 # would overflow inside the network (NaN volumes) instead of being refused with a 4xx: the routes
@@ -86,6 +87,14 @@ class TraverseRequest(BaseModel):
         "than 1e4 unit steps from the start, the bound of steps",
     )
     n_steps: Int = Field(5, ge=1, le=32, description="volumes between the start and the target")
+    refine: Int = Field(
+        REFINE_ROUNDS,
+        ge=0,
+        le=8,
+        description="with target: at most this many extra volumes generated and measured to correct the direction's "
+        "linear step, so the measured attribute (not only the prediction) ends at the target (within 2 % of the "
+        "distance where the model allows); 0: the linear step alone. The result's refine lists what was tried",
+    )
     label: str | Int | None = None
     format: OutputFormat = Field("nifti", description=FORMAT_DESCRIPTION)
 

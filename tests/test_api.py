@@ -574,10 +574,20 @@ def test_traverse_named_direction_to_a_target(embedded: TestClient) -> None:
     assert s["state"] == "succeeded", s
     steps = s["result"]["steps"]
     assert [x["file"] for x in steps] == ["step_00.nii.gz", "step_01.nii.gz", "step_02.nii.gz"]
-    assert steps[0]["alpha"] == 0 and abs(steps[-1]["predicted"] - 12.0) < 1e-3
-    assert all(isinstance(x["measured"], float) for x in steps)
+    assert steps[0]["alpha"] == 0 and all(isinstance(x["measured"], float) for x in steps)
     names = {f["name"] for f in s["result"]["files"]}
     assert {"step_00.nii.gz", "step_02.nii.gz", "step_02.png", "latents.npy"} <= names
+    # the linear step corrected by measuring (refine, default 3): the last step is the alpha tried whose
+    # volume measured nearest the target, never further than the linear step's
+    tried = s["result"]["refine"]["tried"]
+    assert 2 <= len(tried) <= 5 and tried[0]["alpha"] == 0
+    best = min(tried[1:], key=lambda t: abs(t["measured"] - 12.0))
+    assert steps[-1]["alpha"] == best["alpha"] and abs(steps[-1]["measured"] - best["measured"]) <= 1e-3 * 12.0
+    assert abs(steps[-1]["measured"] - 12.0) <= abs(tried[1]["measured"] - 12.0)
+    # refine 0: the linear step alone, whose prediction is the target
+    r = embedded.post("/traverse", json={"model": "tiny", "seed": 2, "direction": "soft", "target": 12.0, "refine": 0})
+    s = wait(embedded, r.json()["job_id"])
+    assert abs(s["result"]["steps"][-1]["predicted"] - 12.0) < 1e-3 and "refine" not in s["result"]
 
 
 def test_traverse_from_an_encode_job_with_a_vector(embedded: TestClient, tmp_path: Path) -> None:
@@ -609,6 +619,8 @@ def test_traverse_from_an_encode_job_with_a_vector(embedded: TestClient, tmp_pat
         ({"model": "tiny", "direction": "soft", "steps": [1], "latent": [0.0] * 3}, 422, "latent must have"),
         ({"model": "nope", "direction": "soft", "steps": [1]}, 404, "unknown model"),
         ({"model": "tiny", "direction": "soft", "target": 1e300}, 422, "target"),
+        ({"model": "tiny", "direction": "soft", "target": 3, "refine": 9}, 422, "refine"),
+        ({"model": "tiny", "direction": "soft", "target": 3, "refine": -1}, 422, "refine"),
         ({"model": "tiny", "direction": "soft", "target": -2e6}, 422, "target"),
         # |w| = 2.4 for "soft": 1e5 lies ~4e4 unit steps out, beyond the 1e4 that steps may take
         ({"model": "tiny", "direction": "soft", "target": 1e5}, 422, "unit steps"),

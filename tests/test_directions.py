@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ from model.base import Intensity
 from model.checkpoint import ModelDirError
 from model.hagan.config import HAGANConfig
 from model.hagan.model import HAGANModel
+from model.latent import REFINE_ROUNDS
 from model.latent.directions import (
     ATTRIBUTES,
     Direction,
@@ -25,6 +27,7 @@ from model.latent.directions import (
     load_directions,
     measure_attribute,
     measure_model_volume,
+    reach_target,
     save_direction,
     traverse,
 )
@@ -173,6 +176,42 @@ def test_encode_source_reads_a_prepared_dataset_lazily(tmp_path: Path) -> None:
         _Scans(str(tmp_path / "few"), cfg)
 
 
+def test_a_target_is_reached_by_measuring_where_the_linear_model_misses() -> None:
+    """traverse(target, measure, refine): the linear step alpha* is corrected by generating and
+    measuring, so the measured attribute ends at the target; the path is reported; what cannot be
+    corrected keeps the nearest step tried, never worse than the linear one."""
+    d = Direction("d", "brain_tissue_ml", torch.tensor([3.0, 4.0]), 100.0, 1.0, None, 10)  # predicts +5/unit
+    z0 = torch.zeros(1, 2)
+    u = torch.tensor([0.6, 0.8])
+    calls: list[float] = []
+
+    def saturating(z: torch.Tensor) -> float:  # the real attribute: faster at first, then saturating
+        a = float(z[0] @ u)
+        calls.append(a)
+        return 100.0 + 30.0 * math.tanh(a / 4.0)
+
+    rows = traverse(None, z0, d, target=120.0, n_steps=3, measure=saturating)
+    ref = rows[-1]["refine"]
+    assert ref["alpha_linear"] == pytest.approx(4.0) and [t["alpha"] for t in ref["tried"][:2]] == [0.0, 4.0]
+    assert len(ref["tried"]) <= 2 + REFINE_ROUNDS and len(calls) == len(ref["tried"])
+    end = saturating(rows[-1]["latent"])
+    assert abs(end - 120.0) <= 0.02 * 20.0  # within 2 % of the distance asked for
+    assert saturating(z0 + 4.0 * u) - 120.0 > 2.5  # the linear step alone overshoots by 2.8
+    assert [r["alpha"] for r in rows] == pytest.approx([0.0, rows[-1]["alpha"] / 2, rows[-1]["alpha"]])
+    # refine 0 (or no measure): the linear step, the prediction at the target
+    for kw in ({"refine": 0, "measure": saturating}, {}):
+        rows = traverse(None, z0, d, target=120.0, n_steps=3, **kw)
+        assert rows[-1]["alpha"] == pytest.approx(4.0) and "refine" not in rows[-1]
+    # a measurement that moves the wrong way: nothing to correct with, the linear step stands
+    rows = traverse(None, z0, d, target=120.0, n_steps=2, measure=lambda z: 100.0 - float(z[0] @ u))
+    assert rows[-1]["alpha"] == pytest.approx(4.0) and len(rows[-1]["refine"]["tried"]) == 2
+    # overshooting: the bracket is kept
+    alpha, tried = reach_target(1.0, 10.0, lambda a: 40.0 * a, rounds=3)
+    assert 40.0 * alpha == pytest.approx(10.0, abs=0.2)
+    with pytest.raises(ValueError, match="refine"):
+        traverse(None, z0, d, target=120.0, refine=-1, measure=saturating)
+
+
 def test_cli_fit_direction_and_traverse(tmp_path: Path) -> None:
     m = HAGANModel.init(HAGANConfig(resolution=128, width=0.25, latent_dim=8), seed=0)
     m.save_pretrained(tmp_path / "m")
@@ -212,6 +251,23 @@ def test_cli_fit_direction_and_traverse(tmp_path: Path) -> None:
         "-o",
         str(tmp_path / "t"),
     )
-    steps = json.loads((tmp_path / "t" / "steps.json").read_text())["steps"]
-    assert len(steps) == 3 and steps[-1]["predicted"] == pytest.approx(target, abs=1e-3)
-    assert all((tmp_path / "t" / f"step_{i:02d}.nii.gz").is_file() for i in range(3))
+    doc = json.loads((tmp_path / "t" / "steps.json").read_text())
+    steps = doc["steps"]
+    assert len(steps) == 3 and all((tmp_path / "t" / f"step_{i:02d}.nii.gz").is_file() for i in range(3))
+    # corrected by measuring: the last step is the tried alpha whose volume measured nearest the target
+    tried = doc["refine"]["tried"]
+    best = min(tried[1:], key=lambda t: abs(t["measured"] - target))
+    assert steps[-1]["alpha"] == best["alpha"] and steps[-1]["measured"] == pytest.approx(best["measured"], rel=1e-3)
+    assert abs(steps[-1]["measured"] - target) <= abs(tried[1]["measured"] - target)  # never worse than linear
+    assert doc["refine"]["alpha_linear"] == tried[1]["alpha"] and steps[0]["alpha"] == 0
+    run(
+        *"traverse --direction soft --seed 3 --n-steps 2 --refine 0".split(),
+        "--model",
+        str(tmp_path / "m"),
+        "--target",
+        str(target),
+        "-o",
+        str(tmp_path / "t0"),
+    )
+    doc = json.loads((tmp_path / "t0" / "steps.json").read_text())
+    assert "refine" not in doc and doc["steps"][-1]["predicted"] == pytest.approx(target, abs=1e-3)

@@ -151,7 +151,7 @@ def job_traverse(params: TraverseParams, model: Any, out: Path, progress: Progre
 
     from model.data.export import DicomZip
     from model.data.volumes import write_volume
-    from model.latent.directions import Direction, measure_attribute, traverse
+    from model.latent.directions import Direction, measure_model_volume, traverse
     from worker.previews import write_preview
 
     d = params.direction
@@ -160,8 +160,23 @@ def job_traverse(params: TraverseParams, model: Any, out: Path, progress: Progre
         z0, seed = torch.tensor([params.latent], dtype=torch.float32), None
     else:
         z0, seed = model.sample_latents(1, int(params.seed)), params.seed  # type: ignore[arg-type]
-    rows = traverse(model, z0, direction, steps=params.steps, target=params.target, n_steps=params.n_steps)
     label = label_index(model.class_names, params.label)
+    attribute = direction.attribute
+
+    def measure(z: torch.Tensor) -> float:  # the target's refinement: generate and measure, as reported below
+        progress(0, params.n_steps, "refine")
+        return measure_model_volume(model.generate(z, label)[0, 0].numpy(), model.config, attribute)
+
+    rows = traverse(
+        model,
+        z0,
+        direction,
+        steps=params.steps,
+        target=params.target,
+        n_steps=params.n_steps,
+        measure=measure if attribute else None,
+        refine=params.refine,
+    )
     fmt = params.format
     dz = None
     if fmt == "dicom":
@@ -182,9 +197,7 @@ def job_traverse(params: TraverseParams, model: Any, out: Path, progress: Progre
             write_preview(out / f"step_{i:02d}.png", v, model.config)
             if direction.attribute:
                 entry["predicted"] = row["predicted"]
-                entry["measured"] = measure_attribute(
-                    model.config.intensity.to_physical(v), model.config.spacing, direction.attribute
-                )
+                entry["measured"] = measure_model_volume(v, model.config, direction.attribute)
             steps.append(entry)
             progress(i + 1, len(rows), "generate")
     except BaseException:
@@ -194,7 +207,10 @@ def job_traverse(params: TraverseParams, model: Any, out: Path, progress: Progre
     if dz is not None:
         dz.close()
     np.save(out / "latents.npy", np.stack([np.asarray(s["latent"], np.float32) for s in steps]))
-    return {"direction": direction.name, "attribute": direction.attribute or None, "steps": steps}
+    result = {"direction": direction.name, "attribute": direction.attribute or None, "steps": steps}
+    if "refine" in rows[-1]:
+        result["refine"] = rows[-1]["refine"]
+    return result
 
 
 def job_train(params: TrainParams, model: Any, out: Path, progress: Progress) -> dict[str, Any]:

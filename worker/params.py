@@ -16,6 +16,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from model.latent import REFINE_ROUNDS
 from service.schemas import LATENT_LIMIT, OutputFormat, TrainRequest
 
 
@@ -117,6 +118,7 @@ class TraverseParams(JobParams):
     steps: list[float] | None = None
     target: float | None = None
     n_steps: int = 5
+    refine: int = REFINE_ROUNDS
     label: str | None = None
     format: OutputFormat = "nifti"
 

@@ -14,7 +14,7 @@ import fcntl
 import json
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ import torch
 
 from model.base import Progress
 from model.checkpoint import DIRECTIONS_NAME, ModelDirError, save_tensors_atomic
+from model.latent import REFINE_ROUNDS
 
 
 @dataclass(frozen=True)
@@ -310,6 +311,58 @@ def save_direction(model_dir: str | os.PathLike, direction: Direction) -> None:
         os.close(fd)  # releases the lock
 
 
+REFINE_TOLERANCE = 0.02  # ... until the measured value is within this fraction of the distance asked for
+REFINE_REACH = 4.0  # a corrected step goes at most this many times the linear step from the start
+
+
+def reach_target(
+    alpha0: float, target: float, measure: Callable[[float], float], rounds: int = REFINE_ROUNDS
+) -> tuple[float, list[dict[str, float]]]:
+    """Correct the linear model's step ``alpha0`` towards ``target`` by measuring the attribute of the
+    volumes actually generated: ``measure(alpha)`` at 0 and at ``alpha0``, then up to ``rounds``
+    secant steps on measured(alpha) - target, stopping once within ``REFINE_TOLERANCE`` of the distance
+    from the start.  A secant step that is flat, points away (the measurement not monotonic there) or
+    leaves ``REFINE_REACH`` times the linear step is replaced by the bisection of the bracket or
+    clipped.  Returns the alpha whose measured value was nearest the target among those tried (never
+    worse than ``alpha0``) and every ``{alpha, measured}`` tried, in order."""
+    if rounds < 0:
+        raise ValueError(f"refine must be >= 0, got {rounds}")
+    if alpha0 == 0 or rounds == 0:
+        return alpha0, []
+    tried = [{"alpha": 0.0, "measured": float(measure(0.0))}]
+    tried.append({"alpha": float(alpha0), "measured": float(measure(alpha0))})
+    start = tried[0]["measured"]
+    tol = REFINE_TOLERANCE * max(abs(target - start), 1e-12)
+    reach = REFINE_REACH * abs(alpha0)
+
+    def err(t: dict[str, float]) -> float:
+        return t["measured"] - target
+
+    for _ in range(rounds):
+        best = min(tried, key=lambda t: abs(err(t)))
+        if abs(err(best)) <= tol:
+            break
+        a, b = tried[-2], tried[-1]
+        slope = (b["measured"] - a["measured"]) / (b["alpha"] - a["alpha"]) if b["alpha"] != a["alpha"] else 0.0
+        # the slope the steps so far imply must send the attribute the way the direction says
+        guess = math.nan if slope * alpha0 * (target - start) <= 0 else b["alpha"] - err(b) / slope
+        lo = [t for t in tried if err(t) < 0]
+        hi = [t for t in tried if err(t) > 0]
+        if lo and hi:  # a bracket: stay inside it
+            x = max(lo, key=lambda t: t["measured"])["alpha"]
+            y = min(hi, key=lambda t: t["measured"])["alpha"]
+            if not (math.isfinite(guess) and min(x, y) < guess < max(x, y)):
+                guess = (x + y) / 2
+        elif not math.isfinite(guess):
+            break  # no bracket and no usable slope: the linear step stands (or the nearest tried)
+        guess = max(-reach, min(reach, guess))
+        if any(abs(guess - t["alpha"]) < 1e-9 * max(1.0, abs(guess)) for t in tried):
+            break
+        tried.append({"alpha": float(guess), "measured": float(measure(guess))})
+    best = min(tried[1:], key=lambda t: abs(err(t)))
+    return best["alpha"], tried
+
+
 def traverse(
     model: Any,
     z0: torch.Tensor,
@@ -317,10 +370,15 @@ def traverse(
     steps: list[float] | None = None,
     target: float | None = None,
     n_steps: int = 5,
+    measure: Callable[[torch.Tensor], float] | None = None,
+    refine: int = REFINE_ROUNDS,
 ) -> list[dict[str, Any]]:
     """Latents along the unit direction u = w/|w|: ``z0 + alpha*u``, one row
     ``{alpha, latent [1, latent], predicted}`` per step.  With ``target``, the alphas run evenly
-    from 0 to ``alpha* = (target - predict(z0)) / |w|``, whose prediction equals the target.
+    from 0 to ``alpha* = (target - predict(z0)) / |w|``, whose prediction equals the target; given
+    ``measure`` (a latent's generated volume -> the attribute, as reported) and ``refine`` > 0, alpha*
+    is corrected by ``reach_target`` so that the measured value ends at the target, and the last row
+    holds ``refine``: the ``{alpha, measured}`` tried and ``alpha_linear``, the uncorrected step.
     ``model`` is not used (the caller generates); it is accepted for a uniform call."""
     w = direction.vector.float()
     norm = float(w.norm())
@@ -332,12 +390,18 @@ def traverse(
         raise ValueError(f"latent has {z0.shape[1]} values; the direction has {w.shape[0]}")
     if (steps is None) == (target is None):
         raise ValueError("give either steps (a list of alphas) or a target value")
+    tried: list[dict[str, float]] = []
     if target is not None:
         if not math.isfinite(float(target)):
             raise ValueError(f"target must be a finite number, got {target}")
         if n_steps < 1:
             raise ValueError(f"n_steps must be at least 1, got {n_steps}")
-        alpha_star = (float(target) - float(direction.predict(z0)[0])) / norm
+        if isinstance(refine, bool) or not isinstance(refine, int) or refine < 0:
+            raise ValueError(f"refine must be an integer >= 0, got {refine!r}")
+        alpha_linear = (float(target) - float(direction.predict(z0)[0])) / norm
+        alpha_star = alpha_linear
+        if measure is not None and refine > 0:
+            alpha_star, tried = reach_target(alpha_linear, float(target), lambda a: measure(z0 + a * u), refine)
         steps = [alpha_star * i / (n_steps - 1) for i in range(n_steps)] if n_steps > 1 else [alpha_star]
     assert steps is not None
     if not steps or not all(math.isfinite(float(a)) for a in steps):
@@ -346,4 +410,6 @@ def traverse(
     for a in steps:
         z = z0 + float(a) * u
         out.append({"alpha": float(a), "latent": z, "predicted": float(direction.predict(z)[0])})
+    if tried:
+        out[-1]["refine"] = {"alpha_linear": alpha_linear, "tried": tried}
     return out

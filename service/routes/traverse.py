@@ -87,6 +87,7 @@ def traverse(request: Request, req: TraverseRequest) -> JobAccepted:
         steps=req.steps,
         target=req.target,
         n_steps=req.n_steps,
+        refine=req.refine,
         label=label,
         format=req.format,
     )
