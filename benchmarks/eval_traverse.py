@@ -8,8 +8,9 @@ Each step of ``traverse(..., target=T, n_steps=N, refine=R)`` is generated and m
 traverse` writes and the API reports them (``--refine`` R, default 3 as theirs: the linear step
 corrected by up to R volumes generated and measured; 0: the linear step alone).  Per seed it prints
 the measured values, whether they move monotonically towards the target, and the end's error
-relative to the target's value and to the distance asked for (|end - target| / |target - start|).  Where the attribute varies little between
-samples, 10% of the target's value can exceed its whole range; the distance is the strict figure.
+relative to the target's value and to the distance asked for (|end - target| / |target - start|).
+Where the attribute varies little between samples, 10% of the target's value can exceed its whole
+range; the distance is the strict figure.
 
     python benchmarks/eval_traverse.py --model models/demo-brain-mri --attribute brain_tissue_ml \\
         [--n 128] [--seeds 8] [--n-steps 5] [--refine 3]
