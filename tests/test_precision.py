@@ -86,9 +86,9 @@ def test_the_generated_volume_is_float32_and_slab_equals_whole_in_bf16(model: HA
 
 
 def test_bf16_encoding_stays_close_to_fp32(model: HAGANModel) -> None:
-    """Encoding follows the precision: bf16 autocast for E^H and E^G's convolutions (GroupNorm in
-    float32).  Measured (README): about 1 % relative difference in the latent at 256^3 on the authors'
-    width; bounded at 3 % here (the same per-operation bf16 rounding as generation's 5 % bound on
+    """Encoding follows the precision: bf16 weights and activations for E^H and E^G (GroupNorm
+    statistics and affine in float32).  Measured (README): 1.0 % relative difference in the latent at
+    256^3 on the authors' width; bounded at 3 % here (the same per-operation bf16 rounding as generation's 5 % bound on
     G^A's features, over fewer stages).  Where bf16 is native only (fast)."""
     if not cpu_has_bf16():
         pytest.skip("this CPU has no native bf16: bf16 convolutions would take minutes")

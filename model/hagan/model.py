@@ -36,7 +36,7 @@ from model.hagan.folding import (
     group_norm_,
     scale_shift_,
 )
-from model.hagan.networks import HAGAN, parameter_counts
+from model.hagan.networks import HAGAN, mixed_layout, parameter_counts
 from model.precision import resolve_precision
 
 DEFAULT_BUDGET_MB = 1024  # a model's memory_budget_mb unless set (the worker: VOXGEN_MEMORY_BUDGET_MB)
@@ -58,13 +58,14 @@ class HAGANModel(VolumeModel[HAGANConfig, HAGAN]):
     def __init__(self, net: HAGAN, device: str | torch.device = "cpu") -> None:
         super().__init__(net, device)
         self._folded: dict[str, Any] | None = None
+        self._enc: tuple[str, dict[str, list[Any]]] | None = None  # encoder weights in the encoding dtype
         self.precision = "fp32"
         self.memory_budget_mb = DEFAULT_BUDGET_MB  # G^H runs in slabs when the whole volume needs more
 
     def set_precision(self, option: str | None = "auto") -> str:
         """Generation precision: 'fp32', 'bf16' or 'auto' (see the module docstring); returns the
-        one chosen.  Encoding follows it: bf16 runs E^H and E^G's convolutions under bf16 autocast
-        (GroupNorm in float32), latents returned as float32."""
+        one chosen.  Encoding follows it: in bf16, E^H and E^G run with bf16 weights and activations
+        (GroupNorm statistics and affine in float32), latents returned as float32."""
         chosen = resolve_precision(option, self.device)
         if chosen != self.precision:
             self.precision, self._folded = chosen, None
@@ -114,7 +115,7 @@ class HAGANModel(VolumeModel[HAGANConfig, HAGAN]):
         folded = self._fold()
         for fold, plain, norm in zip(folded["ga"], folded["ga_plain"], ga.norms, strict=True):
             h = fold(h) if fold is not None else F.conv3d(h, plain[0], plain[1], padding=plain[2])
-            h = F.relu_(group_norm_(h, norm))
+            h = F.relu_(_gn(h, norm))
         return h
 
     def whole_volume_bytes(self) -> int:
@@ -175,7 +176,8 @@ class HAGANModel(VolumeModel[HAGANConfig, HAGAN]):
         h = f
         for k, fold in enumerate(self._fold()["gh"]):
             h = fold(h)
-            if k < len(gh.norms):  # GroupNorm + ReLU in place: no second full-size tensor
+            if k < len(gh.norms):  # GroupNorm + ReLU in place: no second full-size tensor, and the
+                # same arithmetic as the slab path (scale_shift_), so whole == slab bit for bit in bf16
                 h = F.relu_(group_norm_(h, gh.norms[k]))
             else:
                 h = torch.tanh_(h)
@@ -255,23 +257,86 @@ class HAGANModel(VolumeModel[HAGANConfig, HAGAN]):
     @torch.inference_mode()
     def encode(self, x: torch.Tensor, progress: Progress | None = None) -> torch.Tensor:
         """Volumes [n, 1, R, R, R] in model space -> latents [n, latent] (hierarchical encoder); in
-        the model's precision (``set_precision``: bf16 autocast for the convolutions)."""
+        the model's precision (``set_precision``: bf16 weights and activations, GroupNorm statistics in
+        float32/64), latents returned as float32."""
         r = self.config.resolution
         if x.ndim != 5 or tuple(x.shape[1:]) != (1, r, r, r):
             raise ValueError(f"volume must have shape [n, 1, {r}, {r}, {r}], got {list(x.shape)}")
         self.need(self.encoder_parts)
         zs = []
-        bf16 = self.precision == "bf16"
         for i in range(x.shape[0]):
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
-                f = self.net.encode_features(x[i : i + 1].to(self.device, torch.float32), slabs_per_call=2)
-                zs.append(self.net.eg(f).float().cpu())
+            zs.append(self._encode_one(x[i : i + 1].to(self.device, torch.float32)).float().cpu())
             if progress:
                 progress(i + 1, x.shape[0], "encode")
         return torch.cat(zs, 0)
 
+    ENCODE_SLABS_PER_CALL = 2  # E^H slabs per convolution call (one volume has R / (R/8) = 8)
+
+    def _encoder_weights(self) -> dict[str, list[tuple[torch.Tensor, torch.Tensor, Any, Any]]]:
+        """E^H's and E^G's convolution weights in the encoding dtype, converted once per precision."""
+        if self._enc is None or self._enc[0] != self.precision:
+            dt = self._dtype
+
+            def conv(c: torch.nn.Conv3d) -> tuple[torch.Tensor, torch.Tensor, Any, Any]:
+                return (c.weight.detach().to(dt), c.bias.detach().to(dt), c.stride, c.padding)
+
+            eh, eg = self.net.eh, self.net.eg
+            self._enc = (
+                self.precision,
+                {"eh": [conv(c) for c in eh.convs], "eg": [conv(c) for c in [*eg.convs, eg.out]]},
+            )
+        return self._enc[1]
+
+    def _lay(self, h: torch.Tensor) -> torch.Tensor:
+        """Convolution inputs in the mixed layout on the CPU (``HAGAN.set_mixed_layout``), as they come elsewhere."""
+        return mixed_layout(h) if self.device.type == "cpu" else h
+
+    @torch.inference_mode()
+    def _encode_one(self, x: torch.Tensor) -> torch.Tensor:
+        """One volume [1, 1, R, R, R] -> [1, latent]: E^H on the R/8-slice slabs (each normalised on its
+        own, as ``HAGAN.encode_features``), then E^G, with the layers run as generation runs G^A: the
+        convolution in the model's dtype on channels-last inputs where the grid is large, then GroupNorm
+        (``_gn``) and ReLU in place, so no layer copies its activations into another layout or dtype on
+        the way."""
+        net, w = self.net, self._encoder_weights()
+        eh, eg = net.eh, net.eg
+        d = net.sub_depth
+        n = x.shape[2] // d
+        slabs = x.unflatten(2, (n, d)).transpose(1, 2).flatten(0, 1).to(self._dtype)  # [n, 1, d, R, R]
+        feats = []
+        for i in range(0, n, self.ENCODE_SLABS_PER_CALL):
+            h = slabs[i : i + self.ENCODE_SLABS_PER_CALL]
+            for (wt, b, stride, pad), norm in zip(w["eh"], eh.norms, strict=True):
+                h = F.relu_(_gn(F.conv3d(self._lay(h), wt, b, stride, pad), norm))
+            feats.append(h)
+        del slabs
+        f = torch.cat(feats)  # [n, C, d', H', W'] -> [1, C, n*d', H', W'], slab i at depths i*d' ..
+        h = f.unflatten(0, (1, n)).transpose(1, 2).flatten(2, 3).contiguous()
+        del f, feats
+        *convs, out = w["eg"]
+        for (wt, b, stride, pad), norm in zip(convs, eg.norms, strict=True):
+            h = F.relu_(_gn(F.conv3d(self._lay(h), wt, b, stride, pad), norm))
+        wt, b, stride, pad = out
+        return F.conv3d(h.contiguous(), wt, b, stride, pad).flatten(1)
+
     def reconstruct(self, x: torch.Tensor, label: torch.Tensor | int | None = None, **kw: Any) -> torch.Tensor:
         return self.generate(self.encode(x), label, **kw)
+
+
+def _gn(h: torch.Tensor, norm: torch.nn.GroupNorm) -> torch.Tensor:
+    """GroupNorm of a G^A or encoder layer.  In bf16: PyTorch's kernel, which reads a
+    channels-last input as it lies and keeps its layout and dtype, statistics and affine in float32 (the
+    weights stay float32).  On the 2-core AMX Xeon it took 10.6 ms for [2, 32, 16, 128, 128] where
+    ``group_norm_`` (chunked float64 statistics, then a bf16 scale-and-shift pass in place) took 50 ms,
+    with the same largest error against float32: 256^3 encoding 0.65 -> 0.54 s (benchmarks/RESULTS.md).
+    In float32 the in-place ``group_norm_`` is kept (no second full-size buffer; encoding 1.00 s with
+    it, 1.04 s with the kernel's).  G^H keeps ``group_norm_`` too: with the kernel its whole-volume
+    path was 0.56 -> 0.47 s at 256^3 in bf16 but no longer equal, bit for bit, to the slab path, whose
+    statistics are the whole volume's (``scale_shift_``), so a seed's volume would depend on the memory
+    budget."""
+    if h.dtype == torch.float32:
+        return group_norm_(h, norm)
+    return F.group_norm(h, norm.num_groups, norm.weight, norm.bias, norm.eps)
 
 
 def reference_generate(net: HAGAN, z: torch.Tensor, label: torch.Tensor | None = None) -> torch.Tensor:

@@ -119,15 +119,18 @@ class _Layout(nn.Module):
     mixed_layout = False
 
     def lay(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.mixed_layout:
-            return x
-        if x.shape[2] * x.shape[3] * x.shape[4] < CL_MIN_VOXELS:
-            return x.contiguous()
-        if x.shape[1] == 1 and x.stride(1) != 1:
-            # one channel: both layouts are the same bytes, but only explicit channels-last strides
-            # make the convolution's output channels-last (else the next layer reorders it)
-            return torch.empty_like(x, memory_format=torch.channels_last_3d).copy_(x)
-        return x.contiguous(memory_format=torch.channels_last_3d)
+        return mixed_layout(x) if self.mixed_layout else x
+
+
+def mixed_layout(x: torch.Tensor) -> torch.Tensor:
+    """A convolution input in the mixed layout: channels-last 3D on large grids, standard on small ones."""
+    if x.shape[2] * x.shape[3] * x.shape[4] < CL_MIN_VOXELS:
+        return x.contiguous()
+    if x.shape[1] == 1 and x.stride(1) != 1:
+        # one channel: both layouts are the same bytes, but only explicit channels-last strides
+        # make the convolution's output channels-last (else the next layer reorders it)
+        return torch.empty_like(x, memory_format=torch.channels_last_3d).copy_(x)
+    return x.contiguous(memory_format=torch.channels_last_3d)
 
 
 def _up(x: torch.Tensor) -> torch.Tensor:
