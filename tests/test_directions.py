@@ -205,6 +205,10 @@ def test_a_target_is_reached_by_measuring_where_the_linear_model_misses() -> Non
     # a measurement that moves the wrong way: nothing to correct with, the linear step stands
     rows = traverse(None, z0, d, target=120.0, n_steps=2, measure=lambda z: 100.0 - float(z[0] @ u))
     assert rows[-1]["alpha"] == pytest.approx(4.0) and len(rows[-1]["refine"]["tried"]) == 2
+    # a linear step far too short (the direction mispredicts the start): the correction may go beyond 4x
+    # it, up to 3 unit steps
+    alpha, tried = reach_target(0.1, 10.0, lambda a: 5.0 * a, rounds=3)
+    assert 5.0 * alpha == pytest.approx(10.0, abs=0.2) and max(abs(t["alpha"]) for t in tried) <= 3.0
     # overshooting: the bracket is kept
     alpha, tried = reach_target(1.0, 10.0, lambda a: 40.0 * a, rounds=3)
     assert 40.0 * alpha == pytest.approx(10.0, abs=0.2)

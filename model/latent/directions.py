@@ -312,7 +312,11 @@ def save_direction(model_dir: str | os.PathLike, direction: Direction) -> None:
 
 
 REFINE_TOLERANCE = 0.02  # ... until the measured value is within this fraction of the distance asked for
-REFINE_REACH = 4.0  # a corrected step goes at most this many times the linear step from the start
+# a corrected step goes at most this many times the linear step from the start, or REFINE_REACH_MIN unit
+# steps (3 standard deviations of the N(0, I) prior along the direction) where that is further: the
+# linear step is tiny when the direction mispredicts the start
+REFINE_REACH = 4.0
+REFINE_REACH_MIN = 3.0
 
 
 def reach_target(
@@ -321,10 +325,11 @@ def reach_target(
     """Correct the linear model's step ``alpha0`` towards ``target`` by measuring the attribute of the
     volumes actually generated: ``measure(alpha)`` at 0 and at ``alpha0``, then up to ``rounds``
     secant steps on measured(alpha) - target, stopping once within ``REFINE_TOLERANCE`` of the distance
-    from the start.  A secant step that is flat, points away (the measurement not monotonic there) or
-    leaves ``REFINE_REACH`` times the linear step is replaced by the bisection of the bracket or
-    clipped.  Returns the alpha whose measured value was nearest the target among those tried (never
-    worse than ``alpha0``) and every ``{alpha, measured}`` tried, in order."""
+    from the start.  A secant step that is flat or points away (the measurement not monotonic there) is
+    replaced by the bisection of the bracket where the target has been crossed; one that goes further
+    than ``REFINE_REACH`` times the linear step (or ``REFINE_REACH_MIN`` unit steps) is clipped.
+    Returns the alpha whose measured value was nearest the target among those tried (never worse than
+    ``alpha0``) and every ``{alpha, measured}`` tried, in order."""
     if rounds < 0:
         raise ValueError(f"refine must be >= 0, got {rounds}")
     if alpha0 == 0 or rounds == 0:
@@ -333,7 +338,7 @@ def reach_target(
     tried.append({"alpha": float(alpha0), "measured": float(measure(alpha0))})
     start = tried[0]["measured"]
     tol = REFINE_TOLERANCE * max(abs(target - start), 1e-12)
-    reach = REFINE_REACH * abs(alpha0)
+    reach = max(REFINE_REACH * abs(alpha0), REFINE_REACH_MIN)
 
     def err(t: dict[str, float]) -> float:
         return t["measured"] - target
