@@ -131,7 +131,11 @@ class TrainRequest(BaseModel):
     shape: str | None = Field(None, pattern=r"^\d{1,4}x\d{1,4}x\d{1,4}$", description="stylegan: DxHxW grid")
     variant: str | None = Field(None, max_length=32, description="stylegan: the paper's architecture variant")
     dims: Annotated[Literal[2, 3], BeforeValidator(_json_integer)] = 3
-    init_from: str | None = Field(None, description="stylegan: a 2D run or model directory to inflate from")
+    init_from: str | None = Field(
+        None,
+        description="hagan: a model directory (or run folder), as the worker sees it, whose weights start the run "
+        "(fine-tuning; `voxgen train --init-from`); stylegan: a 2D run or model directory to inflate from",
+    )
     inflate: str = Field("inflate-1", max_length=32)
     inflate_parts: Literal["g", "d", "gd"] = "gd"
     recipe: Literal["authors", "small-data"] | None = Field(
