@@ -682,6 +682,13 @@ def test_admin_train_auth_and_a_train_job_registers_the_model(service_models_dir
         assert trained["training"]["recipe"] == "small-data" and trained["training"]["ema"] == 0.999
         g = wait(c, c.post("/generate", json={"model": "trained1", "seed": 1}).json()["job_id"])
         assert g["state"] == "succeeded"
+        # fine-tuning a served model: init_from, its width and latent size taken (none asked for here)
+        tune = {k: v for k, v in body.items() if k not in ("width", "latent_dim")} | {"name": "tuned", "iterations": 1}
+        r = c.post("/admin/train", json=tune | {"init_from": str(models / "trained1")}, headers=auth)
+        done = wait(c, r.json()["job_id"])
+        assert done["state"] == "succeeded", done
+        tuned = json.loads((models / "tuned" / "config.json").read_text())
+        assert tuned["training"]["init_from"] == "trained1" and (tuned["width"], tuned["latent_dim"]) == (0.25, 8)
         bad = c.post("/admin/train", json=body | {"name": "t2", "data": str(tmp_path / "none")}, headers=auth)
         failed = wait(c, bad.json()["job_id"])
         assert failed["state"] == "failed" and "manifest" in failed["error"]
