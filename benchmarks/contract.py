@@ -95,9 +95,15 @@ def run_contract(app: Any, examples: int, seed: int = 1) -> dict[str, Any]:
     import schemathesis
     from schemathesis.engine import events, from_schema
 
+    from service.waits import WAIT_MAX_SECONDS
+
     config = schemathesis.Config.from_dict(
         {
             "seed": seed,
+            # a long poll (GET /jobs/{id}?wait=S) may rightly take up to WAIT_MAX_SECONDS while the queue
+            # works through the jobs the run submitted; schemathesis's default 10 s read timeout turned
+            # that into an engine error on a loaded machine
+            "request-timeout": WAIT_MAX_SECONDS + 30,
             "cache": {"enabled": False},  # no replay of an earlier run's findings: each run stands alone
             "continue-on-failure": True,
             "generation": {"max-examples": examples, "mode": "all", "deterministic": True, "no-shrink": True},
