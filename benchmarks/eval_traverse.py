@@ -70,7 +70,7 @@ def main() -> None:
                 return measure_model_volume(m.generate(z)[0, 0].numpy(), m.config, a.attribute)
 
         rows = traverse(m, z0, d, target=target, n_steps=a.n_steps, measure=measure, refine=a.refine)
-        extra += len(rows[-1].get("refine", {}).get("tried", [])) - 1  # the start is generated anyway
+        extra += max(0, len(rows[-1].get("refine", {}).get("tried", [])) - 1)  # the start is generated anyway
         meas = []
         for r in rows:
             with torch.no_grad():
