@@ -202,9 +202,13 @@ def test_a_target_is_reached_by_measuring_where_the_linear_model_misses() -> Non
     for kw in ({"refine": 0, "measure": saturating}, {}):
         rows = traverse(None, z0, d, target=120.0, n_steps=3, **kw)
         assert rows[-1]["alpha"] == pytest.approx(4.0) and "refine" not in rows[-1]
-    # a measurement that moves the wrong way: nothing to correct with, the linear step stands
+    # a measurement that moves the wrong way: nothing to correct with, and the start is the nearest
     rows = traverse(None, z0, d, target=120.0, n_steps=2, measure=lambda z: 100.0 - float(z[0] @ u))
-    assert rows[-1]["alpha"] == pytest.approx(4.0) and len(rows[-1]["refine"]["tried"]) == 2
+    assert rows[-1]["alpha"] == 0.0 and len(rows[-1]["refine"]["tried"]) == 2
+    # the prediction at the start is off (predicted 100, measured 130): the linear step (+4) leads away
+    # from a target of 120, and the correction turns back past the start
+    rows = traverse(None, z0, d, target=120.0, n_steps=2, measure=lambda z: 130.0 + 5.0 * float(z[0] @ u))
+    assert 130.0 + 5.0 * rows[-1]["alpha"] == pytest.approx(120.0, abs=0.4) and rows[-1]["alpha"] < 0
     # a linear step far too short (the direction mispredicts the start): the correction may go beyond 4x
     # it, up to 3 unit steps
     alpha, tried = reach_target(0.1, 10.0, lambda a: 5.0 * a, rounds=3)
@@ -258,11 +262,12 @@ def test_cli_fit_direction_and_traverse(tmp_path: Path) -> None:
     doc = json.loads((tmp_path / "t" / "steps.json").read_text())
     steps = doc["steps"]
     assert len(steps) == 3 and all((tmp_path / "t" / f"step_{i:02d}.nii.gz").is_file() for i in range(3))
-    # corrected by measuring: the last step is the tried alpha whose volume measured nearest the target
+    # corrected by measuring: the last step is the tried alpha (the start included) whose volume measured
+    # nearest the target
     tried = doc["refine"]["tried"]
-    best = min(tried[1:], key=lambda t: abs(t["measured"] - target))
+    best = min(tried, key=lambda t: abs(t["measured"] - target))
     assert steps[-1]["alpha"] == best["alpha"] and steps[-1]["measured"] == pytest.approx(best["measured"], rel=1e-3)
-    assert abs(steps[-1]["measured"] - target) <= abs(tried[1]["measured"] - target)  # never worse than linear
+    assert abs(steps[-1]["measured"] - target) <= min(abs(t["measured"] - target) for t in tried[:2])
     assert doc["refine"]["alpha_linear"] == tried[1]["alpha"] and steps[0]["alpha"] == 0
     run(
         *"traverse --direction soft --seed 3 --n-steps 2 --refine 0".split(),

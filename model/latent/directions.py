@@ -325,11 +325,14 @@ def reach_target(
     """Correct the linear model's step ``alpha0`` towards ``target`` by measuring the attribute of the
     volumes actually generated: ``measure(alpha)`` at 0 and at ``alpha0``, then up to ``rounds``
     secant steps on measured(alpha) - target, stopping once within ``REFINE_TOLERANCE`` of the distance
-    from the start.  A secant step that is flat or points away (the measurement not monotonic there) is
-    replaced by the bisection of the bracket where the target has been crossed; one that goes further
-    than ``REFINE_REACH`` times the linear step (or ``REFINE_REACH_MIN`` unit steps) is clipped.
-    Returns the alpha whose measured value was nearest the target among those tried (never worse than
-    ``alpha0``) and every ``{alpha, measured}`` tried, in order."""
+    from the start.  The direction's prediction grows along +alpha, so a secant whose slope does not
+    (flat, or the measurement not monotonic there) is replaced by the bisection of the bracket where
+    the target has been crossed; a step that goes further than ``REFINE_REACH`` times the linear step
+    (or ``REFINE_REACH_MIN`` unit steps) is clipped.  The secant may turn back past the start: where
+    the prediction at the start is off, the linear step can point away from the target.  Returns the
+    alpha whose measured value was nearest the target among those tried, the start included (never
+    further from it than the start or the linear step), and every ``{alpha, measured}`` tried, in
+    order."""
     if rounds < 0:
         raise ValueError(f"refine must be >= 0, got {rounds}")
     if alpha0 == 0 or rounds == 0:
@@ -349,8 +352,8 @@ def reach_target(
             break
         a, b = tried[-2], tried[-1]
         slope = (b["measured"] - a["measured"]) / (b["alpha"] - a["alpha"]) if b["alpha"] != a["alpha"] else 0.0
-        # the slope the steps so far imply must send the attribute the way the direction says
-        guess = math.nan if slope * alpha0 * (target - start) <= 0 else b["alpha"] - err(b) / slope
+        # the measured attribute must grow along +alpha, as the direction's prediction does
+        guess = math.nan if slope <= 0 else b["alpha"] - err(b) / slope
         lo = [t for t in tried if err(t) < 0]
         hi = [t for t in tried if err(t) > 0]
         if lo and hi:  # a bracket: stay inside it
@@ -364,7 +367,7 @@ def reach_target(
         if any(abs(guess - t["alpha"]) < 1e-9 * max(1.0, abs(guess)) for t in tried):
             break
         tried.append({"alpha": float(guess), "measured": float(measure(guess))})
-    best = min(tried[1:], key=lambda t: abs(err(t)))
+    best = min(tried, key=lambda t: abs(err(t)))
     return best["alpha"], tried
 
 
@@ -407,7 +410,8 @@ def traverse(
         alpha_star = alpha_linear
         if measure is not None and refine > 0:
             alpha_star, tried = reach_target(alpha_linear, float(target), lambda a: measure(z0 + a * u), refine)
-        steps = [alpha_star * i / (n_steps - 1) for i in range(n_steps)] if n_steps > 1 else [alpha_star]
+        # (+ 0.0: the start is 0.0, not -0.0, when the step is negative)
+        steps = [alpha_star * i / (n_steps - 1) + 0.0 for i in range(n_steps)] if n_steps > 1 else [alpha_star]
     assert steps is not None
     if not steps or not all(math.isfinite(float(a)) for a in steps):
         raise ValueError("steps must be a non-empty list of finite numbers")
