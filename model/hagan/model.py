@@ -36,7 +36,7 @@ from model.hagan.folding import (
     group_norm_,
     scale_shift_,
 )
-from model.hagan.networks import HAGAN, mixed_layout, parameter_counts
+from model.hagan.networks import HAGAN, from_slabs, mixed_layout, parameter_counts, to_slabs
 from model.precision import resolve_precision
 
 DEFAULT_BUDGET_MB = 1024  # a model's memory_budget_mb unless set (the worker: VOXGEN_MEMORY_BUDGET_MB)
@@ -300,19 +300,16 @@ class HAGANModel(VolumeModel[HAGANConfig, HAGAN]):
         the way."""
         net, w = self.net, self._encoder_weights()
         eh, eg = net.eh, net.eg
-        d = net.sub_depth
-        n = x.shape[2] // d
-        slabs = x.unflatten(2, (n, d)).transpose(1, 2).flatten(0, 1).to(self._dtype)  # [n, 1, d, R, R]
+        slabs = to_slabs(x, net.sub_depth).to(self._dtype)  # [n, 1, d, R, R]
         feats = []
-        for i in range(0, n, self.ENCODE_SLABS_PER_CALL):
+        for i in range(0, len(slabs), self.ENCODE_SLABS_PER_CALL):
             h = slabs[i : i + self.ENCODE_SLABS_PER_CALL]
             for (wt, b, stride, pad), norm in zip(w["eh"], eh.norms, strict=True):
                 h = F.relu_(_gn(F.conv3d(self._lay(h), wt, b, stride, pad), norm))
             feats.append(h)
         del slabs
-        f = torch.cat(feats)  # [n, C, d', H', W'] -> [1, C, n*d', H', W'], slab i at depths i*d' ..
-        h = f.unflatten(0, (1, n)).transpose(1, 2).flatten(2, 3).contiguous()
-        del f, feats
+        h = from_slabs(torch.cat(feats), 1)  # [1, C, n*d', H', W']
+        del feats
         *convs, out = w["eg"]
         for (wt, b, stride, pad), norm in zip(convs, eg.norms, strict=True):
             h = F.relu_(_gn(F.conv3d(self._lay(h), wt, b, stride, pad), norm))

@@ -499,20 +499,29 @@ class HAGAN(nn.Module):
         result), in channels-last 3D layout on the CPU (``channels_last=None``), where the CPU
         convolutions are 25-30% faster for these layers; the values are the same up to float
         summation order."""
-        d = self.sub_depth
-        b, _, depth = x.shape[:3]
-        if depth % d:
-            raise ValueError(f"depth {depth} is not a multiple of the sub-volume depth {d}")
-        n = depth // d
-        slabs = x.unflatten(2, (n, d)).transpose(1, 2).flatten(0, 1)  # [b*n, C, d, H, W]
+        b = x.shape[0]
+        slabs = to_slabs(x, self.sub_depth)  # [b*n, C, d, H, W]
         if self.eh.mixed_layout:
             pass  # E^H lays out its own inputs (set_mixed_layout)
         elif channels_last if channels_last is not None else x.device.type == "cpu":
             slabs = slabs.contiguous(memory_format=torch.channels_last_3d)
         k = max(1, slabs_per_call or len(slabs))
-        f = torch.cat([self.eh(slabs[i : i + k]) for i in range(0, len(slabs), k)])
-        # [b*n, C', d', H', W'] -> [b, C', n*d', H', W'], slab i at depths i*d' ..
-        return f.unflatten(0, (b, n)).transpose(1, 2).flatten(2, 3).contiguous()
+        return from_slabs(torch.cat([self.eh(slabs[i : i + k]) for i in range(0, len(slabs), k)]), b)
+
+
+def to_slabs(x: torch.Tensor, d: int) -> torch.Tensor:
+    """[b, C, D, H, W] -> the non-overlapping partition of depth into d-slice slabs, [b*n, C, d, H, W]
+    (volume-major: the n slabs of the first volume first)."""
+    depth = x.shape[2]
+    if depth % d:
+        raise ValueError(f"depth {depth} is not a multiple of the sub-volume depth {d}")
+    return x.unflatten(2, (depth // d, d)).transpose(1, 2).flatten(0, 1)
+
+
+def from_slabs(f: torch.Tensor, b: int) -> torch.Tensor:
+    """The inverse of ``to_slabs`` for per-slab features: [b*n, C', d', H', W'] -> [b, C', n*d', H', W'],
+    slab i at depths i*d' .., contiguous."""
+    return f.unflatten(0, (b, len(f) // b)).transpose(1, 2).flatten(2, 3).contiguous()
 
 
 def count_parameters(module: nn.Module) -> int:
