@@ -358,7 +358,7 @@ class Trainer:
             if model_v != data_v:
                 raise ValueError(f"--init-from {name}: the model's {what} is {model_v}, the dataset's {data_v}")
         for k in _ARCH:
-            v = c.get(k, DEFAULTS[k] if k != "norm_min_group" else 1)
+            v = c.get(k, DEFAULTS[k])  # (an older config without norm_min_group: 1, the default)
             if k in given and given[k] != v:
                 raise ValueError(f"--init-from {name}: the model has {k} {v}, not {given[k]} as asked")
             self.o[k] = v
