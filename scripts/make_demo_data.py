@@ -54,15 +54,21 @@ def _smooth_field(rng: np.random.Generator, size: int, coarse: int, channels: in
 
 
 def augment(
-    template: torch.Tensor, extent_mm: np.ndarray, side_mm: float, rng: np.random.Generator, size: int
+    template: torch.Tensor,
+    extent_mm: np.ndarray,
+    side_mm: float,
+    rng: np.random.Generator,
+    size: int,
+    scale: tuple[float, float] = (0.92, 1.08),
 ) -> np.ndarray:
     """template: [1, 1, D, H, W] (z, y, x) in [0, 1] spanning extent_mm (x, y, z); returns the
-    augmented volume on a size^3 grid of side_mm, (z, y, x) float32."""
+    augmented volume on a size^3 grid of side_mm, (z, y, x) float32.  Each output mm samples s template
+    mm, s drawn uniformly from ``scale`` (the same on every axis): the brain's size becomes 1/s."""
     lin = torch.linspace(-1, 1, size)
     zz, yy, xx = torch.meshgrid(lin, lin, lin, indexing="ij")
     pts = torch.stack([xx, yy, zz], -1).reshape(-1, 3).numpy()  # grid_sample order (x, y, z)
     half = extent_mm / 2  # the template's mm per unit of grid_sample coordinates, (x, y, z)
-    a = _rotation(rng, 8.0) * rng.uniform(0.92, 1.08)
+    a = _rotation(rng, 8.0) * rng.uniform(*scale)  # output mm -> template mm
     shift = rng.uniform(-6, 6, 3)
     mm = pts * side_mm / 2
     src_mm = mm @ a.T + shift
@@ -95,7 +101,19 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=160)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--include-original", action="store_true", help="also write each template unaugmented")
+    ap.add_argument(
+        "--scale",
+        nargs=2,
+        type=float,
+        default=(0.92, 1.08),
+        metavar=("LO", "HI"),
+        help="each output mm samples s template mm, s uniform in [LO, HI], so the brain's size is 1/s "
+        "(default 0.92 1.08: the brain 0.93-1.09x its size)",
+    )
+    ap.add_argument("--tag", default="aug", help="file names are <template>_<tag>_<i>.nii.gz (default aug)")
     a = ap.parse_args()
+    if not 0 < a.scale[0] <= a.scale[1]:
+        ap.error("--scale needs 0 < LO <= HI")
     out = Path(a.output)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(a.seed)
@@ -112,9 +130,9 @@ def main() -> None:
         if a.include_original:
             nib.save(nib.Nifti1Image(np.ascontiguousarray(data), img.affine), out / f"{stem}_original.nii.gz")
         for i in range(a.n):
-            v = augment(t, extent, side, rng, a.size)
+            v = augment(t, extent, side, rng, a.size, tuple(a.scale))
             nib.save(
-                nib.Nifti1Image(np.ascontiguousarray(v.transpose(2, 1, 0)), aff), out / f"{stem}_aug_{i:03d}.nii.gz"
+                nib.Nifti1Image(np.ascontiguousarray(v.transpose(2, 1, 0)), aff), out / f"{stem}_{a.tag}_{i:03d}.nii.gz"
             )
             print(f"{stem}: {i + 1}/{a.n}", end="\r", flush=True)
         print(f"\n{stem}: wrote {a.n} volumes of {a.size}^3 at {spacing:.2f} mm to {out}")
