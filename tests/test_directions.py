@@ -216,6 +216,16 @@ def test_a_target_is_reached_by_measuring_where_the_linear_model_misses() -> Non
     # overshooting: the bracket is kept
     alpha, tried = reach_target(1.0, 10.0, lambda a: 40.0 * a, rounds=3)
     assert 40.0 * alpha == pytest.approx(10.0, abs=0.2)
+    # the prediction at the start equals the target (a linear step of 0) but the measurement does not:
+    # the first step comes from the measured start and the direction's slope
+    alpha, tried = reach_target(0.0, 10.0, lambda a: 4.0 + 5.0 * a, rounds=3, slope=5.0)
+    assert 4.0 + 5.0 * alpha == pytest.approx(10.0, abs=0.2) and tried[0] == {"alpha": 0.0, "measured": 4.0}
+    assert reach_target(0.0, 10.0, lambda a: 4.0 + 5.0 * a, rounds=3) == (0.0, [])  # no slope: as before
+    assert reach_target(0.0, 4.0, lambda a: 4.0 + 5.0 * a, rounds=3, slope=5.0)[0] == 0.0  # already there
+    target_at_start = float(d.predict(z0)[0])
+    rows = traverse(None, z0, d, target=target_at_start, n_steps=2, measure=lambda z: saturating(z) - 10.0)
+    assert rows[-1]["refine"]["alpha_linear"] == pytest.approx(0.0, abs=1e-6)
+    assert abs(saturating(rows[-1]["latent"]) - 10.0 - target_at_start) <= 0.1 * 10.0
     with pytest.raises(ValueError, match="refine"):
         traverse(None, z0, d, target=120.0, refine=-1, measure=saturating)
 

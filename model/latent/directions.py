@@ -320,7 +320,11 @@ REFINE_REACH_MIN = 3.0
 
 
 def reach_target(
-    alpha0: float, target: float, measure: Callable[[float], float], rounds: int = REFINE_ROUNDS
+    alpha0: float,
+    target: float,
+    measure: Callable[[float], float],
+    rounds: int = REFINE_ROUNDS,
+    slope: float | None = None,
 ) -> tuple[float, list[dict[str, float]]]:
     """Correct the linear model's step ``alpha0`` towards ``target`` by measuring the attribute of the
     volumes actually generated: ``measure(alpha)`` at 0 and at ``alpha0``, then up to ``rounds``
@@ -332,12 +336,20 @@ def reach_target(
     the prediction at the start is off, the linear step can point away from the target.  Returns the
     alpha whose measured value was nearest the target among those tried, the start included (never
     further from it than the start or the linear step), and every ``{alpha, measured}`` tried, in
-    order."""
+    order.
+
+    ``slope``: the prediction's change per unit of alpha (the direction's norm).  Where the linear step
+    is 0 (the prediction at the start equals the target) the first step is taken from the measured
+    start instead, ``(target - measured) / slope``; without ``slope`` such a step stays 0."""
     if rounds < 0:
         raise ValueError(f"refine must be >= 0, got {rounds}")
-    if alpha0 == 0 or rounds == 0:
+    if rounds == 0 or (alpha0 == 0 and not slope):
         return alpha0, []
     tried = [{"alpha": 0.0, "measured": float(measure(0.0))}]
+    if alpha0 == 0:
+        alpha0 = (target - tried[0]["measured"]) / float(slope)  # type: ignore[arg-type]
+        if alpha0 == 0 or not math.isfinite(alpha0):
+            return 0.0, tried
     tried.append({"alpha": float(alpha0), "measured": float(measure(alpha0))})
     start = tried[0]["measured"]
     tol = REFINE_TOLERANCE * max(abs(target - start), 1e-12)
@@ -409,7 +421,9 @@ def traverse(
         alpha_linear = (float(target) - float(direction.predict(z0)[0])) / norm
         alpha_star = alpha_linear
         if measure is not None and refine > 0:
-            alpha_star, tried = reach_target(alpha_linear, float(target), lambda a: measure(z0 + a * u), refine)
+            alpha_star, tried = reach_target(
+                alpha_linear, float(target), lambda a: measure(z0 + a * u), refine, slope=norm
+            )
         # (+ 0.0: the start is 0.0, not -0.0, when the step is negative)
         steps = [alpha_star * i / (n_steps - 1) + 0.0 for i in range(n_steps)] if n_steps > 1 else [alpha_star]
     assert steps is not None
