@@ -155,6 +155,12 @@ def register(sub: argparse._SubParsersAction, commands: dict[str, Callable]) -> 
         type=int,
         help="the first N iterations train G and the encoders by reconstruction alone (D idle; needs --lambda-rec)",
     )
+    g.add_argument(
+        "--freeze-g",
+        choices=["on", "off"],
+        help="on: only the encoders train, through the frozen G of --init-from (its samples unchanged; D and the "
+        "quality monitor idle): fitting a model's encoder to new scans",
+    )
     g = s.add_argument_group("small-data recipe (every family)")
     g.add_argument(
         "--recipe",

@@ -390,6 +390,33 @@ def test_init_from_starts_a_run_from_a_model_directory(brain_ds: Path, tmp_path:
         Trainer(given | {"output": str(tmp_path / "x"), "init_from": str(tmp_path / "nothing")})
 
 
+def test_freeze_g_trains_the_encoders_alone(brain_ds: Path, tmp_path: Path) -> None:
+    """--freeze-g on: a run from a model trains E^H and E^G through its frozen G; the served G (and D)
+    come out bit for bit as they went in, the encoders move and their reconstruction loss is reported;
+    it is recorded in the config, and refused without a model to start from."""
+    opts = SMALL | {"data": str(brain_ds), "monitor_every": 0, "iterations": 1, "augment": "off"}
+    Trainer(opts | {"output": str(tmp_path / "a"), "lambda_rec": 10.0}).fit()
+    src = from_pretrained(tmp_path / "a" / "model").net.state_dict()
+    given = {k: v for k, v in opts.items() if k not in ("width", "latent_dim")}
+    b = Trainer(given | {"output": str(tmp_path / "b"), "init_from": str(tmp_path / "a"), "freeze_g": "on"})
+    b.o["iterations"] = 2
+    assert b.o["monitor_every"] == 0  # the monitor scores G, which does not change
+    losses = b.step()
+    assert {"e_h", "e_g"} <= set(losses) and not {"d_real", "d_fake", "g"} & set(losses)
+    b.fit()
+    out = from_pretrained(tmp_path / "b" / "model").net.state_dict()
+    same = [k for k in src if k.split(".")[0] in ("ga", "gl", "gh", "dh", "dl") and not torch.equal(out[k], src[k])]
+    assert same == []
+    moved = [k for k in src if k.split(".")[0] in ("eh", "eg") and not torch.equal(out[k], src[k])]
+    assert moved and {k.split(".")[0] for k in moved} == {"eh", "eg"}
+    cfg = from_pretrained(tmp_path / "b" / "model").config
+    assert cfg.training["freeze_g"] == "on"
+    with pytest.raises(ValueError, match="freeze_g trains the encoders of a trained G: it needs init_from"):
+        Trainer(opts | {"output": str(tmp_path / "x"), "freeze_g": "on"})
+    with pytest.raises(ValueError, match="freeze_g must be on or off"):
+        Trainer(opts | {"output": str(tmp_path / "x"), "freeze_g": "yes"})
+
+
 # ---------------------------------------------------------------- the recipe in the other families
 SG = {"family": "stylegan3d", "shape": "16x32x32", "channels": 8, "latent_dim": 16, "mapping_width": 16}
 AW = {"width": 0.125, "latent_dim": 16, "code_hidden": 32}

@@ -138,6 +138,10 @@ DEFAULTS: dict[str, Any] = LOOP_DEFAULTS | {
     # G (the served weights, live and EMA), the encoders and D are loaded where the directory has them;
     # the optimizers start afresh at iteration 0
     "init_from": None,
+    # on: only the encoders (E^H, E^G) train, through the frozen G, as the authors' encoder steps; G and D
+    # keep their weights (the served G is unchanged), D and the quality monitor (which scores G) are idle.
+    # Fitting a model's encoder to new scans, or to a wider range of them, without touching its samples
+    "freeze_g": "off",
 }
 _ARCH = ("width", "latent_dim", "norm_min_group")  # what init_from takes from its model directory
 
@@ -167,8 +171,9 @@ _RECORDED = (
     "width",
     "latent_dim",
     "batch",
+    "freeze_g",
 )
-_SWITCHES = ("whole_stats", "any_start")  # (augment and diffaug: recipe_options checks them)
+_SWITCHES = ("whole_stats", "any_start", "freeze_g")  # (augment and diffaug: recipe_options checks them)
 LATENT_FLOOR = 0.1  # refit_latent: the covariance's eigenvalues floored at this fraction of their mean
 
 # glibc mallopt parameters (malloc.h)
@@ -260,6 +265,10 @@ class Trainer:
             raise ValueError(f"lowres must be nearest or average, got {self.o['lowres']!r}")
         if not 0.0 <= float(self.o["ema"]) < 1.0:
             raise ValueError(f"ema must be a decay in [0, 1), got {self.o['ema']!r}")
+        if self.o["freeze_g"] == "on":
+            if not self.o["init_from"]:
+                raise ValueError("freeze_g trains the encoders of a trained G: it needs init_from (a model directory)")
+            self.o["monitor_every"] = 0  # the monitor scores G's samples, which do not change
         self.run = Path(self.o["output"])
         self.data = VolumeDataset(self.o["data"])
         if len(self.data) == 0:
@@ -480,6 +489,7 @@ class Trainer:
             return sum(bce(t, target.repeat(t.shape[0] // target.shape[0], 1)) for t in logits) / len(logits)  # type: ignore[return-value]
 
         warmup = self.iteration < int(self.o["rec_warmup"])  # reconstruction alone: no D, no adversarial term
+        frozen = self.o["freeze_g"] == "on"  # the encoders alone (steps 3 and 4), through the frozen G
 
         def rec_loss(g: HAGAN, z_e: torch.Tensor) -> torch.Tensor:
             """L1 of G(z_e) against the real volume: G^H's sub-volume at r (or its whole volume with
@@ -492,7 +502,7 @@ class Trainer:
             return (l1(rec_hi, x_crop) + l1(rec_lo, x_low)) / 2
 
         # 1. D
-        if not warmup:
+        if not warmup and not frozen:
             _requires_grad(net, OPTIMIZERS["d"], True)
             self.opts["d"].zero_grad(set_to_none=True)
             with ac():
@@ -525,7 +535,7 @@ class Trainer:
                 losses["e_latent"] = float(lat.detach())
             return loss
 
-        joint = float(self.o["lambda_rec"])
+        joint = 0.0 if frozen else float(self.o["lambda_rec"])
         feats = None
         if joint:  # E^H features of every slab, for the reconstruction in the G step
             with torch.no_grad(), ac():
@@ -533,31 +543,32 @@ class Trainer:
 
         # 2. G (with lambda_rec: and E^G, on the reconstruction of the real volume too)
         _requires_grad(net, OPTIMIZERS["d"], False)
-        self.opts["g"].zero_grad(set_to_none=True)
-        with ac():
-            g_loss = torch.zeros((), device=self.device)
-            if not warmup:
-                fake_hi, fake_lo = net.generate_train_crops(z(), rs, labels, ws)
-                logit, cls = d_of(fake_hi, fake_lo)
-                g_loss = adv(logit, ones)
-                if cls is not None:
-                    g_loss = g_loss + self.o["lambda_class"] * ce(cls, labels)
-                del fake_hi, fake_lo
-            total = g_loss
+        if not frozen:
+            self.opts["g"].zero_grad(set_to_none=True)
+            with ac():
+                g_loss = torch.zeros((), device=self.device)
+                if not warmup:
+                    fake_hi, fake_lo = net.generate_train_crops(z(), rs, labels, ws)
+                    logit, cls = d_of(fake_hi, fake_lo)
+                    g_loss = adv(logit, ones)
+                    if cls is not None:
+                        g_loss = g_loss + self.o["lambda_class"] * ce(cls, labels)
+                    del fake_hi, fake_lo
+                total = g_loss
+                if feats is not None:
+                    self.opts["eg"].zero_grad(set_to_none=True)
+                    z_e = net.eg(feats)
+                    rec = rec_loss(net, z_e)
+                    losses["e_g"] = float(rec.detach())
+                    total = total + joint * eg_terms(z_e, rec)
+            total.backward()
+            self._update("g")
             if feats is not None:
-                self.opts["eg"].zero_grad(set_to_none=True)
-                z_e = net.eg(feats)
-                rec = rec_loss(net, z_e)
-                losses["e_g"] = float(rec.detach())
-                total = total + joint * eg_terms(z_e, rec)
-        total.backward()
-        self._update("g")
-        if feats is not None:
-            self._update("eg")
-        self._ema_update()
-        if not warmup:
-            losses["g"] = float(g_loss.detach())
-        del total
+                self._update("eg")
+            self._ema_update()
+            if not warmup:
+                losses["g"] = float(g_loss.detach())
+            del total
 
         # 3. E^H: reconstruct the real sub-volume through the frozen G^H
         _requires_grad(net, OPTIMIZERS["g"], False)
