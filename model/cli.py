@@ -10,9 +10,11 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from model import families
 from model.labels import LabelError, label_index
+from model.latent import MAX_FIT_STEPS
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
 
@@ -172,12 +174,29 @@ def _read_scan(m, path: str, series_uid: str | None = None):
     return torch.from_numpy(v)[None, None]
 
 
+def _encode_kw(m: Any, a: argparse.Namespace, label: int | None) -> dict[str, Any]:
+    """``encode``'s keywords from ``--steps`` (and a conditional model's label, which its fit needs)."""
+    if a.steps is None:
+        return {}
+    least = 1 if families.get(m.family).encoder == "projection" else 0
+    if not least <= a.steps <= MAX_FIT_STEPS:
+        raise SystemExit(f"--steps: {least} to {MAX_FIT_STEPS} for a {m.family} model, got {a.steps}")
+    kw: dict[str, Any] = {"steps": a.steps}
+    if a.steps and m.class_names:
+        if label is None:
+            names = ", ".join(m.class_names)
+            raise SystemExit(f"--steps: this model is class-conditional; fitting its latent needs --label ({names})")
+        kw["label"] = label
+    return kw
+
+
 def cmd_encode(a: argparse.Namespace) -> int:
     import numpy as np
 
     m = _load(a)
     x = _read_scan(m, a.scan, a.series_uid)
-    z = m.encode(x, progress=_progress_printer("encode")).numpy()
+    kw = _encode_kw(m, a, _label_index(m, a.label) if a.label is not None else None)
+    z = m.encode(x, progress=_progress_printer("encode"), **kw).numpy()
     out = Path(a.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     np.save(out, z.astype(np.float32))
@@ -193,8 +212,9 @@ def cmd_reconstruct(a: argparse.Namespace) -> int:
     m = _load(a)
     info: dict = {}
     x = torch.from_numpy(load_for_model(a.scan, m.config, info=info, series_uid=a.series_uid))[None, None]
-    z = m.encode(x, progress=_progress_printer("encode"))
-    v = m.generate(z, _label_index(m, a.label), progress=_progress_printer("generate"))
+    label = _label_index(m, a.label)
+    z = m.encode(x, progress=_progress_printer("encode"), **_encode_kw(m, a, label))
+    v = m.generate(z, label, progress=_progress_printer("generate"))
     space = a.space or ("model" if a.output.endswith(".npy") else "input")
     if space == "input" and a.output.endswith(".npy"):
         raise SystemExit("reconstruct: --space input writes .nii or .nii.gz (a .npy holds the model grid)")
@@ -290,15 +310,27 @@ def build_parser() -> argparse.ArgumentParser:
             help="the SeriesInstanceUID of the series to read from a DICOM folder or zip holding several",
         )
 
+    def steps_arg(s: argparse.ArgumentParser) -> None:
+        s.add_argument(
+            "--steps",
+            type=int,
+            help="hagan, alphawgan: Adam steps fitting the encoder's latent to the scan (G frozen; default 0: the "
+            f"encoder alone; at most {MAX_FIT_STEPS}); splitshuffle, stylegan3d: projection steps (default: the "
+            "model's projection_steps)",
+        )
+
     s = sub.add_parser("encode", help="encode a scan to a latent code (.npy)")
     model_args(s)
     scan_args(s)
+    steps_arg(s)
+    s.add_argument("--label", help="a class-conditional model with --steps: the class its fit generates")
     s.add_argument("-o", "--output", required=True)
     COMMANDS["encode"] = cmd_encode
 
     s = sub.add_parser("reconstruct", help="encode a scan and generate it back")
     model_args(s)
     scan_args(s)
+    steps_arg(s)
     s.add_argument("--label")
     s.add_argument(
         "--space",

@@ -131,10 +131,14 @@ def job_encode(params: EncodeParams, model: Any, out: Path, progress: Progress) 
     # the upload on the model's cube (the family's encode resamples it to the network's grid, as its
     # trainer did the training data), for comparison; the cube's own voxel size for the aspect
     write_preview(out / "input.png", x, model.config.cube())
-    z = model.encode(torch.from_numpy(x)[None, None], progress=progress)
+    label = label_index(model.class_names, params.label)
+    kw: dict[str, Any] = {}
+    if params.steps is not None:  # (a conditional model's fit generates its class: the API checked it is given)
+        kw = {"steps": params.steps} | ({"label": label} if params.steps and model.class_names else {})
+    z = model.encode(torch.from_numpy(x)[None, None], progress=progress, **kw)
     np.save(out / "latent.npy", z.numpy())
     if params.reconstruct:
-        v = model.generate(z, label_index(model.class_names, params.label), progress=progress)
+        v = model.generate(z, label, progress=progress)
         if params.space == "input":  # the upload's own grid and affine: it overlays the upload
             write_in_input_space(out / "reconstruction.nii.gz", v[0, 0].numpy(), model.config, info)
         else:

@@ -16,7 +16,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from model.latent import REFINE_ROUNDS
+from model.latent import MAX_FIT_STEPS, REFINE_ROUNDS
 from service.schemas import LATENT_LIMIT, OutputFormat, TrainRequest
 
 
@@ -93,6 +93,7 @@ class EncodeParams(JobParams):
     space: Literal["input", "model"] = "input"
     series_uid: str | None = None
     max_voxels: int | None = None
+    steps: int | None = Field(None, ge=0, le=MAX_FIT_STEPS)  # None: the family's default (model.encode)
 
 
 class DirectionParams(BaseModel):

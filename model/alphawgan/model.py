@@ -51,21 +51,30 @@ class AlphaWGANModel(VolumeModel[AlphaWGANConfig, AlphaWGAN]):
                 progress(min(n, s + self.batch), n, "generate")
         return out
 
-    @torch.no_grad()
-    def encode(self, x: torch.Tensor, progress: Progress | None = None) -> torch.Tensor:
+    def encode(self, x: torch.Tensor, progress: Progress | None = None, *, steps: int | None = None) -> torch.Tensor:
         """Volumes in model space -> latents [n, latent_dim] (the encoder E): [n, 1, R, R, R] on the
         cube the model was trained from (``data_resolution``, what ``load_for_model`` gives),
         averaged down to the 64^3 grid by ``model.data.grid.resample`` as the trainer does
-        (``to_grid``), or [n, 1, 64, 64, 64] already on the grid."""
+        (``to_grid``), or [n, 1, 64, 64, 64] already on the grid.  ``steps`` > 0: E's codes then
+        fitted by that many Adam steps on the L1 between G(z) and the volume on the 64^3 grid
+        (``model.latent.fit``, G frozen); 0 or None: the encoder alone."""
         x = self.to_grid(x)
         self.need(self.encoder_parts)
         n = x.shape[0]
         zs = []
-        for s in range(0, n, self.batch):
-            zs.append(self.net.e(x[s : s + self.batch].to(self.device, torch.float32)).float().cpu())
-            if progress:
-                progress(min(n, s + self.batch), n, "encode")
-        return torch.cat(zs, 0)
+        with torch.no_grad():
+            for s in range(0, n, self.batch):
+                zs.append(self.net.e(x[s : s + self.batch].to(self.device, torch.float32)).float().cpu())
+                if progress:
+                    progress(min(n, s + self.batch), n, "encode")
+        z = torch.cat(zs, 0)
+        if steps:
+            from model.latent.fit import fit_latent
+
+            self.need(self.generator_parts)
+            g = self.net.g
+            z = fit_latent(g, x.to(self.device, torch.float32), z.to(self.device), steps, progress=progress).cpu()
+        return z
 
     def reconstruct(self, x: torch.Tensor, label: Any = None, **kw: Any) -> torch.Tensor:
         return self.generate(self.encode(x), label, **kw)

@@ -7,7 +7,9 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, File, Form, HTTPException, Request, UploadFile
 from starlette.concurrency import run_in_threadpool
 
-from service.errors import error_responses
+from model import families
+from model.latent import MAX_FIT_STEPS
+from service.errors import error_responses, invalid
 from service.routes.common import check_label, model_or_404, submit
 from service.schemas import JobAccepted
 from worker.params import EncodeParams
@@ -46,6 +48,14 @@ def check_upload(path: Path, cfg: dict[str, Any], max_voxels: int, series_uid: s
     check_not_blank(arr, str(cfg.get("modality") or "ct"), lo_hi, name=path.name)
 
 
+def check_steps(cfg: dict[str, Any], steps: int | None) -> None:
+    """422 at ``steps`` where the model's family cannot take it: a projection needs at least one step.
+    (A class-conditional model's fit generates the request's class: ``check_label`` requires one.)"""
+    family = str(cfg.get("family") or "hagan")
+    if steps is not None and steps < 1 and families.get(family).encoder == "projection":
+        raise invalid(f"a {family} model encodes by projection: steps must be at least 1", "steps")
+
+
 @router.post("/encode", status_code=202, responses=error_responses(400, 404, 413, 422))
 async def encode(
     request: Request,
@@ -74,6 +84,17 @@ async def encode(
             "lists them when it is missing or unknown); empty: none",
         ),
     ] = None,
+    steps: Annotated[
+        int | None,
+        Form(
+            ge=0,
+            le=MAX_FIT_STEPS,
+            description="hagan, alphawgan: Adam steps fitting the encoder's latent to the upload (the generator "
+            "frozen; a lower reconstruction error, one generation forward and backward per step); default 0: the "
+            "encoder alone. splitshuffle, stylegan3d: projection steps (at least 1; default: the model's "
+            "projection_steps)",
+        ),
+    ] = None,
 ) -> JobAccepted:
     """Queue the encoding of an uploaded scan to its latent code.  The upload is checked here
     (size, format, voxel count from its header, a single file, shape, finiteness, not blank)
@@ -81,6 +102,7 @@ async def encode(
     settings, storage = request.app.state.settings, request.app.state.storage
     cfg = model_or_404(request, model)["config"]
     label = check_label(cfg, label)
+    check_steps(cfg, steps)
     name = file.filename or ""
     if (problem := filename_problem(name)) is not None:
         raise HTTPException(422, problem)
@@ -119,6 +141,7 @@ async def encode(
         label=label,
         space=space,
         series_uid=series_uid,  # the worker reads the same series
+        steps=steps,
         max_voxels=settings.max_input_voxels,  # and with the same bound
     )
     return submit(request, params, job_id)
