@@ -15,8 +15,9 @@ encoder and generator, and back onto the scan's grid (``to_input_grid``, what ``
 * the Dice of the two brain masks on the input's grid (the reconstruction overlaid in world space).
 
     python benchmarks/eval_encoder.py --model models/demo-brain-mri --scan HELDOUT.nii.gz \\
-        --data DEMO_DS [--scales 0.85,0.925,1,1.075,1.15] [--png OUT.png]
+        --data DEMO_DS [--scales 0.85,0.925,1,1.075,1.15] [--steps N] [--png OUT.png]
 
+``--steps N``: the encoder's latent fitted by N Adam steps (``voxgen encode --steps``).
 ``--png``: the three mid slices of each scaled input (model space) above its reconstruction.
 """
 
@@ -61,6 +62,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=16, help="generated samples for the mean-sample constant")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--png", help="write input/reconstruction mid slices here")
+    ap.add_argument("--steps", type=int, default=0, help="latent-fit steps after the encoder (encode --steps)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     from model.data.datasets import VolumeDataset
@@ -82,8 +84,7 @@ def main() -> None:
             path = _scaled_copy(Path(a.scan), s, Path(tmp))
             info: dict = {}
             x = load_for_model(path, m.config, info=info)
-            with torch.no_grad():
-                rec = m.generate(m.encode(torch.from_numpy(x)[None, None]))[0, 0].numpy()
+            rec = m.generate(m.encode(torch.from_numpy(x)[None, None], steps=a.steps))[0, 0].numpy()
             mae = float(np.abs(rec - x).mean())
             arr, sp = read_volume(path)
             voxel_ml = float(np.prod(sp)) / 1000.0
@@ -105,7 +106,8 @@ def main() -> None:
                 from model.preview import display_planes, to_uint8
 
                 tiles.append(([to_uint8(p) for p in display_planes(x)], [to_uint8(p) for p in display_planes(rec)]))
-    print(f"model {a.model}, scan {Path(a.scan).name}, brain mask above {a.threshold:g} of the window")
+    fit = f", latent fitted by {a.steps} steps" if a.steps else ""
+    print(f"model {a.model}, scan {Path(a.scan).name}, brain mask above {a.threshold:g} of the window{fit}")
     head = "| scale | recon L1 | / training median's | / mean sample's | input brain ml | recon brain ml | ratio"
     head += " | Dice |"
     print(head)
