@@ -286,6 +286,21 @@ def test_encode_shows_reconstruction_beside_input(page: Page, server: str, artif
     assert pg.locator("#traverse-source option[value=encode]").count() == 1
 
 
+def test_encode_fit_steps_go_with_the_request(page: Page, server: str, tmp_path: Path) -> None:
+    """The page's fit steps reach the job: its provenance records the request's ``steps``."""
+    pg = page.page
+    pg.select_option("#model-select", "tiny")
+    scan = tmp_path / "ball.nii.gz"
+    _flipped_upload(scan)
+    pg.set_input_files("#encode-file", str(scan))
+    pg.uncheck("#encode-reconstruct")
+    pg.fill("#encode-steps", "2")
+    pg.click("#encode-button")
+    job = page.wait_job("encode")
+    prov = httpx.get(f"{server}jobs/{job}/files/provenance.json").json()
+    assert prov["request"]["steps"] == 2 and not prov["request"]["reconstruct"], prov["request"]
+
+
 def _generate(page: Page) -> str:
     """Generate tiny, seed 7, from the page; the job id once its volume is shown."""
     pg = page.page

@@ -897,6 +897,8 @@
     if (label !== undefined) form.append("label", label);
     const series = $("encode-series").value.trim();
     if (series) form.append("series_uid", series);
+    const steps = $("encode-steps").value.trim();
+    if (steps) form.append("steps", steps);
     $("encode-result").hidden = true;
     const s = await runJob("encode", () => api("encode", { method: "POST", body: form }));
     if (!s) return;
