@@ -8,6 +8,9 @@ to round, so background load on a shared machine and what one path leaves behind
   direct            model.generate + write_volume (.nii.gz): the work a generate job does, in-process
   direct, job       worker.jobs.job_generate: the same plus what a job also writes (PNG preview,
                     latent.npy), in-process
+  direct, another   the "direct" work in a second plain Python process with the services' environment
+    process         (no service in it), timed inside it: a control for what the same arithmetic costs
+                    in another process
   embedded          POST /generate -> GET /jobs/{id}?wait=60 (long poll) -> download the .nii.gz, over
                     HTTP from a `voxgen serve` process (embedded queue) as deployed
   celery            the same through Redis and a `voxgen worker` process (API in this process,
@@ -76,6 +79,26 @@ def through_service(client, seed: int, poll_ms: float = 0.0, name: str = "") -> 
     body = client.get(f"/jobs/{st['job_id']}/files/volume_000.nii.gz").content
     assert len(body) > 0
     return done, time.perf_counter() - t
+
+
+OTHER_PROCESS = """
+import sys, time
+from pathlib import Path
+import torch
+from model.data.volumes import write_volume
+from model.hagan.model import HAGANModel
+from worker.settings import job_threads
+torch.set_num_threads(job_threads(0))
+m = HAGANModel.from_pretrained(sys.argv[1])
+m.set_precision(sys.argv[2])
+m.generate(m.sample_latents(1, 0))
+print("ready", flush=True)
+for line in sys.stdin:
+    t = time.perf_counter()
+    v = m.generate(m.sample_latents(1, int(line)))
+    write_volume(Path(sys.argv[3]), v[0, 0].numpy(), m.config)
+    print(time.perf_counter() - t, flush=True)
+"""
 
 
 def cpu_model() -> str:
@@ -202,6 +225,26 @@ def main() -> None:
             job_generate(GenerateParams(model="m", seed=seed, n=1), m, out, lambda *_: None)
             record("direct, job", time.perf_counter() - t)
 
+        # the same work as "direct" in another plain Python process (no service in it), started as the
+        # service processes are (their environment, OMP_WAIT_POLICY=PASSIVE unless set): a control for
+        # what the same arithmetic costs in a second process, timed inside it
+        other = subprocess.Popen(
+            [sys.executable, "-c", OTHER_PROCESS, str(models / "m"), precision, str(tmp / "other.nii.gz")],
+            env=env | {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")},
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        procs.append(other)
+        assert other.stdout is not None and other.stdin is not None
+        if other.stdout.readline().strip() != "ready":
+            raise RuntimeError("the control process did not start")
+
+        def run_other_process(i: int, seed: int) -> None:
+            other.stdin.write(f"{seed}\n")
+            other.stdin.flush()
+            record("direct, another process", float(other.stdout.readline()))
+
         def run_service(client, name: str, poll_ms: float = 0.0):  # noqa: ANN001, ANN202
             def run(i: int, seed: int) -> None:
                 done, dl = through_service(client, seed, poll_ms, name=name)
@@ -211,7 +254,7 @@ def main() -> None:
 
             return run
 
-        paths = [run_direct, run_job_function]
+        paths = [run_direct, run_job_function, run_other_process]
         if emb is not None:
             paths.append(run_service(emb, "embedded"))
         if cel is not None:
@@ -253,6 +296,7 @@ def main() -> None:
     labels = {
         "direct": "direct (generate + write .nii.gz)",
         "direct, job": "direct, the job function (+ PNG preview, latent.npy)",
+        "direct, another process": "direct, in another plain process (no service; a control)",
         "embedded": "embedded queue (`voxgen serve`): submit until the long poll answers succeeded",
         "embedded + download": "embedded queue (`voxgen serve`): ... and download the .nii.gz",
         "celery": "Celery/Redis: submit until the long poll answers succeeded",
