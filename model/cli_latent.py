@@ -79,6 +79,8 @@ def cmd_fit_direction(a: argparse.Namespace) -> int:
         volumes = _Scans(a.data, m.config)
     elif a.data:
         raise SystemExit("voxgen fit-direction: --data is for --source encode")
+    if a.steps and a.source != "encode":
+        raise SystemExit("voxgen fit-direction: --steps is for --source encode")
     if a.n < 2:
         raise SystemExit("voxgen fit-direction: --n must be at least 2")
     try:
@@ -91,6 +93,7 @@ def cmd_fit_direction(a: argparse.Namespace) -> int:
             volumes=volumes,
             ridge=a.ridge,
             progress=_progress_printer("fit-direction"),
+            encode_steps=a.steps,
         )
     except ValueError as e:
         raise SystemExit(f"voxgen fit-direction: {e}") from e
@@ -195,6 +198,12 @@ def register(sub: argparse._SubParsersAction, commands: dict[str, Callable[[argp
     s.add_argument("--source", choices=["sample", "encode"], default="sample")
     s.add_argument("--data", help="--source encode: a folder of scans, or a dataset prepared by voxgen prepare")
     s.add_argument("--ridge", type=float, default=1.0, help="ridge penalty of the linear fit")
+    s.add_argument(
+        "--steps",
+        type=int,
+        default=0,
+        help="--source encode: each scan's latent fitted by N steps after the encoder, as encode --steps (default 0)",
+    )
     commands["fit-direction"] = cmd_fit_direction
 
     s = sub.add_parser("traverse", help="volumes along a stored latent direction")

@@ -142,6 +142,11 @@ def test_fit_on_encoded_volumes(tmp_path: Path) -> None:
         vols.append(v)
     d = fit_direction(m, "mid_tissue_ml", volumes=iter(vols))
     assert d.n == 3 and d.source == "volumes n=3 (encoded)" and d.vector.shape == (8,)
+    # with the latents fitted after the encoder (encode --steps): the fit sees those codes
+    zs = torch.cat([m.encode(torch.from_numpy(v)[None, None], steps=2) for v in vols])
+    d2 = fit_direction(m, "mid_tissue_ml", volumes=vols, encode_steps=2)
+    want = fit_direction(m, "mid_tissue_ml", volumes=vols, latents=zs)
+    assert torch.allclose(d2.vector, want.vector, atol=1e-5) and not torch.allclose(d2.vector, d.vector, atol=1e-5)
     # given latents: nothing is encoded, and the fit is on exactly those pairs
     z = torch.tensor([[0.0] * 8, [1.0] + [0.0] * 7, [2.0] + [0.0] * 7])
     d = fit_direction(m, "mid_tissue_ml", volumes=vols, latents=z, ridge=1e-9)

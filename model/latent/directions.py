@@ -201,6 +201,7 @@ def fit_direction(
     volumes: Iterable[np.ndarray] | None = None,
     ridge: float = 1.0,
     progress: Progress | None = None,
+    encode_steps: int = 0,
 ) -> Direction:
     """Learn the direction of ``attribute`` for ``model``.
 
@@ -208,7 +209,8 @@ def fit_direction(
     - ``latents``: generate from these latents instead;
     - ``volumes`` (on the model's cube (R, R, R), ``config.cube()``, as ``load_for_model`` gives real
       scans; any iterable, read one at a time): measure each and encode it, as in the paper; with
-      ``latents`` as well, those are the volumes' latents and nothing is encoded.
+      ``latents`` as well, those are the volumes' latents and nothing is encoded; ``encode_steps`` > 0:
+      each code fitted by that many steps after the encoder (``model.encode(x, steps=...)``).
     Then fit a ridge regression latent -> attribute (``fit_values``)."""
     spec = _spec(attribute)
     if spec.modality not in ("any", model.modality):
@@ -231,8 +233,8 @@ def fit_direction(
                     raise ValueError(f"more volumes than latents ({len(latents)})")
                 zs.append(latents[i].float().reshape(-1))
             else:
-                with torch.no_grad():
-                    zs.append(model.encode(torch.from_numpy(a)[None, None])[0].float())
+                kw = {"steps": encode_steps} if encode_steps else {}
+                zs.append(model.encode(torch.from_numpy(a)[None, None], **kw)[0].float().detach())
             ys.append(measure_model_volume(a, cube, attribute))
             if progress:
                 progress(i + 1, max(total, i + 1), "measure" if latents is not None else "encode and measure")
