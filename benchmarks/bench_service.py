@@ -8,6 +8,8 @@ to round, so background load on a shared machine and what one path leaves behind
   direct            model.generate + write_volume (.nii.gz): the work a generate job does, in-process
   direct, job       worker.jobs.job_generate: the same plus what a job also writes (PNG preview,
                     latent.npy), in-process
+  direct, execute   worker.jobs.execute in-process: the whole job as a queue runs it (claim the record,
+                    the lease's heartbeat, the job function, provenance, publishing), in-memory records
   direct, another   the "direct" work in a second plain Python process with the services' environment
     process         (no service in it), timed inside it: a control for what the same arithmetic costs
                     in another process
@@ -245,6 +247,23 @@ def main() -> None:
             other.stdin.flush()
             record("direct, another process", float(other.stdout.readline()))
 
+        from worker import jobs as worker_jobs
+        from worker.store import MemoryRecords, Storage, new_job_id, new_record
+
+        worker_jobs._MODELS[(str((models / "m").resolve()), "cpu")] = m  # this process's model, as loaded
+        exec_records, exec_storage = MemoryRecords(), Storage(tmp / "st-exec")
+
+        def run_execute(i: int, seed: int) -> None:
+            job_id = new_job_id()
+            params = GenerateParams(model="m", seed=seed, n=1)
+            exec_records.put(new_record(job_id, params.kind, params.dump()))
+            t = time.perf_counter()
+            worker_jobs.execute(job_id, 1, exec_records, exec_storage, models, device="cpu")
+            record("direct, execute", time.perf_counter() - t)
+            rec = exec_records.get(job_id)
+            assert rec is not None and rec["state"] == "succeeded", rec
+            exec_storage.delete_job(job_id)
+
         def run_service(client, name: str, poll_ms: float = 0.0):  # noqa: ANN001, ANN202
             def run(i: int, seed: int) -> None:
                 done, dl = through_service(client, seed, poll_ms, name=name)
@@ -254,7 +273,7 @@ def main() -> None:
 
             return run
 
-        paths = [run_direct, run_job_function, run_other_process]
+        paths = [run_direct, run_job_function, run_execute, run_other_process]
         if emb is not None:
             paths.append(run_service(emb, "embedded"))
         if cel is not None:
@@ -296,6 +315,7 @@ def main() -> None:
     labels = {
         "direct": "direct (generate + write .nii.gz)",
         "direct, job": "direct, the job function (+ PNG preview, latent.npy)",
+        "direct, execute": "direct, the whole job (`worker.jobs.execute`: claim, lease, job, provenance, publish)",
         "direct, another process": "direct, in another plain process (no service; a control)",
         "embedded": "embedded queue (`voxgen serve`): submit until the long poll answers succeeded",
         "embedded + download": "embedded queue (`voxgen serve`): ... and download the .nii.gz",
