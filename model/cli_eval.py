@@ -38,6 +38,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         floor_splits=a.floor_splits,
         device=a.device,
         progress=_progress_printer("evaluate"),
+        encode_steps=a.encode_steps,
     )
     summary = {
         "report": f"{a.output}/report.json",
@@ -88,6 +89,12 @@ def register(sub: argparse._SubParsersAction, commands: dict[str, Callable]) -> 
         "torchvision's inception_v3 .pth, or .safetensors",
     )
     s.add_argument("--ms-ssim-pairs", type=int, help="MS-SSIM pairs per chunk (default: all pairs in the chunk)")
+    s.add_argument(
+        "--encode-steps",
+        type=int,
+        default=0,
+        help="the reconstruction figure: each latent fitted by N steps after the encoder (encode --steps; default 0)",
+    )
     s.add_argument("--device", default="auto")
     s.add_argument("-o", "--output", required=True, help="report folder")
     commands["evaluate"] = cmd_evaluate

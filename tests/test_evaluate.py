@@ -71,7 +71,14 @@ def test_voxgen_evaluate_writes_report_and_plots(setup: dict[str, Path], capsys:
     assert 0 <= r["diversity"]["ms_ssim_generated"] <= 1 and r["diversity"]["pairs_generated"] == 2
     assert 0 <= r["diversity"]["ms_ssim_real"] <= 1 and r["diversity"]["pairs_real"] == 3
     rc = mt["reconstruction"]
-    assert rc["n"] == 6 and rc["mae"] > 0 and rc["mae_constant"] > 0
+    assert rc["n"] == 6 and rc["mae"] > 0 and rc["mae_constant"] > 0 and rc["encode_steps"] == 0
+    # --encode-steps: the same figure with each latent fitted after the encoder, lower
+    fitted = setup["root"] / "report-fitted"
+    assert main([*args[:-1], str(fitted), "--encode-steps", "3"]) == 0
+    capsys.readouterr()
+    rc2 = json.loads((fitted / "report.json").read_text())["metrics"]["reconstruction"]
+    assert rc2["encode_steps"] == 3 and rc2["mae"] < rc["mae"] and rc2["mae_constant"] == rc["mae_constant"]
+    assert "each latent fitted by 3 steps" in (fitted / "report.md").read_text()
     # an untrained network is far from the real set: above the real-vs-real floor
     assert r["headline"]["value"] > r["floor"]["mean"] + 2 * r["floor"]["sd"]
 
