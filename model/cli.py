@@ -176,13 +176,14 @@ def _read_scan(m, path: str, series_uid: str | None = None):
 
 def _encode_kw(m: Any, a: argparse.Namespace, label: int | None) -> dict[str, Any]:
     """``encode``'s keywords from ``--steps`` (and a conditional model's label, which its fit needs)."""
-    if a.steps is None:
-        return {}
-    least = 1 if families.get(m.family).encoder == "projection" else 0
-    if not least <= a.steps <= MAX_FIT_STEPS:
-        raise SystemExit(f"--steps: {least} to {MAX_FIT_STEPS} for a {m.family} model, got {a.steps}")
-    kw: dict[str, Any] = {"steps": a.steps}
-    if a.steps and m.class_names:
+    kw: dict[str, Any] = {}
+    if a.steps is not None:  # (None: the model's default)
+        least = 1 if families.get(m.family).encoder == "projection" else 0
+        if not least <= a.steps <= MAX_FIT_STEPS:
+            raise SystemExit(f"--steps: {least} to {MAX_FIT_STEPS} for a {m.family} model, got {a.steps}")
+        kw["steps"] = a.steps
+    steps = a.steps if a.steps is not None else getattr(m.config, "encode_steps", 0)
+    if steps and m.class_names:
         if label is None:
             names = ", ".join(m.class_names)
             raise SystemExit(f"--steps: this model is class-conditional; fitting its latent needs --label ({names})")
@@ -314,9 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument(
             "--steps",
             type=int,
-            help="hagan, alphawgan: Adam steps fitting the encoder's latent to the scan (G frozen; default 0: the "
-            f"encoder alone; at most {MAX_FIT_STEPS}); splitshuffle, stylegan3d: projection steps (default: the "
-            "model's projection_steps)",
+            help="hagan, alphawgan: Adam steps fitting the encoder's latent to the scan (G frozen; 0: the encoder "
+            f"alone; at most {MAX_FIT_STEPS}; default: the model's encode_steps, 0 unless its config sets it); "
+            "splitshuffle, stylegan3d: projection steps (default: the model's projection_steps)",
         )
 
     s = sub.add_parser("encode", help="encode a scan to a latent code (.npy)")

@@ -92,8 +92,8 @@ def register(sub: argparse._SubParsersAction, commands: dict[str, Callable]) -> 
     s.add_argument(
         "--encode-steps",
         type=int,
-        default=0,
-        help="the reconstruction figure: each latent fitted by N steps after the encoder (encode --steps; default 0)",
+        help="the reconstruction figure: each latent fitted by N steps after the encoder (encode --steps; default: "
+        "the model's encode_steps)",
     )
     s.add_argument("--device", default="auto")
     s.add_argument("-o", "--output", required=True, help="report folder")

@@ -79,7 +79,7 @@ def cmd_fit_direction(a: argparse.Namespace) -> int:
         volumes = _Scans(a.data, m.config)
     elif a.data:
         raise SystemExit("voxgen fit-direction: --data is for --source encode")
-    if a.steps and a.source != "encode":
+    if a.steps is not None and a.source != "encode":
         raise SystemExit("voxgen fit-direction: --steps is for --source encode")
     if a.n < 2:
         raise SystemExit("voxgen fit-direction: --n must be at least 2")
@@ -201,8 +201,8 @@ def register(sub: argparse._SubParsersAction, commands: dict[str, Callable[[argp
     s.add_argument(
         "--steps",
         type=int,
-        default=0,
-        help="--source encode: each scan's latent fitted by N steps after the encoder, as encode --steps (default 0)",
+        help="--source encode: each scan's latent fitted by N steps after the encoder, as encode --steps (default: "
+        "the model's encode_steps)",
     )
     commands["fit-direction"] = cmd_fit_direction
 

@@ -157,3 +157,23 @@ def test_cli_steps(tmp_path: Path) -> None:
     assert err[1] < err[0], err
     p = voxgen("encode", "--model", str(d), str(scan), "--steps", "-2", "-o", str(tmp_path / "z.npy"), check=False)
     assert p.returncode != 0 and "--steps: 0 to" in p.stderr and not (tmp_path / "z.npy").exists()
+
+
+def test_a_model_directory_sets_the_default_steps(tmp_path: Path) -> None:
+    """``encode_steps`` in an HA-GAN config.json: what ``encode`` fits when the caller gives no
+    ``steps`` (0 still means the encoder alone); written only where it is not 0, so older files stay
+    byte for byte; out of range refused."""
+    cfg = HAGANConfig(resolution=128, width=0.25, latent_dim=16)
+    assert "encode_steps" not in cfg.to_dict()
+    m = HAGANModel.init(HAGANConfig(resolution=128, width=0.25, latent_dim=16, encode_steps=3), seed=0)
+    m.save_pretrained(tmp_path / "m")
+    from model.registry import from_pretrained
+
+    m2 = from_pretrained(tmp_path / "m")
+    assert m2.config.encode_steps == 3 and m2.config.to_dict()["encode_steps"] == 3
+    x = m2.generate(torch.randn(1, 16, generator=torch.Generator().manual_seed(5)))
+    assert torch.equal(m2.encode(x), m2.encode(x, steps=3))
+    assert not torch.equal(m2.encode(x), m2.encode(x, steps=0))
+    for bad in (-1, MAX_FIT_STEPS + 1, 2.5, True):
+        with pytest.raises(ValueError, match="encode_steps must be an integer"):
+            HAGANConfig(resolution=128, width=0.25, latent_dim=16, encode_steps=bad)

@@ -132,9 +132,9 @@ def job_encode(params: EncodeParams, model: Any, out: Path, progress: Progress) 
     # trainer did the training data), for comparison; the cube's own voxel size for the aspect
     write_preview(out / "input.png", x, model.config.cube())
     label = label_index(model.class_names, params.label)
-    kw: dict[str, Any] = {}
-    if params.steps is not None:  # (a conditional model's fit generates its class: the API checked it is given)
-        kw = {"steps": params.steps} | ({"label": label} if params.steps and model.class_names else {})
+    kw: dict[str, Any] = {} if params.steps is None else {"steps": params.steps}  # None: the model's default
+    if model.class_names:  # (HA-GAN) a conditional model's fit generates the request's class (the API requires one)
+        kw["label"] = label
     z = model.encode(torch.from_numpy(x)[None, None], progress=progress, **kw)
     np.save(out / "latent.npy", z.numpy())
     if params.reconstruct:

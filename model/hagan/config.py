@@ -26,13 +26,17 @@ class HAGANConfig(BaseConfig):
     # (``preprocess``, the dataset's preprocessing, is BaseConfig's; HA-GAN's grid is the cube)
     # how the weights were trained (recipe, departures from the paper), for the record
     training: dict[str, Any] = field(default_factory=dict)
+    # encode's latent-fit steps after the encoder when a caller gives none (model/latent/fit.py; 0: the
+    # encoder alone)
+    encode_steps: int = 0
 
     label: ClassVar[str] = "an HA-GAN"
     json_keys: ClassVar[tuple[str, ...]] = tuple(
         "resolution latent_dim width class_names modality spacing intensity description family norm_min_group "
-        "preprocess training num_classes".split()
+        "preprocess training encode_steps num_classes".split()
     )
-    json_optional: ClassVar[tuple[str, ...]] = ()  # preprocess is always written (as before BaseConfig had it)
+    # preprocess is always written (as before BaseConfig had it); encode_steps only where it is not 0
+    json_optional: ClassVar[tuple[str, ...]] = ("encode_steps",)
 
     @property
     def num_classes(self) -> int:
@@ -48,3 +52,8 @@ class HAGANConfig(BaseConfig):
             raise ValueError(f"width must make 32*width a multiple of 8 (>= 8): 0.25, 0.5, 1, ...; got {self.width}")
         if not (isinstance(self.norm_min_group, int) and 1 <= self.norm_min_group <= 8):
             raise ValueError(f"norm_min_group must be an integer in 1..8, got {self.norm_min_group!r}")
+        from model.latent import MAX_FIT_STEPS
+
+        ok = isinstance(self.encode_steps, int) and not isinstance(self.encode_steps, bool)
+        if not (ok and 0 <= self.encode_steps <= MAX_FIT_STEPS):
+            raise ValueError(f"encode_steps must be an integer in 0..{MAX_FIT_STEPS}, got {self.encode_steps!r}")

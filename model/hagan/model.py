@@ -269,7 +269,8 @@ class HAGANModel(VolumeModel[HAGANConfig, HAGAN]):
 
         ``steps`` > 0: the encoder's codes are then fitted by that many Adam steps on the L1 between
         the generated volume and ``x`` (``model.latent.fit``; G frozen, in float32); ``label``: the
-        class a conditional model generates while fitting.  0 or None: the encoder alone."""
+        class a conditional model generates while fitting.  0: the encoder alone; None: the config's
+        ``encode_steps`` (0 unless the model directory says otherwise)."""
         r = self.config.resolution
         if x.ndim != 5 or tuple(x.shape[1:]) != (1, r, r, r):
             raise ValueError(f"volume must have shape [n, 1, {r}, {r}, {r}], got {list(x.shape)}")
@@ -280,6 +281,7 @@ class HAGANModel(VolumeModel[HAGANConfig, HAGAN]):
             if progress:
                 progress(i + 1, x.shape[0], "encode")
         z = torch.cat(zs, 0)
+        steps = self.config.encode_steps if steps is None else steps
         if steps:
             from model.latent.fit import fit_latent
 

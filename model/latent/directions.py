@@ -201,7 +201,7 @@ def fit_direction(
     volumes: Iterable[np.ndarray] | None = None,
     ridge: float = 1.0,
     progress: Progress | None = None,
-    encode_steps: int = 0,
+    encode_steps: int | None = None,
 ) -> Direction:
     """Learn the direction of ``attribute`` for ``model``.
 
@@ -209,8 +209,9 @@ def fit_direction(
     - ``latents``: generate from these latents instead;
     - ``volumes`` (on the model's cube (R, R, R), ``config.cube()``, as ``load_for_model`` gives real
       scans; any iterable, read one at a time): measure each and encode it, as in the paper; with
-      ``latents`` as well, those are the volumes' latents and nothing is encoded; ``encode_steps`` > 0:
-      each code fitted by that many steps after the encoder (``model.encode(x, steps=...)``).
+      ``latents`` as well, those are the volumes' latents and nothing is encoded; ``encode_steps``:
+      each code fitted by that many steps after the encoder (``model.encode(x, steps=...)``; None:
+      the model's default).
     Then fit a ridge regression latent -> attribute (``fit_values``)."""
     spec = _spec(attribute)
     if spec.modality not in ("any", model.modality):
@@ -233,7 +234,7 @@ def fit_direction(
                     raise ValueError(f"more volumes than latents ({len(latents)})")
                 zs.append(latents[i].float().reshape(-1))
             else:
-                kw = {"steps": encode_steps} if encode_steps else {}
+                kw = {} if encode_steps is None else {"steps": encode_steps}
                 zs.append(model.encode(torch.from_numpy(a)[None, None], **kw)[0].float().detach())
             ys.append(measure_model_volume(a, cube, attribute))
             if progress:

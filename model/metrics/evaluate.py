@@ -297,7 +297,7 @@ def evaluate(
     floor_splits: int = FLOOR_SPLITS,
     device: str | None = None,
     progress: Progress | None = None,
-    encode_steps: int = 0,
+    encode_steps: int | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``model`` (directory or loaded model), or the volumes in the folder ``samples`` (with
     ``model=None``), against the prepared dataset ``real``.
@@ -458,7 +458,8 @@ def evaluate(
         k = min(8, len(order))
         x = torch.from_numpy(np.stack([np.asarray(ds.volume(i), np.float32) for i in order[:k]]))[:, None]
         x = resample(x, shape)
-        rec = m.generate(m.encode(x, **({"steps": encode_steps} if encode_steps else {})))
+        steps = int(getattr(m.config, "encode_steps", 0) if encode_steps is None else encode_steps)
+        rec = m.generate(m.encode(x, steps=steps))  # (the amortised families' encode takes steps)
         mae = float((rec - x).abs().mean())
         const = float((x.median(0, keepdim=True).values - x).abs().mean())
         recon = {
@@ -468,7 +469,7 @@ def evaluate(
             "n": k,
             "space": "model space [-1, 1], output grid",
             "constant": "the voxel-wise median of the same real volumes (the best single volume for L1)",
-            "encode_steps": int(encode_steps),  # latent-fit steps after the encoder (encode --steps)
+            "encode_steps": steps,  # latent-fit steps after the encoder (encode --steps; None: the model's)
         }
         timings["reconstruction_s"] = time.perf_counter() - t0
 

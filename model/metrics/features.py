@@ -88,4 +88,4 @@ class EncoderFeatures:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         v = resample(x.float(), self.model.output_shape)
-        return self.model.encode(v).float().cpu()
+        return self.model.encode(v, steps=0).float().cpu()  # the encoder alone: a fixed feature map

@@ -90,9 +90,9 @@ async def encode(
             ge=0,
             le=MAX_FIT_STEPS,
             description="hagan, alphawgan: Adam steps fitting the encoder's latent to the upload (the generator "
-            "frozen; a lower reconstruction error, one generation forward and backward per step); default 0: the "
-            "encoder alone. splitshuffle, stylegan3d: projection steps (at least 1; default: the model's "
-            "projection_steps)",
+            "frozen; a lower reconstruction error, one generation forward and backward per step); 0: the encoder "
+            "alone; default: the model's encode_steps (0 unless its config.json sets it). splitshuffle, stylegan3d: "
+            "projection steps (at least 1; default: the model's projection_steps)",
         ),
     ] = None,
 ) -> JobAccepted:
