@@ -14,7 +14,7 @@ from typing import Any
 
 from model import families
 from model.labels import LabelError, label_index
-from model.latent import MAX_FIT_STEPS
+from model.latent import MAX_FIT_STEPS, fit_steps_problem
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
 
@@ -175,20 +175,23 @@ def _read_scan(m, path: str, series_uid: str | None = None):
 
 
 def _encode_kw(m: Any, a: argparse.Namespace, label: int | None) -> dict[str, Any]:
-    """``encode``'s keywords from ``--steps`` (and a conditional model's label, which its fit needs)."""
+    """``encode``'s keywords: ``--steps`` (checked) and the class a conditional model's fit generates."""
     kw: dict[str, Any] = {}
     if a.steps is not None:  # (None: the model's default)
-        least = 1 if families.get(m.family).encoder == "projection" else 0
-        if not least <= a.steps <= MAX_FIT_STEPS:
-            raise SystemExit(f"--steps: {least} to {MAX_FIT_STEPS} for a {m.family} model, got {a.steps}")
+        if problem := fit_steps_problem(a.steps, m.family, families.get(m.family).encoder == "projection"):
+            raise SystemExit(f"voxgen: --{problem}")
         kw["steps"] = a.steps
-    steps = a.steps if a.steps is not None else getattr(m.config, "encode_steps", 0)
-    if steps and m.class_names:
-        if label is None:
-            names = ", ".join(m.class_names)
-            raise SystemExit(f"--steps: this model is class-conditional; fitting its latent needs --label ({names})")
+    if label is not None:  # (only HA-GAN models have classes)
         kw["label"] = label
     return kw
+
+
+def _encode(m: Any, x: Any, kw: dict[str, Any]) -> Any:
+    """``m.encode`` with the CLI's progress; its refusals (a conditional model's fit without --label) as messages."""
+    try:
+        return m.encode(x, progress=_progress_printer("encode"), **kw)
+    except ValueError as e:
+        raise SystemExit(f"voxgen: {e}") from None
 
 
 def cmd_encode(a: argparse.Namespace) -> int:
@@ -196,8 +199,8 @@ def cmd_encode(a: argparse.Namespace) -> int:
 
     m = _load(a)
     x = _read_scan(m, a.scan, a.series_uid)
-    kw = _encode_kw(m, a, _label_index(m, a.label) if a.label is not None else None)
-    z = m.encode(x, progress=_progress_printer("encode"), **kw).numpy()
+    label = _label_index(m, a.label) if a.label is not None else None  # (the encoder alone needs none)
+    z = _encode(m, x, _encode_kw(m, a, label)).numpy()
     out = Path(a.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     np.save(out, z.astype(np.float32))
@@ -214,7 +217,7 @@ def cmd_reconstruct(a: argparse.Namespace) -> int:
     info: dict = {}
     x = torch.from_numpy(load_for_model(a.scan, m.config, info=info, series_uid=a.series_uid))[None, None]
     label = _label_index(m, a.label)
-    z = m.encode(x, progress=_progress_printer("encode"), **_encode_kw(m, a, label))
+    z = _encode(m, x, _encode_kw(m, a, label))
     v = m.generate(z, label, progress=_progress_printer("generate"))
     space = a.space or ("model" if a.output.endswith(".npy") else "input")
     if space == "input" and a.output.endswith(".npy"):

@@ -134,7 +134,9 @@ def test_a_projection_needs_a_step() -> None:
         check_steps({"family": family}, 0)  # the encoder alone
     for family in ("stylegan3d", "splitshuffle"):
         check_steps({"family": family}, 1)
-        with pytest.raises(Invalid, match="projection: steps must be at least 1"):
+        with pytest.raises(
+            Invalid, match=f"steps must be 1 to 1000 for a {family} model \\(it encodes by projection\\)"
+        ):
             check_steps({"family": family}, 0)
 
 
@@ -155,8 +157,18 @@ def test_cli_steps(tmp_path: Path) -> None:
     x = load_for_model(scan, from_pretrained(d).config)
     err = [float(np.abs(np.load(tmp_path / f"r{s}.npy") - x).mean()) for s in ("0", "5")]
     assert err[1] < err[0], err
+    # a class-conditional model: the encoder alone needs no class, a fit generates one and needs --label
+    c = tmp_path / "c"
+    HAGANModel.init(
+        HAGANConfig(resolution=128, width=0.25, latent_dim=16, class_names=["a", "b"]), seed=0
+    ).save_pretrained(c)
+    voxgen("encode", "--model", str(c), str(scan), "-o", str(tmp_path / "zc.npy"))
+    p = voxgen("encode", "--model", str(c), str(scan), "--steps", "1", "-o", str(tmp_path / "zc1.npy"), check=False)
+    assert p.returncode != 0 and "class-conditional: pass a label" in p.stderr and "Traceback" not in p.stderr
+    voxgen("encode", "--model", str(c), str(scan), "--steps", "1", "--label", "b", "-o", str(tmp_path / "zc1.npy"))
     p = voxgen("encode", "--model", str(d), str(scan), "--steps", "-2", "-o", str(tmp_path / "z.npy"), check=False)
-    assert p.returncode != 0 and "--steps: 0 to" in p.stderr and not (tmp_path / "z.npy").exists()
+    assert p.returncode != 0 and "--steps must be 0 to 1000 for a hagan model" in p.stderr
+    assert not (tmp_path / "z.npy").exists()
 
 
 def test_a_model_directory_sets_the_default_steps(tmp_path: Path) -> None:

@@ -9,3 +9,14 @@ REFINE_ROUNDS = 3
 # alone.  The learning rate is in the latent's units (the prior's spread is 1)
 FIT_LR = 0.05
 MAX_FIT_STEPS = 1000
+
+
+def fit_steps_problem(steps: int, family: str, projection: bool) -> str | None:
+    """Why ``steps`` cannot go to the ``encode`` of a ``family`` model (None where it can): 0 to
+    ``MAX_FIT_STEPS``, at least 1 where the family encodes by ``projection``.  The CLI and the API
+    both ask here."""
+    least = 1 if projection else 0
+    if least <= steps <= MAX_FIT_STEPS:
+        return None
+    how = " (it encodes by projection)" if projection else ""
+    return f"steps must be {least} to {MAX_FIT_STEPS} for a {family} model{how}, got {steps}"

@@ -8,7 +8,7 @@ from fastapi import APIRouter, File, Form, HTTPException, Request, UploadFile
 from starlette.concurrency import run_in_threadpool
 
 from model import families
-from model.latent import MAX_FIT_STEPS
+from model.latent import MAX_FIT_STEPS, fit_steps_problem
 from service.errors import error_responses, invalid
 from service.routes.common import check_label, model_or_404, submit
 from service.schemas import JobAccepted
@@ -49,11 +49,14 @@ def check_upload(path: Path, cfg: dict[str, Any], max_voxels: int, series_uid: s
 
 
 def check_steps(cfg: dict[str, Any], steps: int | None) -> None:
-    """422 at ``steps`` where the model's family cannot take it: a projection needs at least one step.
-    (A class-conditional model's fit generates the request's class: ``check_label`` requires one.)"""
+    """422 at ``steps`` where the model's family cannot take it (``fit_steps_problem``: a projection
+    needs at least one step).  (A class-conditional model's fit generates the request's class:
+    ``check_label`` requires one.)"""
     family = str(cfg.get("family") or "hagan")
-    if steps is not None and steps < 1 and families.get(family).encoder == "projection":
-        raise invalid(f"a {family} model encodes by projection: steps must be at least 1", "steps")
+    if steps is not None and (
+        problem := fit_steps_problem(steps, family, families.get(family).encoder == "projection")
+    ):
+        raise invalid(problem, "steps")
 
 
 @router.post("/encode", status_code=202, responses=error_responses(400, 404, 413, 422))
