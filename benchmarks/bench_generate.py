@@ -17,6 +17,8 @@ Paths:
           or with --bf16 anywhere (on AVX2-only CPUs it is tens of times slower)
 Encoding: E^H on the 8 slabs + E^G, the authors' functional path vs ours (the same arithmetic);
 encode-bf16: ours under bf16 autocast (``set_precision("bf16")``), where bf16 is native or --bf16.
+encode-fit: ours (fp32) with the latent then fitted by --fit-steps steps (``encode(x, steps=K)``,
+model/latent/fit.py); only with --paths encode-fit (each step generates forward and backward).
 voxgen cells hold the whole model (G, D, E^H, E^G) as a served model directory does.
 """
 
@@ -34,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import peak_rss_mib, run_in_child  # noqa: E402
 
 
-def one(res: int, path: str, repeats: int, slab_mb: int) -> dict:
+def one(res: int, path: str, repeats: int, slab_mb: int, fit_steps: int = 2) -> dict:
     import torch
 
     from model.hagan.config import HAGANConfig
@@ -69,13 +71,14 @@ def one(res: int, path: str, repeats: int, slab_mb: int) -> dict:
             t = time.perf_counter()
             m.generate(z, mode=path.removesuffix("-bf16"), budget_mb=slab_mb)
             times.append(time.perf_counter() - t)
-    elif path in ("encode-plain", "encode", "encode-bf16"):
+    elif path in ("encode-plain", "encode", "encode-bf16", "encode-fit"):
         x = torch.rand(1, 1, res, res, res) * 2 - 1
         if path != "encode-plain":
             m.set_precision("bf16" if path == "encode-bf16" else "fp32")
+            steps = fit_steps if path == "encode-fit" else 0
             for _ in range(repeats):
                 t = time.perf_counter()
-                m.encode(x)
+                m.encode(x, steps=steps)
                 times.append(time.perf_counter() - t)
         else:
             sd = m.net.state_dict()
@@ -117,8 +120,9 @@ def _sub_e_keys(sd: dict, res: int) -> dict:
     return out
 
 
-def run_cell(res: int, path: str, repeats: int, slab_mb: int) -> dict:
+def run_cell(res: int, path: str, repeats: int, slab_mb: int, fit_steps: int = 2) -> dict:
     cmd = [sys.executable, __file__, "--one", str(res), path, "--repeats", str(repeats), "--slab-mb", str(slab_mb)]
+    cmd += ["--fit-steps", str(fit_steps)]
     return run_in_child(cmd, res, path)
 
 
@@ -131,9 +135,10 @@ def main() -> None:
     ap.add_argument("--json", help="also write the raw results here")
     ap.add_argument("--paths", nargs="*", help="only these paths (default: all that apply)")
     ap.add_argument("--bf16", action="store_true", help="add the bf16 paths even where the CPU has no native bf16")
+    ap.add_argument("--fit-steps", type=int, default=2, help="encode-fit: latent-fit steps after the encoder")
     a = ap.parse_args()
     if a.one:
-        print(json.dumps(one(int(a.one[0]), a.one[1], a.repeats, a.slab_mb)))
+        print(json.dumps(one(int(a.one[0]), a.one[1], a.repeats, a.slab_mb, a.fit_steps)))
         return
     import torch
 
@@ -154,9 +159,9 @@ def main() -> None:
             paths[paths.index("slab") + 1 : paths.index("slab") + 1] = ["whole-bf16", "slab-bf16"]
             paths.append("encode-bf16")
         if a.paths:
-            paths = [p for p in paths if p in a.paths]
+            paths = [p for p in paths if p in a.paths] + (["encode-fit"] if "encode-fit" in a.paths else [])
         for path in paths:
-            r = run_cell(res, path, a.repeats, a.slab_mb)
+            r = run_cell(res, path, a.repeats, a.slab_mb, a.fit_steps)
             rows.append(r)
             print(f"  done {res} {path}", file=sys.stderr)
     print("| output | path | time, median (min) s | peak RSS GiB |")
