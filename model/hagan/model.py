@@ -37,7 +37,7 @@ from model.hagan.folding import (
     group_norm_,
     scale_shift_,
 )
-from model.hagan.networks import HAGAN, from_slabs, mixed_layout, parameter_counts, to_slabs
+from model.hagan.networks import CL_MIN_VOXELS, HAGAN, mixed_layout, parameter_counts, to_slabs
 from model.precision import resolve_precision
 
 DEFAULT_BUDGET_MB = 1024  # a model's memory_budget_mb unless set (the worker: VOXGEN_MEMORY_BUDGET_MB)
@@ -89,11 +89,17 @@ class HAGANModel(VolumeModel[HAGANConfig, HAGAN]):
 
     def _make_folded(self) -> dict[str, Any]:
         ga, gh, dt = self.net.ga, self.net.gh, self._dtype
+        # G^A's upsample-convs on inputs of 8^3 and more: transposed convs in float32 (on a 2-core AVX2
+        # EPYC at the authors' width: 121/236/445 ms against 153/264/562 ms folded for the 8^3, 16^3
+        # and 32^3 inputs, and no parity copies; on the 4^3 input the folded conv is faster, 67 against
+        # 80 ms).  bf16 keeps the folded convs it was measured with on the bf16 CPUs (RESULTS.md).
+        ga_up, grid = [], 4
+        for c, up in zip(ga.convs, ga.upsample_before, strict=True):
+            tconv = dt == torch.float32 and grid >= 8
+            ga_up.append(((TransposedUpConv if tconv else FoldedUpConv)(c, dt).to(self.device)) if up else None)
+            grid *= 2 if up else 1
         return {
-            "ga": [
-                FoldedUpConv(c, dt).to(self.device) if up else None
-                for c, up in zip(ga.convs, ga.upsample_before, strict=True)
-            ],
+            "ga": ga_up,
             # G^H (whole volume and slabs): transposed convs where they are faster (no interleave copies)
             "gh": [
                 (TransposedUpConv if c.out_channels >= TCONV_MIN_OUT else FoldedUpConv)(c, dt).to(self.device)
@@ -162,8 +168,8 @@ class HAGANModel(VolumeModel[HAGANConfig, HAGAN]):
             lab = None if labels is None else labels[i : i + 1]
             f = self.features(z[i : i + 1], lab)
             step = None if progress is None else (lambda d, t, s, i=i: progress(i * t + d, n * t, s))
-            if mode == "whole":
-                v = self._gh_whole(f)
+            if mode == "whole":  # on the CPU in float32 the last stage writes into the result itself
+                v = self._gh_whole(f, out[i : i + 1] if out.device == f.device and f.dtype == out.dtype else None)
                 if step:
                     step(1, 1, "generate")
             else:  # on the CPU the slabs land in the result itself: no second full-size volume
@@ -172,11 +178,15 @@ class HAGANModel(VolumeModel[HAGANConfig, HAGAN]):
                 out[i] = v[0].float().cpu()
         return out
 
-    def _gh_whole(self, f: torch.Tensor) -> torch.Tensor:
+    def _gh_whole(self, f: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """G^H on the whole feature map; ``out`` (a [1, 1, R, R, R] tensor of f's dtype and device)
+        receives the volume when the last stage can write into it (a folded conv), saving a copy."""
         gh = self.net.gh
         h = f
-        for k, fold in enumerate(self._fold()["gh"]):
-            h = fold(h)
+        folds = self._fold()["gh"]
+        for k, fold in enumerate(folds):
+            last = k == len(folds) - 1
+            h = fold(h, out=out) if last and out is not None and isinstance(fold, FoldedUpConv) else fold(h)
             if k < len(gh.norms):  # GroupNorm + ReLU in place: no second full-size tensor, and the
                 # same arithmetic as the slab path (scale_shift_), so whole == slab bit for bit in bf16
                 h = F.relu_(group_norm_(h, gh.norms[k]))
@@ -329,15 +339,22 @@ class HAGANModel(VolumeModel[HAGANConfig, HAGAN]):
         net, w = self.net, self._encoder_weights()
         eh, eg = net.eh, net.eg
         slabs = to_slabs(x, net.sub_depth).to(self._dtype)  # [n, 1, d, R, R]
-        feats = []
+        h_all = None  # [1, C, n*d', H', W'], the slabs' features stacked in depth (from_slabs)
         for i in range(0, len(slabs), self.ENCODE_SLABS_PER_CALL):
             h = slabs[i : i + self.ENCODE_SLABS_PER_CALL]
             for (wt, b, stride, pad), norm in zip(w["eh"], eh.norms, strict=True):
                 h = F.relu_(_gn(F.conv3d(self._lay(h), wt, b, stride, pad), norm))
-            feats.append(h)
-        del slabs
-        h = from_slabs(torch.cat(feats), 1)  # [1, C, n*d', H', W']
-        del feats
+            if h_all is None:  # in E^G's input layout, written slab by slab: no concatenation and no
+                # two layout copies of the whole feature map (112 ms of a 2.8 s 256^3 encode, AVX2 EPYC)
+                c, d, hh, ww = h.shape[1:]
+                big = self.device.type == "cpu" and len(slabs) * d * hh * ww >= CL_MIN_VOXELS  # as _lay
+                fmt = torch.channels_last_3d if big else torch.contiguous_format
+                h_all = torch.empty(1, c, len(slabs) * d, hh, ww, dtype=h.dtype, device=h.device, memory_format=fmt)
+            d = h.shape[2]
+            for j in range(len(h)):
+                h_all[0, :, (i + j) * d : (i + j + 1) * d] = h[j]
+        del slabs, h
+        h = h_all
         *convs, out = w["eg"]
         for (wt, b, stride, pad), norm in zip(convs, eg.norms, strict=True):
             h = F.relu_(_gn(F.conv3d(self._lay(h), wt, b, stride, pad), norm))
