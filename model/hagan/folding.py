@@ -5,11 +5,11 @@
   eight are one conv with 8*Cout output channels on the low-resolution grid (padding 1), followed
   by an interleave: 64 instead of 216 multiply-adds per low-resolution voxel and input channel
   pair (3.4x fewer), and no upsampled tensor is ever made.
-* **Transposed convs in G^H.**  G^H stages with several output channels (both paths) run
-  the same upsample + conv as one stride-2 transposed conv with derived 4x4x4 weights
-  (``TransposedUpConv``): oneDNN writes the interleaved output itself, so the parity copies go; the
-  activations are then channels-last.  GroupNorm statistics come from per-channel chunked sums
-  (``group_stats``) in any layout.
+* **Transposed convs.**  G^H stages with several output channels (both paths), and in float32
+  G^A's upsample-convs on inputs of 8^3 and more, run the same upsample + conv as one stride-2
+  transposed conv with derived 4x4x4 weights (``TransposedUpConv``): oneDNN writes the interleaved
+  output itself, so the parity copies go; the activations are then channels-last.  GroupNorm
+  statistics come from per-channel sums (``group_stats``) in any layout.
 """
 
 from __future__ import annotations
