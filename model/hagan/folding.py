@@ -167,10 +167,3 @@ def scale_shift_(h: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> t
     the ReLU after it, 2-core AVX2 EPYC)."""
     sc = scale.to(h.dtype)[:, :, None, None, None]
     return torch.addcmul(shift.to(h.dtype)[:, :, None, None, None], h, sc, out=h)
-
-
-def chunked_sq_sum(yg: torch.Tensor) -> torch.Tensor:
-    total = torch.zeros(yg.shape[:2], dtype=torch.float64, device=yg.device)
-    for s in range(0, yg.shape[-1], 2**24):
-        total += (yg[..., s : s + 2**24].double() ** 2).sum(-1)
-    return total

@@ -32,9 +32,9 @@ from model.hagan.folding import (
     TCONV_MIN_OUT,
     FoldedUpConv,
     TransposedUpConv,
-    chunked_sq_sum,
     gn_affine,
     group_norm_,
+    group_stats,
     scale_shift_,
 )
 from model.hagan.networks import CL_MIN_VOXELS, HAGAN, mixed_layout, parameter_counts, to_slabs
@@ -235,20 +235,25 @@ class HAGANModel(VolumeModel[HAGANConfig, HAGAN]):
         for k in range(n_norm):  # pass k: GroupNorm statistics of stage k over the whole volume
             norm = gh.norms[k]
             g = norm.num_groups
-            s1 = torch.zeros(1, g, dtype=torch.float64, device=f.device)
-            s2 = torch.zeros_like(s1)
+            mean = torch.zeros(1, g, dtype=torch.float64, device=f.device)
+            m2 = torch.zeros_like(mean)  # sum of squared deviations from the running mean
             n_k = f_rows * 2 ** (k + 1)
             step = max(1, (rows * n_k) // total_rows)
             count = 0
             for a in range(0, n_k, step):
                 y = self._stage(f, k, a, min(n_k, a + step), stats, activate=False)
-                yg = y.reshape(1, g, -1)
-                s1 += yg.sum(-1, dtype=torch.float64)
-                s2 += (yg.double() ** 2).sum(-1) if yg.numel() < 2**26 else chunked_sq_sum(yg)
-                count += yg.shape[-1]
-                del y, yg
-            mean = s1 / count
-            var = (s2 / count - mean**2).clamp_min(0)
+                # the slab's group statistics as the whole volume's are taken (``group_stats``, in the
+                # layout y has), merged by Chan et al.'s pairwise update: no float64 or reshaped copy of
+                # the slab (those took about 1.2 s of a 4.5 s 256^3 slab generation, AVX2 EPYC)
+                m_b, v_b = group_stats(y, g)
+                n_b = y[0].numel() // g
+                delta = m_b - mean
+                tot = count + n_b
+                mean = mean + delta * (n_b / tot)
+                m2 = m2 + v_b * n_b + delta.square() * (count * n_b / tot)
+                count = tot
+                del y
+            var = (m2 / count).clamp_min(0)
             stats.append(gn_affine(norm, mean, var))
             if progress:
                 progress(k + 1, total_steps, "statistics")
