@@ -271,11 +271,18 @@ def test_fused_adam_makes_the_default_adams_update() -> None:
     assert (out[0] - out[1]).abs().max() <= 1e-6  # update ~2e-2; float32 rounding of w ~ 4e-7
 
 
-def test_mixed_precision_iterations_run_and_learn(dataset: Path, tmp_path: Path) -> None:
+def test_mixed_precision_iterations_run_and_learn(
+    dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """--amp on (bf16 autocast; on this CPU the same code path CUDA takes): finite losses, fp32
-    weights that change, and a model directory that loads."""
+    weights that change, and a model directory that loads; on a CPU without native bf16 the user is
+    told it runs emulated (and slower), on one with it not."""
+    from model.precision import cpu_has_bf16
+
+    capsys.readouterr()
     t = Trainer(OPTS | {"data": str(dataset), "output": str(tmp_path / "amp"), "amp": "on", "iterations": 1})
     assert t.amp_dtype == torch.bfloat16
+    assert ("no native bf16" in capsys.readouterr().err) == (not cpu_has_bf16())
     before = {k: v.clone() for k, v in t.net.state_dict().items()}
     t.fit()
     after = t.net.state_dict()
