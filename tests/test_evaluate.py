@@ -231,6 +231,12 @@ def test_evaluate_samples_folder_from_the_cli(
     assert r["headline"]["value"] < r["floor"]["mean"] + 2 * r["floor"]["sd"]
     assert r["distances"]["pooled8"]["fd"] < r["distances"]["pooled8"]["floor"]["fd"]["mean"]
     capsys.readouterr()
+    # --encode-steps needs a model's encoder: refused with samples, and out of range with a model
+    assert main(args + ["--encode-steps", "2", "-o", str(tmp_path / "steps")]) == 2
+    assert "amortised encoder" in capsys.readouterr().err and not (tmp_path / "steps").exists()
+    bad = ["evaluate", "--model", str(setup["hagan"]), "--real", str(setup["ds"]), "--encode-steps", "-1"]
+    assert main(bad + ["-o", str(tmp_path / "bad")]) == 2
+    assert "encode_steps must be 0 to 1000 for a hagan model" in capsys.readouterr().err
     (folder / "s3.nii.gz").unlink()
     (folder / "s2.nii.gz").unlink()
     assert main(args + ["-o", str(tmp_path / "few")]) == 2

@@ -42,6 +42,7 @@ import torch
 
 from model.base import Progress
 from model.data.grid import resample
+from model.latent import fit_steps_problem
 from model.metrics.features import (
     AMORTISED_ENCODERS,
     PLANES,
@@ -333,6 +334,12 @@ def evaluate(
             raise ValueError(f"the model's output {shape} is not a volume (a 2D model?); evaluate needs 3D volumes")
         if n < 4:
             raise ValueError("n must be >= 4 generated volumes")
+    if encode_steps is not None:  # the reconstruction figure's fit: refused now, not after the distances
+        if m is None or m.family not in AMORTISED_ENCODERS:
+            kinds = ", ".join(sorted(AMORTISED_ENCODERS))
+            raise ValueError(f"encode_steps is for a model with an amortised encoder ({kinds}); it has no effect here")
+        if problem := fit_steps_problem(encode_steps, m.family, projection=False):
+            raise ValueError(f"encode_{problem}")
     grid = tuple(int(s) for s in (grid or shape))
     if len(grid) != 3 or min(grid) < 4:
         raise ValueError(f"grid must be three sizes >= 4, got {grid}")
@@ -469,7 +476,7 @@ def evaluate(
             "n": k,
             "space": "model space [-1, 1], output grid",
             "constant": "the voxel-wise median of the same real volumes (the best single volume for L1)",
-            "encode_steps": steps,  # latent-fit steps after the encoder (encode --steps; None: the model's)
+            "encode_steps": steps,  # latent-fit steps after the encoder (encode --steps, or the model's default)
         }
         timings["reconstruction_s"] = time.perf_counter() - t0
 
