@@ -229,15 +229,15 @@ def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
 
 def warn_emulated_bf16() -> bool:
     """On stderr, where the CPU has no bf16 arithmetic of its own (no avx512_bf16 or AMX), that ``--amp
-    on`` runs emulated there: one iteration of the suite's 128^3 width-0.25 model took about 60 s against
-    1.5 s in fp32 on a 2-core AVX2 EPYC.  Returns whether it warned."""
+    on`` runs emulated there: one iteration at 128^3, width 0.25, batch 1 took 66 s against 1.3 s in fp32
+    on a 2-core AVX2 EPYC (benchmarks/RESULTS.md).  Returns whether it warned."""
     from model.precision import cpu_has_bf16
 
     if cpu_has_bf16():
         return False
     sys.stderr.write(
         "warning: --amp on: this CPU has no native bf16 (no avx512_bf16 or AMX flags), so bf16 autocast is "
-        "emulated: measured about 40x slower than fp32 per iteration on an AVX2 CPU; --amp off is faster here\n"
+        "emulated: measured about 50x slower than fp32 per iteration on an AVX2 CPU; --amp off is faster here\n"
     )
     return True
 
