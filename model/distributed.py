@@ -291,6 +291,29 @@ def progress_file_writer(path: str | os.PathLike) -> Any:
     return write
 
 
+def check_launch(options: dict[str, Any], processes: int) -> None:
+    """What ``launch`` refuses before it starts any rank (ValueError): a family that trains in one
+    process only, a dataset that is not there, more CUDA ranks than GPUs.  Each rank would find the same
+    after importing torch; ``processes`` of them doing so first cost seconds each on a small CPU."""
+    from model import families
+    from model.data.datasets import VolumeDataset
+
+    family = options.get("family") or "hagan"
+    if family not in families.multi_process():
+        raise ValueError(
+            f"family {family!r} trains in one process only; several processes train "
+            f"{', '.join(families.multi_process())}"
+        )
+    if options.get("data") is not None:
+        VolumeDataset(options["data"])  # its own message for a folder that is not a prepared dataset
+    device = options.get("device")
+    cuda = (device or "auto").startswith("cuda") or (device in (None, "", "auto") and torch.cuda.is_available())
+    if cuda and processes > torch.cuda.device_count():
+        raise ValueError(
+            f"{processes} processes on CUDA need {processes} GPUs; this machine has {torch.cuda.device_count()}"
+        )
+
+
 def launch(options: dict[str, Any], processes: int, progress: Any = None, poll_s: float = 0.5) -> Path:
     """Train ``options`` in ``processes`` ranks on this machine: ``python -m torch.distributed.run
     --standalone --nproc-per-node N -m model.distributed OPTIONS.json`` as a subprocess (what the
@@ -302,6 +325,7 @@ def launch(options: dict[str, Any], processes: int, progress: Any = None, poll_s
     import subprocess
     import time
 
+    check_launch(options, processes)
     run = Path(options["output"])
     run.mkdir(parents=True, exist_ok=True)
     opts_file, prog_file, log_file = run / "torchrun-options.json", run / ".progress.json", run / "torchrun.log"

@@ -228,6 +228,20 @@ def test_stylegan_two_ranks_train_as_one_process_and_resume_with_any_number(ct_d
         distributed.launch(STYLEGAN | {"data": str(ct_ds), "output": str(tmp_path / "bad"), "batch": 3}, 2)
 
 
+def test_the_launcher_refuses_what_every_rank_would_before_starting_any(tmp_path: Path) -> None:
+    """A dataset that is not there, a one-process family, more CUDA ranks than GPUs: refused with the
+    message a rank would give, and no rank started (no run folder, no torchrun log)."""
+    run = tmp_path / "run"
+    with pytest.raises(ValueError, match="not a prepared dataset"):
+        distributed.launch(STYLEGAN | {"data": str(tmp_path / "nothing"), "output": str(run)}, 16)
+    with pytest.raises(ValueError, match="trains in one process only"):
+        distributed.launch({"family": "alphawgan", "data": str(tmp_path), "output": str(run)}, 2)
+    if torch.cuda.device_count() < 64:
+        with pytest.raises(ValueError, match="64 processes on CUDA need 64 GPUs"):
+            distributed.launch(STYLEGAN | {"output": str(run), "device": "cuda"}, 64)
+    assert not run.exists()
+
+
 # ------------------------------------------------------------------------------------ deploy
 
 
