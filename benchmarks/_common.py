@@ -23,28 +23,44 @@ def free_port() -> int:
 def start_redis(directory: Path) -> tuple[subprocess.Popen, str]:
     """Start a redis-server without persistence on a free 127.0.0.1 port; (the process, its URL) once it answers.
 
-    FileNotFoundError where redis-server is not installed; RuntimeError (the process killed) where it does
-    not answer PING within about 10 s."""
+    The server that answers must be this process (its INFO process_id): where another process took the
+    port between ``free_port`` and the bind (parallel test workers start servers too), this one exits and
+    a ping would reach the other's; it then tries another port, up to 5 times.  FileNotFoundError where
+    redis-server is not installed; RuntimeError (the process killed) where it does not answer within
+    about 10 s."""
     exe = shutil.which("redis-server")
     if exe is None:
         raise FileNotFoundError("redis-server is not installed")
+    args = ["--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(directory)]
+    for _ in range(5):
+        port = free_port()
+        cmd = [exe, "--port", str(port), *args]
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if redis_owned_by(proc, port):
+            return proc, f"redis://127.0.0.1:{port}/0"
+        if proc.poll() is None:
+            proc.kill()
+            raise RuntimeError("redis-server did not start")
+        proc.wait()  # it exited: the port was taken; another one
+    raise RuntimeError("redis-server did not start: 5 ports in a row were taken")
+
+
+def redis_owned_by(proc: subprocess.Popen, port: int, tries: int = 100) -> bool:
+    """Whether the redis-server on ``port`` is ``proc`` (its INFO process_id), waiting up to ``tries``
+    x 0.1 s for it to answer; False as soon as ``proc`` has exited."""
     import redis
 
-    port = free_port()
-    proc = subprocess.Popen(
-        [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(directory)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
     r = redis.Redis(port=port)
-    for _ in range(100):
+    for _ in range(tries):
+        if proc.poll() is not None:
+            return False
         try:
-            r.ping()
-            return proc, f"redis://127.0.0.1:{port}/0"
+            if int(r.info("server")["process_id"]) == proc.pid:
+                return True
         except redis.ConnectionError:
-            time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError("redis-server did not start")
+            pass
+        time.sleep(0.1)
+    return False
 
 
 def peak_rss_mib() -> float:

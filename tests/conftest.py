@@ -9,6 +9,15 @@ import os
 # Worker processes and CLI subprocesses inherit it; tests/test_precision.py tests auto and bf16.
 os.environ.setdefault("VOXGEN_PRECISION", "fp32")
 
+# Under pytest-xdist (`make test` runs `pytest -n 2`) each worker process gets its share of the cores
+# for torch's threads, set before torch is imported so that this process and the CLI, Celery and
+# torchrun processes the tests start (they inherit the environment) all use it: two workers at the full
+# thread count each would oversubscribe the cores, and OpenMP's spinning threads then slow both.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _share = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ["OMP_NUM_THREADS"] = str(_share)
+    os.environ["MKL_NUM_THREADS"] = str(_share)
+
 # ------------------------------------------------------------------------------------ service
 # Fixtures and helpers for tests/test_api.py and tests/test_worker_integration.py: tiny models, an
 # app on the embedded queue, a real redis-server on a free port.

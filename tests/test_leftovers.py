@@ -20,6 +20,7 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
+from benchmarks._common import redis_owned_by
 from service.app import create_app
 from service.settings import Settings
 from tests.conftest import _free_port, service_wait
@@ -137,29 +138,61 @@ class RedisServer:
         self.exe = shutil.which("redis-server")
         if self.exe is None:
             pytest.skip("redis-server is not installed")
-        self.port, self.dir, self.proc = _free_port(), d, None
+        self.dir, self.proc = d, None
+        for _ in range(5):  # a port another process took before this server bound it: another one
+            self.port = _free_port()
+            if self._start():
+                break
+        else:
+            raise RuntimeError("redis-server did not start")
         self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.start()
 
-    def start(self) -> None:
+    def _start(self) -> bool:
         args = ["--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
         self.proc = subprocess.Popen(
             [self.exe, *args, "--dir", str(self.dir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
-        r = redis.Redis(port=self.port)
-        _until(lambda: self._pings(r), 10, "redis-server did not start")
+        if redis_owned_by(self.proc, self.port):
+            return True
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        return False
 
-    @staticmethod
-    def _pings(r: redis.Redis) -> bool:
-        try:
-            return bool(r.ping())
-        except redis.ConnectionError:
-            return False
+    def start(self) -> None:
+        """(Re)start on the same port: the workers' URL stays valid."""
+        if not self._start():
+            raise RuntimeError(f"redis-server did not start again on port {self.port}")
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(10)
+
+
+def test_a_test_redis_never_reuses_a_server_on_a_taken_port(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Parallel test workers start redis-servers on ports that were free a moment ago: where another
+    server holds the port first, the new one exits and a ping would reach the other's data.
+    ``start_redis`` then takes another port and returns a server that is its own process."""
+    import benchmarks._common as common
+
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed")
+    first, url = common.start_redis(tmp_path)
+    taken = int(url.rsplit(":", 1)[1].split("/")[0])
+    ports = iter([taken, _free_port()])
+    monkeypatch.setattr(common, "free_port", lambda: next(ports))
+    try:
+        second, url2 = common.start_redis(tmp_path)
+        try:
+            assert url2 != url
+            assert redis.Redis.from_url(url2).info("server")["process_id"] == second.pid
+        finally:
+            second.kill()
+            second.wait()
+    finally:
+        first.kill()
+        first.wait()
 
 
 @pytest.fixture(scope="module")
