@@ -29,7 +29,7 @@ run: setup
 
 # The whole test suite; integration tests start their own redis-server and Celery worker.  It runs in
 # TEST_WORKERS pytest-xdist processes, the cores shared among them (tests/conftest.py): much of the
-# suite waits on process starts, imports and HTTP, so two workers on 2 cores take about 0.6x the time
+# suite waits on process starts, imports and HTTP, so two workers on 2 cores take about 0.7x the time
 # of one (benchmarks/RESULTS.md).  TEST_WORKERS=0 runs it in this one process.
 TEST_WORKERS ?= 2
 test: setup redis-server chromium
