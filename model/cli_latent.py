@@ -182,7 +182,7 @@ def cmd_traverse(a: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction, commands: dict[str, Callable[[argparse.Namespace], int]]) -> None:
     from model.cli import precision_arg
     from model.latent import REFINE_ROUNDS
-    from model.latent.directions import ATTRIBUTES
+    from model.latent.attributes import ATTRIBUTES
 
     s = sub.add_parser(
         "fit-direction",
