@@ -78,6 +78,22 @@ def env_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1") or 1)
 
 
+def wants_cuda(device: str | None) -> bool:
+    """Whether a training ``device`` option puts the ranks on CUDA: "cuda..." or auto with CUDA present."""
+    return (device or "auto").startswith("cuda") or (device in (None, "", "auto") and torch.cuda.is_available())
+
+
+def refuse_one_process_family(family: str) -> None:
+    """ValueError for a family whose trainer runs in one process only (model/families.py)."""
+    from model import families
+
+    if family not in families.multi_process():
+        raise ValueError(
+            f"family {family!r} trains in one process only; torchrun with several processes trains "
+            f"{', '.join(families.multi_process())}"
+        )
+
+
 def init(device: str | None) -> tuple[Context, str | None]:
     """Join the process group torchrun describes in the environment; returns the context and the
     device this rank trains on (``cuda:LOCAL_RANK`` when ``device`` is CUDA or auto with CUDA present;
@@ -89,7 +105,7 @@ def init(device: str | None) -> tuple[Context, str | None]:
     import torch.distributed as dist
 
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = (device or "auto").startswith("cuda") or (device in (None, "", "auto") and torch.cuda.is_available())
+    cuda = wants_cuda(device)
     if cuda:
         if not torch.cuda.is_available():
             raise ValueError(f"device {device!r} asked for, but CUDA is not available on this machine")
@@ -295,20 +311,12 @@ def check_launch(options: dict[str, Any], processes: int) -> None:
     """What ``launch`` refuses before it starts any rank (ValueError): a family that trains in one
     process only, a dataset that is not there, more CUDA ranks than GPUs.  Each rank would find the same
     after importing torch; ``processes`` of them doing so first cost seconds each on a small CPU."""
-    from model import families
     from model.data.datasets import VolumeDataset
 
-    family = options.get("family") or "hagan"
-    if family not in families.multi_process():
-        raise ValueError(
-            f"family {family!r} trains in one process only; several processes train "
-            f"{', '.join(families.multi_process())}"
-        )
+    refuse_one_process_family(options.get("family") or "hagan")
     if options.get("data") is not None:
         VolumeDataset(options["data"])  # its own message for a folder that is not a prepared dataset
-    device = options.get("device")
-    cuda = (device or "auto").startswith("cuda") or (device in (None, "", "auto") and torch.cuda.is_available())
-    if cuda and processes > torch.cuda.device_count():
+    if wants_cuda(options.get("device")) and processes > torch.cuda.device_count():
         raise ValueError(
             f"{processes} processes on CUDA need {processes} GPUs; this machine has {torch.cuda.device_count()}"
         )

@@ -242,11 +242,8 @@ def train(options: dict[str, Any], progress: Progress | None = None) -> Path:
 
     family = options.get("family") or "hagan"
     world = distributed.env_world_size()
-    if world > 1 and family not in families.multi_process():
-        raise ValueError(
-            f"family {family!r} trains in one process only; torchrun with several processes trains "
-            f"{', '.join(families.multi_process())}"
-        )
+    if world > 1:
+        distributed.refuse_one_process_family(family)
     with distributed.session(options.get("device")) as (ctx, device):
         if world > 1:
             options = dict(options, device=device)
