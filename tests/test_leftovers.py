@@ -20,7 +20,7 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
-from benchmarks._common import redis_owned_by
+from benchmarks._common import redis_owned_by, start_redis
 from service.app import create_app
 from service.settings import Settings
 from tests.conftest import _free_port, service_wait
@@ -138,30 +138,18 @@ class RedisServer:
         self.exe = shutil.which("redis-server")
         if self.exe is None:
             pytest.skip("redis-server is not installed")
-        self.dir, self.proc = d, None
-        for _ in range(5):  # a port another process took before this server bound it: another one
-            self.port = _free_port()
-            if self._start():
-                break
-        else:
-            raise RuntimeError("redis-server did not start")
-        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.dir = d
+        self.proc, self.url = start_redis(d)  # a port of its own (another one where one was taken)
+        self.port = int(self.url.rsplit(":", 1)[1].split("/")[0])
 
-    def _start(self) -> bool:
+    def start(self) -> None:
+        """Restart on the same port: the workers' URL stays valid."""
         args = ["--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
         self.proc = subprocess.Popen(
             [self.exe, *args, "--dir", str(self.dir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
-        if redis_owned_by(self.proc, self.port):
-            return True
-        if self.proc.poll() is None:
+        if not redis_owned_by(self.proc, self.port):
             self.proc.kill()
-        self.proc.wait()
-        return False
-
-    def start(self) -> None:
-        """(Re)start on the same port: the workers' URL stays valid."""
-        if not self._start():
             raise RuntimeError(f"redis-server did not start again on port {self.port}")
 
     def stop(self) -> None:
