@@ -39,6 +39,8 @@ def main() -> None:
     ap.add_argument("--lr-heads", type=float, default=None, help="lr of G^L and G^H (default: --lr)")
     ap.add_argument("--beta1", type=float, default=0.0, help="Adam beta1 (the trainer's: 0)")
     ap.add_argument("--width", type=float, default=0.5)
+    ap.add_argument("--gh-width", type=float, default=0.0, help="G^H's hidden width (0: --width's)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--latent-dim", type=int, default=64)
     ap.add_argument("--norm-min-group", type=int, default=2)
     ap.add_argument("--whole-stats", choices=("on", "off"), default="on", help="G^H's GroupNorm statistics")
@@ -55,7 +57,11 @@ def main() -> None:
     x = torch.from_numpy(np.stack([np.asarray(data.volume(i), np.float32) for i in idx]))[:, None]
     res = x.shape[-1]
     torch.manual_seed(a.seed)
-    cfg = HAGANConfig(resolution=res, latent_dim=a.latent_dim, width=a.width, norm_min_group=a.norm_min_group)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    cfg = HAGANConfig(
+        resolution=res, latent_dim=a.latent_dim, width=a.width, norm_min_group=a.norm_min_group, gh_width=a.gh_width
+    )
     net = HAGAN(cfg).train()
     net.set_mixed_layout(True)
     heads = a.lr if a.lr_heads is None else a.lr_heads
@@ -73,7 +79,8 @@ def main() -> None:
     if png:
         png.mkdir(parents=True, exist_ok=True)
     print(
-        f"G of width {a.width}, latent {a.latent_dim}, {res}^3; {len(idx)} volumes {idx}; "
+        f"G of width {a.width} (G^H {a.gh_width or a.width}), latent {a.latent_dim}, {res}^3; "
+        f"{len(idx)} volumes {idx}; "
         f"lr {a.lr} (G^L, G^H: {heads}), beta1 {a.beta1}, whole-stats {a.whole_stats}, "
         f"sub-volume {a.sub_volume}; L1 of the targets' median: {median_l1:.4f}\n"
     )

@@ -108,6 +108,12 @@ def register(sub: argparse._SubParsersAction, commands: dict[str, Callable]) -> 
     g.add_argument("--width", type=float, help="channel width multiplier (default 1.0 = the paper's)")
     g.add_argument("--latent-dim", type=int, help="latent size (hagan default 1024, alphawgan 1000)")
     g.add_argument(
+        "--gh-width",
+        type=float,
+        help="hagan: G^H's hidden width, when wider than --width (it draws every voxel; default: --width's); with "
+        "--init-from, the model's G^H is widened by copying channels",
+    )
+    g.add_argument(
         "--amp",
         choices=["auto", "on", "off"],
         default="auto",

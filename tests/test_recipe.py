@@ -390,6 +390,50 @@ def test_init_from_starts_a_run_from_a_model_directory(brain_ds: Path, tmp_path:
         Trainer(given | {"output": str(tmp_path / "x"), "init_from": str(tmp_path / "nothing")})
 
 
+def test_a_wider_gh_starts_from_a_models_narrow_one(brain_ds: Path, tmp_path: Path) -> None:
+    """--gh-width with --init-from: the model's G^H is widened by copying channels, so the wider G^H
+    draws what the model drew (exactly without the symmetry-breaking noise, nearly with it); the width
+    is in the config and a resumed run rebuilds it; narrowing, or a widening whose GroupNorm groups
+    would change, is refused."""
+    from model.hagan.networks import HAGAN, widen_gh_state
+
+    torch.manual_seed(0)
+    narrow = HAGAN(HAGANConfig(resolution=128, latent_dim=8, width=0.5, norm_min_group=2)).eval()
+    for n in narrow.gh.norms:  # affine parameters away from their initial 1 and 0
+        n.weight.data.uniform_(0.5, 1.5)
+        n.bias.data.uniform_(-0.5, 0.5)
+    wide = HAGAN(HAGANConfig(resolution=128, latent_dim=8, width=0.5, norm_min_group=2, gh_width=2.0)).eval()
+    wide.load_state_dict(widen_gh_state(narrow.state_dict(), 64, 2, noise=0.0))
+    f = torch.randn(1, 32, 6, 6, 6)
+    with torch.no_grad():
+        # the same sums in another order (the copies' weights divided by 4): float32 rounding only
+        assert torch.allclose(wide.gh(f), narrow.gh(f), atol=1e-5)
+    with pytest.raises(ValueError, match="cannot be widened from 8 to 16"):  # 4 GroupNorm groups -> 8
+        quarter = HAGAN(HAGANConfig(resolution=128, latent_dim=8, width=0.25, norm_min_group=2))
+        widen_gh_state(quarter.state_dict(), 16, 2)
+
+    opts = SMALL | {"data": str(brain_ds), "monitor_every": 0, "iterations": 1, "augment": "off", "width": 0.5}
+    Trainer(opts | {"output": str(tmp_path / "a")}).fit()
+    given = {k: v for k, v in opts.items() if k not in ("width", "latent_dim")}
+    b = Trainer(given | {"output": str(tmp_path / "b"), "init_from": str(tmp_path / "a"), "gh_width": 1.0})
+    assert (b.cfg.width, b.cfg.gh_width, b.net.gh.convs[0].out_channels) == (0.5, 1.0, 32)
+    src = from_pretrained(tmp_path / "a" / "model")
+    z = torch.randn(2, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = src.net.gh(src.net.features(z))
+        got = b.ema.eval().gh(b.ema.features(z))
+    assert not torch.equal(got, want)  # the copies were perturbed, so that they can learn apart
+    assert float(torch.corrcoef(torch.stack([got.flatten(), want.flatten()]))[0, 1]) > 0.99
+    b.fit()
+    tuned = from_pretrained(tmp_path / "b" / "model")
+    assert tuned.config.gh_width == 1.0 and tuned.net.gh.convs[1].in_channels == 32
+    again = {"output": str(tmp_path / "b"), "init_from": str(tmp_path / "a"), "gh_width": 1.0, "resume": True}
+    b2 = Trainer(given | again)
+    assert b2.iteration == 1 and torch.equal(b2.net.gh.convs[0].weight, b.net.gh.convs[0].weight)
+    with pytest.raises(ValueError, match="G\\^H has width 1.0; it can be widened, not narrowed"):
+        Trainer(given | {"output": str(tmp_path / "x"), "init_from": str(tmp_path / "b"), "gh_width": 0.5})
+
+
 def test_freeze_g_trains_the_encoders_alone(brain_ds: Path, tmp_path: Path) -> None:
     """--freeze-g on: a run from a model trains E^H and E^G through its frozen G; the served G (and D)
     come out bit for bit as they went in, the encoders move and their reconstruction loss is reported;

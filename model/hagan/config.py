@@ -29,14 +29,18 @@ class HAGANConfig(BaseConfig):
     # encode's latent-fit steps after the encoder when a caller gives none (model/latent/fit.py; 0: the
     # encoder alone)
     encode_steps: int = 0
+    # G^H's hidden channels as a width of its own (0: ``width``'s, the authors' layout): the last stage
+    # draws every output voxel from these channels at half the output resolution, so they bound how much
+    # fine detail G can place (benchmarks/RESULTS.md, "G^H's width")
+    gh_width: float = 0.0
 
     label: ClassVar[str] = "an HA-GAN"
     json_keys: ClassVar[tuple[str, ...]] = tuple(
         "resolution latent_dim width class_names modality spacing intensity description family norm_min_group "
-        "preprocess training encode_steps num_classes".split()
+        "preprocess training encode_steps num_classes gh_width".split()
     )
     # preprocess is always written (as before BaseConfig had it); encode_steps only where it is not 0
-    json_optional: ClassVar[tuple[str, ...]] = ("encode_steps",)
+    json_optional: ClassVar[tuple[str, ...]] = ("encode_steps", "gh_width")
 
     @property
     def num_classes(self) -> int:
@@ -50,6 +54,12 @@ class HAGANConfig(BaseConfig):
         c = round(32 * self.width)
         if self.width <= 0 or c < 8 or c % 8 or abs(c - 32 * self.width) > 1e-6:
             raise ValueError(f"width must make 32*width a multiple of 8 (>= 8): 0.25, 0.5, 1, ...; got {self.width}")
+        if self.gh_width:
+            ch = round(32 * self.gh_width)
+            if self.gh_width < 0 or ch < 8 or ch % 8 or abs(ch - 32 * self.gh_width) > 1e-6:
+                raise ValueError(
+                    f"gh_width must be 0 (width's) or make 32*gh_width a multiple of 8 (>= 8); got {self.gh_width}"
+                )
         if not (isinstance(self.norm_min_group, int) and 1 <= self.norm_min_group <= 8):
             raise ValueError(f"norm_min_group must be an integer in 1..8, got {self.norm_min_group!r}")
         from model.latent import MAX_FIT_STEPS

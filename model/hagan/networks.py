@@ -241,7 +241,8 @@ class GH(_Layout):
     def __init__(self, cfg: HAGANConfig) -> None:
         super().__init__()
         c = Widths.of(cfg).c
-        chans = [2 * c, c, 1] if cfg.resolution in (128, 256) else [2 * c, c, c // 2, 1]
+        h = round(32 * cfg.gh_width) if cfg.gh_width else c  # hidden channels (config.gh_width)
+        chans = [2 * c, h, 1] if cfg.resolution in (128, 256) else [2 * c, h, h // 2, 1]
         self.convs = nn.ModuleList(_conv3(chans[i], chans[i + 1]) for i in range(len(chans) - 1))
         self.norms = nn.ModuleList(_gn(chans[i + 1], cfg.norm_min_group) for i in range(len(chans) - 2))
 
@@ -273,6 +274,49 @@ class GH(_Layout):
             out.append((mean, var))
             h = F.relu(group_norm_with(h, norm, mean, var))
         return out
+
+
+def widen_gh_state(
+    state: dict[str, torch.Tensor], hidden: int, min_group: int, noise: float = 0.01, seed: int = 0
+) -> dict[str, torch.Tensor]:
+    """``state`` (a HAGAN state dict) with G^H's hidden layers widened to ``hidden`` channels (the last
+    hidden layer of a 512^3 G^H to ``hidden // 2``) by duplicating channels, so the widened G^H draws
+    what the narrow one drew (net2net): each new channel copies an old channel of the same GroupNorm
+    group, so every group holds each of its old channels equally often and keeps its mean and variance,
+    and the next layer's input weights are divided by the number of copies.  ``noise`` (a fraction of
+    each layer's weight standard deviation) is added to the copies' input weights so they can grow
+    apart in training (0: the function exactly).  Raises ValueError where the widened layer's
+    GroupNorm would have another number of groups (the copy could not keep the statistics)."""
+    out = dict(state)
+    k = 0
+    gen = torch.Generator().manual_seed(seed)
+    while f"gh.norms.{k}.weight" in state:
+        old = state[f"gh.norms.{k}.weight"].shape[0]
+        new = hidden if k == 0 else hidden // 2**k
+        if new == old:
+            k += 1
+            continue
+        groups = _gn(old, min_group).num_groups
+        if new < old or new % old or _gn(new, min_group).num_groups != groups:
+            raise ValueError(
+                f"G^H's hidden layer {k} cannot be widened from {old} to {new} channels by copying "
+                f"(a multiple of {old} with {groups} GroupNorm groups is needed)"
+            )
+        per_old, per_new = old // groups, new // groups
+        src = torch.tensor([(i // per_new) * per_old + (i % per_new) % per_old for i in range(new)])
+        copies = new // old
+        w = state[f"gh.convs.{k}.weight"][src].clone()
+        if noise > 0:
+            w += noise * float(w.float().std()) * torch.randn(w.shape, generator=gen).to(w.dtype)
+        out[f"gh.convs.{k}.weight"] = w
+        out[f"gh.convs.{k}.bias"] = state[f"gh.convs.{k}.bias"][src].clone()
+        out[f"gh.norms.{k}.weight"] = state[f"gh.norms.{k}.weight"][src].clone()
+        out[f"gh.norms.{k}.bias"] = state[f"gh.norms.{k}.bias"][src].clone()
+        nxt = f"gh.convs.{k + 1}.weight"
+        out[nxt] = out[nxt][:, src] / copies  # (a widened next layer: its outputs were copied already)
+        state = out
+        k += 1
+    return out
 
 
 # --------------------------------------------------------------------------------------------

@@ -63,7 +63,7 @@ from model.checkpoint import latest_checkpoint, read_training_checkpoint
 from model.data.augment import RandomAugment, diff_augment
 from model.data.datasets import VolumeDataset
 from model.hagan.config import HAGANConfig
-from model.hagan.networks import HAGAN
+from model.hagan.networks import HAGAN, widen_gh_state
 from model.training import (
     KEEP_CHECKPOINTS,
     LOOP_DEFAULTS,
@@ -77,6 +77,9 @@ from model.training import (
 DEFAULTS: dict[str, Any] = LOOP_DEFAULTS | {
     "batch": 2,
     "width": 1.0,
+    # G^H's hidden width (0: width's).  With init_from a wider G^H than the model's is made from the
+    # model's by copying channels (networks.widen_gh_state): it starts drawing what the model drew
+    "gh_width": 0.0,
     "latent_dim": 1024,
     "resolution": None,  # default: the dataset's
     "lr_g": 1e-4,
@@ -291,6 +294,7 @@ class Trainer:
             raise ValueError(f"{self.o['data']}: the dataset is empty")
         self.device = resolve_device(self.o["device"])
         self.progress = progress
+        self.widen_gh = False  # init_from: the model's G^H widened to gh_width (_init_source)
         init = self._init_source({k: v for k, v in options.items() if v is not None}) if self.o["init_from"] else None
         self.rows = distributed.part(int(self.o["batch"]))  # this rank's rows of the global batch
         res = int(self.o["resolution"] or self.data.resolution)
@@ -308,6 +312,7 @@ class Trainer:
             spacing=spacing or (1.0, 1.0, 1.0),
             description=f"HA-GAN trained by voxgen train on {mf.get('source', '?')}",
             norm_min_group=int(self.o["norm_min_group"]),
+            gh_width=float(self.o["gh_width"]),
             preprocess=dict(mf.get("preprocess") or {}),
             training={k: self.o[k] for k in ("recipe", *RECIPES["small-data"], *_RECORDED)},
         )
@@ -389,6 +394,14 @@ class Trainer:
             if k in given and given[k] != v:
                 raise ValueError(f"--init-from {name}: the model has {k} {v}, not {given[k]} as asked")
             self.o[k] = v
+        model_gh = float(c.get("gh_width") or c.get("width", 1.0))
+        asked_gh = float(given.get("gh_width") or 0.0) or model_gh
+        if asked_gh < model_gh:
+            raise ValueError(
+                f"--init-from {name}: the model's G^H has width {model_gh}; it can be widened, not narrowed"
+            )
+        self.o["gh_width"] = 0.0 if asked_gh == float(self.o["width"]) else asked_gh
+        self.widen_gh = asked_gh > model_gh
         return src, c
 
     def _load_init(self, src: Path) -> list[str]:
@@ -401,6 +414,11 @@ class Trainer:
         except ModelDirError as e:
             raise ValueError(f"--init-from: {e}") from e
         own = self.net.state_dict()
+        if self.widen_gh:
+            try:
+                sd = widen_gh_state(sd, self.net.gh.norms[0].num_channels, int(self.o["norm_min_group"]))
+            except ValueError as e:
+                raise ValueError(f"--init-from {src.name}: {e}") from e
         unknown = sorted(set(sd) - set(own))
         if unknown:
             raise ValueError(f"--init-from {src.name}: weights this network does not have: {', '.join(unknown[:5])}")
