@@ -427,6 +427,10 @@ def test_a_wider_gh_starts_from_a_models_narrow_one(brain_ds: Path, tmp_path: Pa
     b.fit()
     tuned = from_pretrained(tmp_path / "b" / "model")
     assert tuned.config.gh_width == 1.0 and tuned.net.gh.convs[1].in_channels == 32
+    with torch.no_grad():  # the served (folded) paths draw what the plain network draws, as at width's G^H
+        plain = tuned.net.eval().gh(tuned.net.features(z))
+    for mode in ("whole", "slab"):
+        assert (tuned.generate(z, mode=mode, slab_rows=24) - plain).abs().max().item() <= 1e-4
     again = {"output": str(tmp_path / "b"), "init_from": str(tmp_path / "a"), "gh_width": 1.0, "resume": True}
     b2 = Trainer(given | again)
     assert b2.iteration == 1 and torch.equal(b2.net.gh.convs[0].weight, b.net.gh.convs[0].weight)
