@@ -110,8 +110,8 @@ def register(sub: argparse._SubParsersAction, commands: dict[str, Callable]) -> 
     g.add_argument(
         "--gh-width",
         type=float,
-        help="hagan: G^H's hidden width, when wider than --width (it draws every voxel; default: --width's); with "
-        "--init-from, the model's G^H is widened by copying channels",
+        help="hagan: G^H's hidden width (it draws every voxel; default: --width's); with --init-from it may be "
+        "wider than the model's, whose G^H is then widened by copying channels",
     )
     g.add_argument(
         "--amp",

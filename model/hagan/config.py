@@ -30,8 +30,8 @@ class HAGANConfig(BaseConfig):
     # encoder alone)
     encode_steps: int = 0
     # G^H's hidden channels as a width of its own (0: ``width``'s, the authors' layout): the last stage
-    # draws every output voxel from these channels at half the output resolution, so they bound how much
-    # fine detail G can place (benchmarks/RESULTS.md, "G^H's width")
+    # draws every output voxel from these channels at half the output resolution.  Four times the demo
+    # model's fitted no faster, at 2.2x the cost (benchmarks/RESULTS.md, "G^H's width")
     gh_width: float = 0.0
 
     label: ClassVar[str] = "an HA-GAN"

@@ -312,7 +312,7 @@ class Trainer:
             spacing=spacing or (1.0, 1.0, 1.0),
             description=f"HA-GAN trained by voxgen train on {mf.get('source', '?')}",
             norm_min_group=int(self.o["norm_min_group"]),
-            gh_width=float(self.o["gh_width"]),
+            gh_width=0.0 if float(self.o["gh_width"]) == float(self.o["width"]) else float(self.o["gh_width"]),
             preprocess=dict(mf.get("preprocess") or {}),
             training={k: self.o[k] for k in ("recipe", *RECIPES["small-data"], *_RECORDED)},
         )
