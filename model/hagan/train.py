@@ -400,7 +400,7 @@ class Trainer:
             raise ValueError(
                 f"--init-from {name}: the model's G^H has width {model_gh}; it can be widened, not narrowed"
             )
-        self.o["gh_width"] = 0.0 if asked_gh == float(self.o["width"]) else asked_gh
+        self.o["gh_width"] = asked_gh  # (the config stores one equal to width as 0)
         self.widen_gh = asked_gh > model_gh
         return src, c
 
