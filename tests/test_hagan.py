@@ -360,6 +360,21 @@ def test_batched_slab_encoding_equals_encoding_each_slab(res: int) -> None:
             torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("res", [128, 256])
+def test_served_encoding_equals_the_encoder_modules(res: int) -> None:
+    """``HAGANModel.encode`` (fp32) runs E^H and E^G its own way (weights taken once, GroupNorm in
+    place, E^G's last layer as one matrix product): its latents must be the modules' (E^G on
+    ``encode_features``), which training computes, up to float summation order."""
+    m = tiny(res)
+    m.set_precision("fp32")
+    x = torch.rand(2, 1, res, res, res, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    with torch.no_grad():
+        ref = m.net.eg(m.net.encode_features(x))
+    got = m.encode(x, steps=0)
+    assert got.shape == ref.shape == (2, m.config.latent_dim)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
 def test_mixed_layout_puts_large_grids_channels_last_and_keeps_the_values() -> None:
     """set_mixed_layout: conv inputs on grids of >= 16^3 voxels go channels-last, smaller ones stay in
     the standard layout, the parameters are untouched, and the outputs equal the plain path's."""
