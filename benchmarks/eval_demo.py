@@ -71,6 +71,11 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--encode-steps",
+        type=int,
+        help="latent-fit steps after the encoder for the models' reconstruction column (default: each model's own)",
+    )
     ap.add_argument("-o", "--output", required=True)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -79,14 +84,15 @@ def main() -> None:
     kw = {"n": a.n, "grid": (grid,) * 3, "batch": a.batch, "seed": a.seed, "device": "cpu"}
     kw["ms_ssim_pairs"] = a.ms_ssim_pairs
     rows: dict[str, dict[str, Any]] = {}
+    mkw = kw | {"encode_steps": a.encode_steps}
     for m in a.model:
-        rows[Path(m).name] = evaluate(m, a.real, out / Path(m).name, **kw)
+        rows[Path(m).name] = evaluate(m, a.real, out / Path(m).name, **mkw)
     if a.untrained and a.model:
         from model.registry import from_pretrained
 
         first = from_pretrained(a.model[0])
         fresh = type(first).init(first.config, seed=0)
-        rows["untrained (same network)"] = evaluate(fresh, a.real, out / "untrained", **kw)
+        rows["untrained (same network)"] = evaluate(fresh, a.real, out / "untrained", **mkw)
     if a.independent:
         ds = VolumeDataset(a.independent)
         idx = np.random.default_rng(a.seed).permutation(len(ds))[: a.n]

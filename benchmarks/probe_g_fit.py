@@ -12,6 +12,12 @@ to ``--png-dir``.
 
     python benchmarks/probe_g_fit.py --data DATASET --iterations 400 --lr 3e-4 [--whole-stats off]
 
+GLO mode (``--volumes all --batch 2 --learn-codes``): every training volume gets a latent of its own,
+learnt with G (generative latent optimisation, Bojanowski et al. 2018), ``--batch`` volumes drawn per
+iteration, the codes' squared norm pulled to the prior's by ``--code-prior``; the renders then add
+four samples from a Gaussian fitted to the codes (mean and covariance, shrunk towards the diagonal),
+what a model trained this way would serve.
+
 Levers: ``--whole-stats off`` (G^H's slab normalised by its own statistics, the authors'), ``--lr-heads``
 (a learning rate of its own for G^L and G^H), ``--width``, ``--beta1``, and ``--sub-volume off`` (G^H's
 whole volume supervised every iteration instead of one sub-volume of R/8 slices: what several
@@ -47,13 +53,18 @@ def main() -> None:
     ap.add_argument("--sub-volume", choices=("on", "off"), default="on", help="off: G^H's whole volume each iteration")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--png-dir", default=None, help="where to render slices (default: none)")
+    ap.add_argument("--batch", type=int, default=0, help="volumes per iteration, drawn at random (0: all)")
+    ap.add_argument("--learn-codes", action="store_true", help="each volume's latent learnt with G (GLO)")
+    ap.add_argument("--lr-codes", type=float, default=1e-2, help="Adam lr of the learnt codes")
+    ap.add_argument("--code-prior", type=float, default=1e-3, help="weight of the codes' mean squared norm's pull to 1")
+    ap.add_argument("--save", default=None, help="write G's and the codes' state here (torch.save) at the end")
     a = ap.parse_args()
     from model.data.datasets import VolumeDataset
     from model.hagan.config import HAGANConfig
     from model.hagan.networks import HAGAN
 
     data = VolumeDataset(a.data)
-    idx = [int(i) % len(data) for i in a.volumes.split(",")]
+    idx = list(range(len(data))) if a.volumes == "all" else [int(i) % len(data) for i in a.volumes.split(",")]
     x = torch.from_numpy(np.stack([np.asarray(data.volume(i), np.float32) for i in idx]))[:, None]
     res = x.shape[-1]
     torch.manual_seed(a.seed)
@@ -71,6 +82,10 @@ def main() -> None:
     ]
     opt = torch.optim.Adam(groups, lr=a.lr, betas=(a.beta1, 0.999))
     z = torch.randn(len(idx), a.latent_dim, generator=torch.Generator().manual_seed(a.seed + 5))
+    if a.learn_codes:
+        z.requires_grad_(True)
+        opt.add_param_group({"params": [z], "lr": a.lr_codes})
+    batch = a.batch or len(idx)
     rng = np.random.default_rng(a.seed)
     s, d = net.feat_scale, net.sub_depth
     x_low = F.avg_pool3d(x, s)
@@ -89,12 +104,16 @@ def main() -> None:
     t0 = time.perf_counter()
     for it in range(1, a.iterations + 1):
         r = int(rng.integers(0, res - d + 1))
+        b = np.sort(rng.choice(len(idx), batch, replace=False)) if batch < len(idx) else np.arange(len(idx))
+        zb, xb, xbl = z[b], x[b], x_low[b]
         if a.sub_volume == "on":
-            hi, lo = net.generate_train(z, r, None, a.whole_stats == "on")
-            loss = (F.l1_loss(hi, x[:, :, r : r + d]) + F.l1_loss(lo, x_low)) / 2
+            hi, lo = net.generate_train(zb, r, None, a.whole_stats == "on")
+            loss = (F.l1_loss(hi, xb[:, :, r : r + d]) + F.l1_loss(lo, xbl)) / 2
         else:
-            f = net.features(z)
-            loss = (F.l1_loss(net.gh(f), x) + F.l1_loss(net.gl(f), x_low)) / 2
+            f = net.features(zb)
+            loss = (F.l1_loss(net.gh(f), xb) + F.l1_loss(net.gl(f), xbl)) / 2
+        if a.learn_codes:
+            loss = loss + a.code_prior * (zb.square().mean(1) - 1).square().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -102,7 +121,8 @@ def main() -> None:
             continue
         net.eval()
         with torch.no_grad():
-            v = net.gh(net.features(z))
+            v = torch.cat([net.gh(net.features(z[i : i + 2])) for i in range(0, len(idx), 2)])
+            samples = net.gh(net.features(_code_gaussian(z.detach(), 4, a.seed))) if a.learn_codes else None
         net.train()
         full = float((v - x).abs().mean())
         print(f"| {it} | {full:.4f} | {full / median_l1:.2f} | {time.perf_counter() - t0:.0f} |", flush=True)
@@ -112,10 +132,35 @@ def main() -> None:
             c = res // 2
             rows = [
                 np.concatenate([a_[c], a_[:, c], a_[:, :, c]] + [t[c], t[:, c], t[:, :, c]], 1)
-                for a_, t in zip(v[:, 0].numpy(), x[:, 0].numpy(), strict=True)
+                for a_, t in zip(v[:2, 0].numpy(), x[:2, 0].numpy(), strict=True)
             ]
+            if samples is not None:  # two samples per row, beside each other
+                sv = samples[:, 0].numpy()
+                rows += [
+                    np.concatenate([q for s_ in sv[j : j + 2] for q in (s_[c], s_[:, c], s_[:, :, c])], 1)
+                    for j in (0, 2)
+                ]
             img = ((np.concatenate(rows, 0) + 1) * 127.5).clip(0, 255).astype(np.uint8)
             Image.fromarray(img).save(png / f"fit_{it:05d}.png")
+    if a.save:
+        torch.save(
+            {
+                "g": {k: v for k, v in net.state_dict().items() if k.split(".")[0] in ("ga", "gl", "gh")},
+                "codes": z.detach(),
+            },
+            a.save,
+        )
+
+
+def _code_gaussian(z: torch.Tensor, n: int, seed: int, shrink: float = 0.1) -> torch.Tensor:
+    """n draws from the Gaussian fitted to the codes z [m, k]: their mean and covariance, the covariance
+    shrunk towards its diagonal (m codes in k dimensions leave it singular when m <= k)."""
+    mu = z.mean(0)
+    cov = torch.cov(z.T) if len(z) > 1 else torch.eye(z.shape[1])
+    cov = (1 - shrink) * cov + shrink * torch.diag(cov.diagonal())
+    chol = torch.linalg.cholesky(cov + 1e-5 * torch.eye(len(mu)))
+    e = torch.randn(n, len(mu), generator=torch.Generator().manual_seed(seed + 11))
+    return mu + e @ chol.T
 
 
 if __name__ == "__main__":

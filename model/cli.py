@@ -211,17 +211,26 @@ def cmd_encode(a: argparse.Namespace) -> int:
 def cmd_reconstruct(a: argparse.Namespace) -> int:
     import torch
 
-    from model.data.volumes import load_for_model, write_in_input_space, write_volume
+    from model.data.volumes import _suffix, load_for_model, write_in_input_space, write_volume
 
+    # the output's format is checked before any work (it failed after encoding and generating before)
+    ext = _suffix(Path(a.output))
+    space = a.space or ("model" if ext == ".npy" else "input")
+    if ext not in (".nii.gz", ".nii", ".npy", ".nrrd", ".mha"):
+        raise SystemExit(
+            f"voxgen reconstruct: cannot write {a.output!r}; give -o x.nii.gz | x.nii | x.nrrd | x.mha | x.npy"
+        )
+    if space == "input" and ext not in (".nii.gz", ".nii"):
+        raise SystemExit(
+            f"voxgen reconstruct: --space input writes .nii.gz or .nii, not {a.output!r} "
+            "(with --space model: .nii.gz, .nii, .nrrd, .mha or .npy)"
+        )
     m = _load(a)
     info: dict = {}
     x = torch.from_numpy(load_for_model(a.scan, m.config, info=info, series_uid=a.series_uid))[None, None]
     label = _label_index(m, a.label)
     z = _encode(m, x, _encode_kw(m, a, label))
     v = m.generate(z, label, progress=_progress_printer("generate"))
-    space = a.space or ("model" if a.output.endswith(".npy") else "input")
-    if space == "input" and a.output.endswith(".npy"):
-        raise SystemExit("reconstruct: --space input writes .nii or .nii.gz (a .npy holds the model grid)")
     if space == "input":  # the scan's own grid and affine: it overlays the scan in world space
         write_in_input_space(Path(a.output), v[0, 0].numpy(), m.config, info)
     else:

@@ -102,7 +102,12 @@ def register(sub: argparse._SubParsersAction, commands: dict[str, Callable]) -> 
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--checkpoint-every", type=int, default=100)
     s.add_argument("--preview-every", type=int, default=100)
-    s.add_argument("--lr", type=float, help="learning rate (default: the paper's for the family)")
+    s.add_argument(
+        "--lr",
+        type=float,
+        help="learning rate of alphawgan, splitshuffle and stylegan3d (default: the paper's for the family; "
+        "hagan refuses it: --lr-g, --lr-d, --lr-e)",
+    )
     g = s.add_argument_group("hagan")
     g.add_argument("--resolution", type=int, choices=[128, 256, 512], help="default: the dataset's")
     g.add_argument("--width", type=float, help="channel width multiplier (default 1.0 = the paper's)")

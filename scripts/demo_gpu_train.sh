@@ -6,7 +6,9 @@
 #      the card's commands), prepared at 128^3, 1.6 mm (voxgen prepare);
 #   2. a 30-iteration run to measure the speed, then the card's recipe resumed to as many iterations
 #      as TRAIN_SECONDS allow (default 300 s): voxgen train --family hagan ... --recipe small-data
-#      --amp on on cuda, checkpoints, previews and the quality monitor every EVERY iterations;
+#      --amp on --lambda-rec 10 --rec-region whole --lr-g 3e-4 --lr-e 3e-4 --rec-warmup REC_WARMUP
+#      (1500) on cuda (the card's first segment; its later changes are not scripted), checkpoints,
+#      previews and the quality monitor every EVERY (250) iterations;
 #   3. into $OUT: the best model by the monitor (RUN/best, else RUN/model): config.json and its
 #      model.safetensors split into parts of at most 15 MiB (join them with cat), metrics.jsonl, the
 #      last preview and the log.
@@ -16,6 +18,7 @@ cd "$(dirname "$0")/.."
 DEVICE=${DEVICE:-cuda}
 TRAIN_SECONDS=${TRAIN_SECONDS:-300}
 EVERY=${EVERY:-250}
+REC_WARMUP=${REC_WARMUP:-1500}  # iterations of reconstruction alone (D idle) before the GAN, as the card's first segment
 OUT=${OUT:-/tmp/demo-out}
 WORK=${WORK:-/tmp/demo-work}
 PY=${PYTHON:-python3}
@@ -42,7 +45,8 @@ train() {  # the card's recipe; $1 = iterations, rest = extra options
   local n=$1; shift
   $PY -m model.cli train --family hagan --data "$WORK/ds" -o "$WORK/run" --iterations "$n" --batch 2 --width 0.5 \
       --latent-dim 64 --device "$DEVICE" --seed 0 --recipe small-data --amp on --checkpoint-every "$EVERY" \
-      --preview-every "$EVERY" --monitor-every "$EVERY" "$@" >> "$OUT/train.log" 2>&1
+      --preview-every "$EVERY" --monitor-every "$EVERY" --lambda-rec 10 --rec-region whole --lr-g 3e-4 --lr-e 3e-4 \
+      --rec-warmup "$REC_WARMUP" "$@" >> "$OUT/train.log" 2>&1
 }
 t0=$(date +%s)
 train 30 --checkpoint-every 30

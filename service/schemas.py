@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 
 from model import families
 from model.latent import REFINE_ROUNDS
@@ -127,7 +127,13 @@ class TrainRequest(BaseModel):
     width: float | None = Field(None, gt=0, le=4, description="hagan: channel width multiplier (default 1.0)")
     latent_dim: LatentDim | None = Field(None, description="hagan 1024, alphawgan 1000 by default")
     seed: Seed = 0
-    lr: float | None = Field(None, gt=0, le=1, description="learning rate (default: the paper's)")
+    lr: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="learning rate of alphawgan, splitshuffle and stylegan3d (default: the paper's); hagan refuses it "
+        "(its G, D and encoders have rates of their own, the paper's)",
+    )
     shape: str | None = Field(None, pattern=r"^\d{1,4}x\d{1,4}x\d{1,4}$", description="stylegan: DxHxW grid")
     variant: str | None = Field(None, max_length=32, description="stylegan: the paper's architecture variant")
     dims: Annotated[Literal[2, 3], BeforeValidator(_json_integer)] = 3
@@ -152,6 +158,14 @@ class TrainRequest(BaseModel):
         "torch.distributed.run, one per GPU on CUDA (the worker needs that many) or sharing the CPU; batch must be "
         "a multiple of it",
     )
+
+    @model_validator(mode="after")
+    def _family_options(self) -> TrainRequest:
+        if self.family == "hagan" and self.lr is not None:
+            from model.hagan.config import LR_REFUSAL
+
+            raise ValueError(LR_REFUSAL)
+        return self
 
 
 class JobAccepted(BaseModel):

@@ -671,6 +671,9 @@ def test_admin_train_auth_and_a_train_job_registers_the_model(service_models_dir
         assert c.post("/admin/train", json=body | {"name": "tiny"}, headers=auth).status_code == 409
         assert c.post("/admin/train", json=body | {"name": "../x"}, headers=auth).status_code == 422
         assert c.post("/admin/train", json=body | {"recipe": "fast"}, headers=auth).status_code == 422
+        # HA-GAN has no single learning rate: lr is refused before queueing, not silently ignored
+        r = c.post("/admin/train", json=body | {"lr": 1e-3}, headers=auth)
+        assert r.status_code == 422 and "lr_g" in r.text, r.text
         r = c.post("/admin/train", json=body, headers=auth)
         assert r.status_code == 202, r.text
         done = wait(c, r.json()["job_id"])

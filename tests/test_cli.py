@@ -114,6 +114,12 @@ def test_encode_and_reconstruct_a_scan(tiny_dir: Path, tmp_path: Path) -> None:
         check=False,
     )
     assert p.returncode != 0 and "--space input" in p.stderr
+    # an output the chosen space cannot be written as is refused before the scan is even read (a scan
+    # that does not exist here): it failed after encoding and generating before
+    for out, why in (("x.nrrd", "--space input writes .nii.gz or .nii"), ("x.txt", "cannot write")):
+        cmd = ("reconstruct", "--model", str(tiny_dir), str(tmp_path / "absent.nii.gz"), "-o", str(tmp_path / out))
+        p = voxgen(*cmd, check=False)
+        assert p.returncode != 0 and why in p.stderr, p.stderr
 
 
 def test_encode_and_reconstruct_pick_a_series_by_uid(tiny_dir: Path, tmp_path: Path) -> None:

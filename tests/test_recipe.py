@@ -193,6 +193,9 @@ def test_recipe_options_are_checked(brain_ds: Path, tmp_path: Path) -> None:
     for key, bad in (("recipe", "fast"), ("augment", "yes"), ("lowres", "cubic"), ("ema", 1.5), ("d_loss", "sum")):
         with pytest.raises(ValueError, match=key):
             Trainer(SMALL | {"data": str(brain_ds), "output": str(tmp_path / key), key: bad})
+    # one learning rate for all (voxgen train --lr, the other families'): refused, naming HA-GAN's three
+    with pytest.raises(ValueError, match="lr_g, lr_d, lr_e"):
+        Trainer(SMALL | {"data": str(brain_ds), "output": str(tmp_path / "lr"), "lr": 1e-3})
 
 
 def test_d_loss_each_scores_d_h_and_d_l_apart(brain_ds: Path, tmp_path: Path) -> None:

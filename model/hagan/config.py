@@ -10,6 +10,12 @@ from typing import Any, ClassVar
 
 from model.config_base import BaseConfig
 
+# a training option HA-GAN refuses (voxgen train --lr, POST /admin/train lr): silently ignored before
+LR_REFUSAL = (
+    "HA-GAN trains G, D and the encoders at learning rates of their own: give lr_g, lr_d, lr_e "
+    "(voxgen train --lr-g/--lr-d/--lr-e), not lr"
+)
+
 RESOLUTIONS = (128, 256, 512)
 
 

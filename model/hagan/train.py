@@ -62,7 +62,7 @@ from model.base import Intensity, Progress
 from model.checkpoint import latest_checkpoint, read_training_checkpoint
 from model.data.augment import RandomAugment, diff_augment
 from model.data.datasets import VolumeDataset
-from model.hagan.config import HAGANConfig
+from model.hagan.config import LR_REFUSAL, HAGANConfig
 from model.hagan.networks import HAGAN, widen_gh_state
 from model.training import (
     KEEP_CHECKPOINTS,
@@ -266,6 +266,8 @@ class Trainer:
     def __init__(self, options: dict[str, Any], progress: Progress | None = None) -> None:
         from model.registry import resolve_device
 
+        if options.get("lr") is not None:  # silently ignored before: HA-GAN has no single learning rate
+            raise ValueError(LR_REFUSAL)  # (model/hagan/config.py)
         self.o = recipe_options(DEFAULTS, RECIPES, {k: v for k, v in options.items() if v is not None})
         for k in _SWITCHES:
             if self.o[k] not in ("on", "off"):
