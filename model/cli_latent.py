@@ -116,7 +116,7 @@ def cmd_traverse(a: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from model.cli import _load, _progress_printer
+    from model.cli import _label_index, _load, _progress_printer
     from model.data.export import DicomWriter, VolumeSource
     from model.data.volumes import write_volume
     from model.latent.directions import load_directions, measure_model_volume, traverse
@@ -126,6 +126,7 @@ def cmd_traverse(a: argparse.Namespace) -> int:
     if (a.seed is None) == (a.latent is None):
         raise SystemExit("voxgen traverse: give either --seed S or --latent z.npy")
     m = _load(a)
+    label = _label_index(m, a.label)
     dirs = load_directions(a.model)
     if a.direction not in dirs:
         raise SystemExit(f"voxgen traverse: no direction {a.direction!r}; stored: {', '.join(dirs) or 'none'}")
@@ -143,7 +144,7 @@ def cmd_traverse(a: argparse.Namespace) -> int:
 
     def measure(z: torch.Tensor) -> float:  # the target's refinement: generate and measure, as reported below
         with torch.no_grad():
-            return measure_model_volume(m.generate(z)[0, 0].cpu().numpy(), m.config, d.attribute)
+            return measure_model_volume(m.generate(z, label)[0, 0].cpu().numpy(), m.config, d.attribute)
 
     try:
         steps = _parse_steps(a.steps) if a.steps else None
@@ -156,7 +157,7 @@ def cmd_traverse(a: argparse.Namespace) -> int:
     dicom = DicomWriter(m.config, f"SYNTHETIC voxgen {name} traverse") if a.format == "dicom" else None
     for i, row in enumerate(rows):
         with torch.no_grad():
-            v = m.generate(row["latent"])[0, 0].cpu().numpy()
+            v = m.generate(row["latent"], label)[0, 0].cpu().numpy()
         src = VolumeSource(name, a.seed if a.latent is None else None, i, len(rows), "step")
         if dicom is not None:  # one series folder per step: OUT_DIR/step_00/, ...
             info = dicom.write_folder(out / f"step_{i:02d}", v, src)
@@ -218,6 +219,7 @@ def register(sub: argparse._SubParsersAction, commands: dict[str, Callable[[argp
         help="comma-separated alphas (distances along the unit direction); --steps=-2,0,2 when one leads with -",
     )
     s.add_argument("--target", type=float, help="attribute value to reach")
+    s.add_argument("--label", help="class name or index a class-conditional model generates (POST /traverse label)")
     s.add_argument("--n-steps", type=int, default=5, help="steps from the start to the target (--target)")
     s.add_argument(
         "--refine",
