@@ -57,7 +57,10 @@ def main() -> None:
     ap.add_argument("--learn-codes", action="store_true", help="each volume's latent learnt with G (GLO)")
     ap.add_argument("--lr-codes", type=float, default=1e-2, help="Adam lr of the learnt codes")
     ap.add_argument("--code-prior", type=float, default=1e-3, help="weight of the codes' mean squared norm's pull to 1")
-    ap.add_argument("--save", default=None, help="write G's and the codes' state here (torch.save) at the end")
+    ap.add_argument("--resume", action="store_true", help="start from --save's G and codes")
+    ap.add_argument(
+        "--save", default=None, help="write G's weights and the codes here (safetensors) at every --every and the end"
+    )
     a = ap.parse_args()
     from model.data.datasets import VolumeDataset
     from model.hagan.config import HAGANConfig
@@ -86,6 +89,16 @@ def main() -> None:
         z.requires_grad_(True)
         opt.add_param_group({"params": [z], "lr": a.lr_codes})
     batch = a.batch or len(idx)
+    start = 1
+    if a.resume:  # G and the codes from --save (Adam's moments start afresh)
+        from safetensors import safe_open
+
+        with safe_open(a.save, "pt") as f:
+            net.load_state_dict({k: f.get_tensor(k) for k in f.keys() if k != "codes"}, strict=False)
+            with torch.no_grad():
+                z.copy_(f.get_tensor("codes"))
+            start = int(f.metadata()["iteration"]) + 1
+        print(f"resumed from {a.save} at iteration {start - 1}")
     rng = np.random.default_rng(a.seed)
     s, d = net.feat_scale, net.sub_depth
     x_low = F.avg_pool3d(x, s)
@@ -102,7 +115,7 @@ def main() -> None:
     print("| iteration | full-volume L1 | / median's | s |")
     print("|---|---|---|---|")
     t0 = time.perf_counter()
-    for it in range(1, a.iterations + 1):
+    for it in range(start, a.iterations + 1):
         r = int(rng.integers(0, res - d + 1))
         b = np.sort(rng.choice(len(idx), batch, replace=False)) if batch < len(idx) else np.arange(len(idx))
         zb, xb, xbl = z[b], x[b], x_low[b]
@@ -142,14 +155,18 @@ def main() -> None:
                 ]
             img = ((np.concatenate(rows, 0) + 1) * 127.5).clip(0, 255).astype(np.uint8)
             Image.fromarray(img).save(png / f"fit_{it:05d}.png")
-    if a.save:
-        torch.save(
-            {
-                "g": {k: v for k, v in net.state_dict().items() if k.split(".")[0] in ("ga", "gl", "gh")},
-                "codes": z.detach(),
-            },
-            a.save,
-        )
+        if a.save:
+            _save(net, z, it, a.save)
+
+
+def _save(net: torch.nn.Module, z: torch.Tensor, it: int, path: str) -> None:
+    """G's weights (G^A, G^L, G^H, as a HAGAN state dict names them) and the codes [m, latent], atomically."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().contiguous() for k, v in net.state_dict().items() if k.split(".")[0] in ("ga", "gl", "gh")}
+    tmp = Path(path).with_suffix(".tmp")
+    save_file(state | {"codes": z.detach().contiguous()}, str(tmp), metadata={"iteration": str(it)})
+    tmp.replace(path)
 
 
 def _code_gaussian(z: torch.Tensor, n: int, seed: int, shrink: float = 0.1) -> torch.Tensor:
