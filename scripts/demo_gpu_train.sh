@@ -7,7 +7,8 @@
 #   2. a 30-iteration run to measure the speed, then the card's recipe resumed to as many iterations
 #      as TRAIN_SECONDS allow (default 300 s): voxgen train --family hagan ... --recipe small-data
 #      --amp on --lambda-rec 10 --rec-region whole --lr-g 3e-4 --lr-e 3e-4 --rec-warmup REC_WARMUP
-#      (1500) on cuda (the card's first segment; its later changes are not scripted), checkpoints,
+#      (1500) on cuda (the card's first segment; its later changes are not scripted; a run that ends
+#      within REC_WARMUP iterations has not trained D: lower REC_WARMUP for a short run), checkpoints,
 #      previews and the quality monitor every EVERY (250) iterations;
 #   3. into $OUT: the best model by the monitor (RUN/best, else RUN/model): config.json and its
 #      model.safetensors split into parts of at most 15 MiB (join them with cat), metrics.jsonl, the
@@ -51,10 +52,16 @@ train() {  # the card's recipe; $1 = iterations, rest = extra options
 t0=$(date +%s)
 train 30 --checkpoint-every 30
 t1=$(date +%s)
-# the trainer's own rate (its progress line), which leaves out the process's start-up
+# the trainer's own rate (its progress line), which leaves out the process's start-up.  These 30 are
+# warm-up iterations (D idle); an iteration after REC_WARMUP also trains D and took about twice as long
+# on the CPU (0.95 against 0.5 it/s, benchmarks/RESULTS.md), so the GAN part is budgeted at half the rate
 rate=$(grep -o '[0-9.]* it/s' "$OUT/train.log" | tail -1 | cut -d' ' -f1)
-n=$($PY -c "import sys; r, s, e = float(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]); print(max(30, int((30 + r * s) // e * e)))" \
-    "${rate:-0}" "$TRAIN_SECONDS" "$EVERY")
+n=$($PY -c "
+import sys
+r, s, e, w = float(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+k = 30 + r * s  # iterations at the warm-up rate
+k = k if k <= w else w + (k - w) / 2
+print(max(30, int(k // e * e)))" "${rate:-0}" "$TRAIN_SECONDS" "$EVERY" "$REC_WARMUP")
 log "30 iterations in $((t1 - t0)) s (${rate:-?} it/s); training to iteration $n"
 train "$n" --resume
 log "trained to iteration $n in $(( $(date +%s) - t1 )) s"
