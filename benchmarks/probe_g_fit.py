@@ -15,7 +15,7 @@ to ``--png-dir``.
 GLO mode (``--volumes all --batch 2 --learn-codes``): every training volume gets a latent of its own,
 learnt with G (generative latent optimisation, Bojanowski et al. 2018), ``--batch`` volumes drawn per
 iteration, the codes' squared norm pulled to the prior's by ``--code-prior``; the renders then add
-four samples from a Gaussian fitted to the codes (mean and covariance, shrunk towards the diagonal),
+four samples from the Gaussian fitted to the codes (mean and covariance, eigenvalues floored at 1 %),
 what a model trained this way would serve.
 
 Levers: ``--whole-stats off`` (G^H's slab normalised by its own statistics, the authors'), ``--lr-heads``
@@ -169,15 +169,14 @@ def _save(net: torch.nn.Module, z: torch.Tensor, it: int, path: str) -> None:
     tmp.replace(path)
 
 
-def _code_gaussian(z: torch.Tensor, n: int, seed: int, shrink: float = 0.1) -> torch.Tensor:
-    """n draws from the Gaussian fitted to the codes z [m, k]: their mean and covariance, the covariance
-    shrunk towards its diagonal (m codes in k dimensions leave it singular when m <= k)."""
-    mu = z.mean(0)
-    cov = torch.cov(z.T) if len(z) > 1 else torch.eye(z.shape[1])
-    cov = (1 - shrink) * cov + shrink * torch.diag(cov.diagonal())
-    chol = torch.linalg.cholesky(cov + 1e-5 * torch.eye(len(mu)))
-    e = torch.randn(n, len(mu), generator=torch.Generator().manual_seed(seed + 11))
-    return mu + e @ chol.T
+def _code_gaussian(z: torch.Tensor, n: int, seed: int, floor: float = 0.01) -> torch.Tensor:
+    """n draws from the Gaussian fitted to the codes z [m, k] (``code_gaussian``: eigenvalues floored at
+    ``floor`` times their mean), what ``scripts/glo_to_model.py`` folds into the served model."""
+    from model.hagan.networks import code_gaussian
+
+    mean, root, _, _ = code_gaussian(z, floor)
+    e = torch.randn(n, len(mean), generator=torch.Generator().manual_seed(seed + 11), dtype=torch.float64)
+    return (mean + e @ root).float()
 
 
 if __name__ == "__main__":

@@ -96,7 +96,9 @@ def _numbered(path: Path, i: int, n: int) -> Path:
     if n == 1:
         return path
     name = path.name
-    for ext in (".nii.gz", ".nii", ".npy", ".nrrd", ".mha"):
+    from model.data.volumes import WRITE_SUFFIXES
+
+    for ext in WRITE_SUFFIXES:
         if name.endswith(ext):
             return path.with_name(f"{name[: -len(ext)]}_{i:03d}{ext}")
     return path.with_name(f"{name}_{i:03d}")
@@ -107,9 +109,9 @@ def cmd_generate(a: argparse.Namespace) -> int:
     import torch
 
     from model.data.export import DicomWriter, DicomZip, VolumeSource
-    from model.data.volumes import _suffix, write_volume
+    from model.data.volumes import WRITE_SUFFIXES, _suffix, write_volume
 
-    if dicom_output(a.output) is None and _suffix(Path(a.output)) not in (".nii.gz", ".nii", ".npy", ".nrrd", ".mha"):
+    if dicom_output(a.output) is None and _suffix(Path(a.output)) not in WRITE_SUFFIXES:
         raise SystemExit(
             f"voxgen generate: cannot write {a.output!r}; give -o x.nii.gz | x.nii | x.nrrd | x.mha | x.npy, "
             "or DIR/ or x.zip for DICOM series"
@@ -211,16 +213,23 @@ def cmd_encode(a: argparse.Namespace) -> int:
 def cmd_reconstruct(a: argparse.Namespace) -> int:
     import torch
 
-    from model.data.volumes import _suffix, load_for_model, write_in_input_space, write_volume
+    from model.data.volumes import (
+        INPUT_SPACE_SUFFIXES,
+        WRITE_SUFFIXES,
+        _suffix,
+        load_for_model,
+        write_in_input_space,
+        write_volume,
+    )
 
     # the output's format is checked before any work (it failed after encoding and generating before)
     ext = _suffix(Path(a.output))
     space = a.space or ("model" if ext == ".npy" else "input")
-    if ext not in (".nii.gz", ".nii", ".npy", ".nrrd", ".mha"):
+    if ext not in WRITE_SUFFIXES:
         raise SystemExit(
             f"voxgen reconstruct: cannot write {a.output!r}; give -o x.nii.gz | x.nii | x.nrrd | x.mha | x.npy"
         )
-    if space == "input" and ext not in (".nii.gz", ".nii"):
+    if space == "input" and ext not in INPUT_SPACE_SUFFIXES:
         raise SystemExit(
             f"voxgen reconstruct: --space input writes .nii.gz or .nii, not {a.output!r} "
             "(with --space model: .nii.gz, .nii, .nrrd, .mha or .npy)"

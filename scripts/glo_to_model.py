@@ -20,8 +20,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -32,12 +30,13 @@ def main() -> None:
     a = ap.parse_args()
     from safetensors import safe_open
 
+    from model.hagan.networks import code_gaussian, fold_code_gaussian
     from model.registry import from_pretrained
 
     m = from_pretrained(a.template)
     with safe_open(a.state, "pt") as f:
         g = {k: f.get_tensor(k) for k in f.keys() if k != "codes"}
-        codes = f.get_tensor("codes").double()
+        codes = f.get_tensor("codes")
         iteration = int(f.metadata().get("iteration", 0))
     own = m.net.state_dict()
     missing = sorted(k for k in own if k.split(".")[0] in ("ga", "gl", "gh") and k not in g)
@@ -47,17 +46,8 @@ def main() -> None:
     if bad:
         raise SystemExit(f"{a.state} does not fit {a.template}'s architecture: {', '.join(bad[:5])}")
     m.net.load_state_dict(g, strict=False)
-    k = codes.shape[1]
-    mean = codes.mean(0)
-    cov = torch.cov(codes.T)
-    lam, vec = torch.linalg.eigh(cov)
-    lam = lam.clamp_min(a.floor * float(lam.clamp_min(0).mean()) + 1e-12)
-    root = (vec * lam.sqrt()) @ vec.T
-    fc = m.net.ga.fc  # h = W [c, onehot] + b with c = m + L z
-    with torch.no_grad():
-        wl = fc.weight[:, :k].double()
-        fc.bias.add_((wl @ mean).to(fc.bias.dtype))
-        fc.weight[:, :k] = (wl @ root).to(fc.weight.dtype)
+    mean, root, _, lam = code_gaussian(codes, a.floor)
+    fold_code_gaussian(m.net.ga.fc, mean, root)
     m.config.description = (
         f"HA-GAN G fitted by GLO ({len(codes)} volumes, {iteration} iterations; the codes' Gaussian folded into "
         f"G^A), D and encoders from {Path(a.template).name}: train the encoders with --freeze-g on"

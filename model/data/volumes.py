@@ -59,6 +59,8 @@ ACCEPTED = (
     "or a folder or .zip of DICOM files (any names; one series, or one picked by its series UID)"
 )
 _SITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
+WRITE_SUFFIXES = (".nii.gz", ".nii", ".npy", ".nrrd", ".mha")  # what write_volume writes
+INPUT_SPACE_SUFFIXES = (".nii.gz", ".nii")  # what write_in_input_space writes (the upload's affine)
 
 
 def _suffix(path: Path) -> str:
@@ -1014,7 +1016,7 @@ def write_in_input_space(path: str | os.PathLike, v_model: np.ndarray, config: A
         raise ValueError("the input's geometry was not recorded (load it with load_for_model(..., info={}))")
     p = Path(path)
     ext = _suffix(p)
-    if ext not in (".nii.gz", ".nii"):
+    if ext not in INPUT_SPACE_SUFFIXES:
         raise VolumeError(f"{p.name}: a reconstruction in the input's space is written as .nii.gz or .nii")
     data = _physical(to_input_grid(v_model, info, config), config.intensity)
     img = nib.Nifti1Image(np.ascontiguousarray(data.transpose(2, 1, 0)), np.asarray(geo["affine"], dtype=np.float64))
@@ -1148,7 +1150,7 @@ def write_volume(path: str | os.PathLike, v_model: np.ndarray, config: Any, sour
     leaves an existing file untouched."""
     p = Path(path)
     ext = _suffix(p)
-    if ext not in (".npy", ".nii.gz", ".nii", ".nrrd", ".mha"):
+    if ext not in WRITE_SUFFIXES:
         raise VolumeError(f"{p.name}: cannot write {ext or '(no extension)'}; use .nii.gz, .nii, .nrrd, .mha or .npy")
     v = np.asarray(v_model, dtype=np.float32)
     if v.ndim != 3 or v.size == 0:

@@ -276,6 +276,29 @@ class GH(_Layout):
         return out
 
 
+def code_gaussian(codes: torch.Tensor, floor: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The Gaussian of latent codes [m, k]: their mean, and S^(1/2) and S^(-1/2) of their covariance
+    S = V diag(lam) V^T (symmetric), its eigenvalues floored at ``floor`` times their mean (m codes span
+    at most m - 1 of the k dimensions); returns (mean, root, inverse root, lam), in float64."""
+    c = codes.double()
+    mean = c.mean(0)
+    k = len(mean)
+    cov = torch.cov(c.T) if len(c) > 1 else torch.eye(k, dtype=c.dtype, device=c.device)
+    lam, vec = torch.linalg.eigh(cov)
+    lam = lam.clamp_min(floor * float(lam.clamp_min(0).mean()) + 1e-12)
+    return mean, (vec * lam.sqrt()) @ vec.T, (vec / lam.sqrt()) @ vec.T, lam
+
+
+@torch.no_grad()
+def fold_code_gaussian(fc: nn.Linear, mean: torch.Tensor, root: torch.Tensor) -> None:
+    """G^A's first layer ``fc`` (h = W [c, onehot] + b) made to take z where it took the code
+    c = mean + root z, in place: a z ~ N(0, I) then stands for a code drawn from that Gaussian."""
+    k = len(mean)
+    wl = fc.weight[:, :k].double()
+    fc.bias.add_((wl @ mean).to(fc.bias.dtype))
+    fc.weight[:, :k] = (wl @ root).to(fc.weight.dtype)
+
+
 def widen_gh_state(
     state: dict[str, torch.Tensor], hidden: int, min_group: int, noise: float = 0.01, seed: int = 0
 ) -> dict[str, torch.Tensor]:

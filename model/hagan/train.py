@@ -63,7 +63,7 @@ from model.checkpoint import latest_checkpoint, read_training_checkpoint
 from model.data.augment import RandomAugment, diff_augment
 from model.data.datasets import VolumeDataset
 from model.hagan.config import LR_REFUSAL, HAGANConfig
-from model.hagan.networks import HAGAN, widen_gh_state
+from model.hagan.networks import HAGAN, code_gaussian, fold_code_gaussian, widen_gh_state
 from model.training import (
     KEEP_CHECKPOINTS,
     LOOP_DEFAULTS,
@@ -657,23 +657,13 @@ class Trainer:
             with self._ac():
                 codes.append(net.eg(net.encode_features(x, None, self.channels_last)).double())
         net.train(was)
-        c = torch.cat(codes)
-        m = c.mean(0)
-        k = len(m)
-        cov = torch.cov(c.T) if len(c) > 1 else torch.eye(k, dtype=c.dtype, device=c.device)
-        lam, vec = torch.linalg.eigh(cov)
-        lam = lam.clamp_min(LATENT_FLOOR * float(lam.clamp_min(0).mean()) + 1e-12)
-        root = (vec * lam.sqrt()) @ vec.T  # L = S^(1/2), symmetric
-        inv = (vec / lam.sqrt()) @ vec.T
+        m, root, inv, lam = code_gaussian(torch.cat(codes), LATENT_FLOOR)  # c = m + L z, L = S^(1/2)
         out = net.eg.out  # conv with one output channel per latent dimension: c = W x + b
         w = out.weight.double()
         out.weight.copy_((inv @ w.flatten(1)).view_as(w))
         out.bias.copy_(inv @ (out.bias.double() - m))
         for g in (net, self.ema) if self.ema is not None else (net,):
-            fc = g.ga.fc  # h = W [c, onehot] + b, with c = m + L z
-            wl = fc.weight[:, :k].double()
-            fc.bias.add_((wl @ m).to(fc.bias.dtype))
-            fc.weight[:, :k] = (wl @ root).to(fc.weight.dtype)
+            fold_code_gaussian(g.ga.fc, m, root)
         for group, params in (("g", (net.ga.fc.weight, net.ga.fc.bias)), ("eg", (out.weight, out.bias))):
             for prm in params:
                 self.opts[group].state.pop(prm, None)
