@@ -21,7 +21,9 @@ what a model trained this way would serve.
 Levers: ``--whole-stats off`` (G^H's slab normalised by its own statistics, the authors'), ``--lr-heads``
 (a learning rate of its own for G^L and G^H), ``--width``, ``--beta1``, and ``--sub-volume off`` (G^H's
 whole volume supervised every iteration instead of one sub-volume of R/8 slices: what several
-sub-volumes per iteration would approach).
+sub-volumes per iteration would approach).  ``--amp on`` runs G's forward in bf16 autocast: on a 2-core
+Intel Xeon with AMX, GLO on 58 volumes, 12 iterations took about 16 s against 17.5 s in fp32 (the test
+suite running beside both), so the fits here are fp32.
 """
 
 from __future__ import annotations
@@ -57,6 +59,9 @@ def main() -> None:
     ap.add_argument("--learn-codes", action="store_true", help="each volume's latent learnt with G (GLO)")
     ap.add_argument("--lr-codes", type=float, default=1e-2, help="Adam lr of the learnt codes")
     ap.add_argument("--code-prior", type=float, default=1e-3, help="weight of the codes' mean squared norm's pull to 1")
+    ap.add_argument(
+        "--amp", choices=("on", "off"), default="off", help="on: G's forward in bf16 autocast (losses in fp32)"
+    )
     ap.add_argument("--resume", action="store_true", help="start from --save's G and codes")
     ap.add_argument(
         "--save", default=None, help="write G's weights and the codes here (safetensors) at every --every and the end"
@@ -119,12 +124,14 @@ def main() -> None:
         r = int(rng.integers(0, res - d + 1))
         b = np.sort(rng.choice(len(idx), batch, replace=False)) if batch < len(idx) else np.arange(len(idx))
         zb, xb, xbl = z[b], x[b], x_low[b]
-        if a.sub_volume == "on":
-            hi, lo = net.generate_train(zb, r, None, a.whole_stats == "on")
-            loss = (F.l1_loss(hi, xb[:, :, r : r + d]) + F.l1_loss(lo, xbl)) / 2
-        else:
-            f = net.features(zb)
-            loss = (F.l1_loss(net.gh(f), xb) + F.l1_loss(net.gl(f), xbl)) / 2
+        with torch.autocast(x.device.type, torch.bfloat16, enabled=a.amp == "on"):
+            if a.sub_volume == "on":
+                hi, lo = net.generate_train(zb, r, None, a.whole_stats == "on")
+                xt = xb[:, :, r : r + d]
+            else:
+                f = net.features(zb)
+                hi, lo, xt = net.gh(f), net.gl(f), xb
+        loss = (F.l1_loss(hi.float(), xt) + F.l1_loss(lo.float(), xbl)) / 2
         if a.learn_codes:
             loss = loss + a.code_prior * (zb.square().mean(1) - 1).square().mean()
         opt.zero_grad(set_to_none=True)
