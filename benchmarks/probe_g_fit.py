@@ -14,9 +14,10 @@ to ``--png-dir``.
 
 GLO mode (``--volumes all --batch 2 --learn-codes``): every training volume gets a latent of its own,
 learnt with G (generative latent optimisation, Bojanowski et al. 2018), ``--batch`` volumes drawn per
-iteration, the codes' squared norm pulled to the prior's by ``--code-prior``; the renders then add
-four samples from the Gaussian fitted to the codes (mean and covariance, eigenvalues floored at 1 %),
-what a model trained this way would serve.
+iteration, the codes' squared norm pulled to the prior's by ``--code-prior``, ``--code-noise`` sd of
+Gaussian noise added to them on the way into G (so G learns each code's neighbourhood, not the point);
+the renders then add four samples from the Gaussian fitted to the codes (mean and covariance,
+eigenvalues floored at 1 %), what a model trained this way would serve.
 
 Levers: ``--whole-stats off`` (G^H's slab normalised by its own statistics, the authors'), ``--lr-heads``
 (a learning rate of its own for G^L and G^H), ``--width``, ``--beta1``, and ``--sub-volume off`` (G^H's
@@ -58,6 +59,12 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=0, help="volumes per iteration, drawn at random (0: all)")
     ap.add_argument("--learn-codes", action="store_true", help="each volume's latent learnt with G (GLO)")
     ap.add_argument("--lr-codes", type=float, default=1e-2, help="Adam lr of the learnt codes")
+    ap.add_argument(
+        "--code-noise",
+        type=float,
+        default=0.0,
+        help="GLO: Gaussian noise of this sd added to the drawn codes each iteration (G learns their neighbourhoods)",
+    )
     ap.add_argument("--code-prior", type=float, default=1e-3, help="weight of the codes' mean squared norm's pull to 1")
     ap.add_argument(
         "--amp", choices=("on", "off"), default="off", help="on: G's forward in bf16 autocast (losses in fp32)"
@@ -124,12 +131,13 @@ def main() -> None:
         r = int(rng.integers(0, res - d + 1))
         b = np.sort(rng.choice(len(idx), batch, replace=False)) if batch < len(idx) else np.arange(len(idx))
         zb, xb, xbl = z[b], x[b], x_low[b]
+        zin = zb + a.code_noise * torch.randn_like(zb) if a.code_noise > 0 else zb
         with torch.autocast(x.device.type, torch.bfloat16, enabled=a.amp == "on"):
             if a.sub_volume == "on":
-                hi, lo = net.generate_train(zb, r, None, a.whole_stats == "on")
+                hi, lo = net.generate_train(zin, r, None, a.whole_stats == "on")
                 xt = xb[:, :, r : r + d]
             else:
-                f = net.features(zb)
+                f = net.features(zin)
                 hi, lo, xt = net.gh(f), net.gl(f), xb
         loss = (F.l1_loss(hi.float(), xt) + F.l1_loss(lo.float(), xbl)) / 2
         if a.learn_codes:
