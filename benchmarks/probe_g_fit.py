@@ -50,6 +50,7 @@ def main() -> None:
     ap.add_argument("--width", type=float, default=0.5)
     ap.add_argument("--gh-width", type=float, default=0.0, help="G^H's hidden width (0: --width's)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (the volumes, G and the codes live there)")
     ap.add_argument("--latent-dim", type=int, default=64)
     ap.add_argument("--norm-min-group", type=int, default=2)
     ap.add_argument("--whole-stats", choices=("on", "off"), default="on", help="G^H's GroupNorm statistics")
@@ -80,7 +81,9 @@ def main() -> None:
 
     data = VolumeDataset(a.data)
     idx = list(range(len(data))) if a.volumes == "all" else [int(i) % len(data) for i in a.volumes.split(",")]
-    x = torch.from_numpy(np.stack([np.asarray(data.volume(i), np.float32) for i in idx]))[:, None]
+    dev = torch.device(a.device)
+    torch.backends.cudnn.benchmark = dev.type == "cuda"  # fixed shapes: let cuDNN pick its fastest kernels
+    x = torch.from_numpy(np.stack([np.asarray(data.volume(i), np.float32) for i in idx]))[:, None].to(dev)
     res = x.shape[-1]
     torch.manual_seed(a.seed)
     if a.threads:
@@ -88,7 +91,7 @@ def main() -> None:
     cfg = HAGANConfig(
         resolution=res, latent_dim=a.latent_dim, width=a.width, norm_min_group=a.norm_min_group, gh_width=a.gh_width
     )
-    net = HAGAN(cfg).train()
+    net = HAGAN(cfg).to(dev).train()
     net.set_mixed_layout(True)
     heads = a.lr if a.lr_heads is None else a.lr_heads
     groups = [
@@ -96,7 +99,7 @@ def main() -> None:
         {"params": [*net.gl.parameters(), *net.gh.parameters()], "lr": heads},
     ]
     opt = torch.optim.Adam(groups, lr=a.lr, betas=(a.beta1, 0.999))
-    z = torch.randn(len(idx), a.latent_dim, generator=torch.Generator().manual_seed(a.seed + 5))
+    z = torch.randn(len(idx), a.latent_dim, generator=torch.Generator().manual_seed(a.seed + 5)).to(dev)
     if a.learn_codes:
         z.requires_grad_(True)
         opt.add_param_group({"params": [z], "lr": a.lr_codes})
@@ -106,9 +109,9 @@ def main() -> None:
         from safetensors import safe_open
 
         with safe_open(a.save, "pt") as f:
-            net.load_state_dict({k: f.get_tensor(k) for k in f.keys() if k != "codes"}, strict=False)
+            net.load_state_dict({k: f.get_tensor(k).to(dev) for k in f.keys() if k != "codes"}, strict=False)
             with torch.no_grad():
-                z.copy_(f.get_tensor("codes"))
+                z.copy_(f.get_tensor("codes").to(dev))
             start = int(f.metadata()["iteration"]) + 1
         print(f"resumed from {a.save} at iteration {start - 1}")
     rng = np.random.default_rng(a.seed)
@@ -150,7 +153,9 @@ def main() -> None:
         net.eval()
         with torch.no_grad():
             v = torch.cat([net.gh(net.features(z[i : i + 2])) for i in range(0, len(idx), 2)])
-            samples = net.gh(net.features(_code_gaussian(z.detach(), 4, a.seed))) if a.learn_codes else None
+            samples = None
+            if a.learn_codes:
+                samples = net.gh(net.features(_code_gaussian(z.detach().cpu(), 4, a.seed).to(dev)))
         net.train()
         full = float((v - x).abs().mean())
         print(f"| {it} | {full:.4f} | {full / median_l1:.2f} | {time.perf_counter() - t0:.0f} |", flush=True)
@@ -160,10 +165,10 @@ def main() -> None:
             c = res // 2
             rows = [
                 np.concatenate([a_[c], a_[:, c], a_[:, :, c]] + [t[c], t[:, c], t[:, :, c]], 1)
-                for a_, t in zip(v[:2, 0].numpy(), x[:2, 0].numpy(), strict=True)
+                for a_, t in zip(v[:2, 0].cpu().numpy(), x[:2, 0].cpu().numpy(), strict=True)
             ]
             if samples is not None:  # two samples per row, beside each other
-                sv = samples[:, 0].numpy()
+                sv = samples[:, 0].cpu().numpy()
                 rows += [
                     np.concatenate([q for s_ in sv[j : j + 2] for q in (s_[c], s_[:, c], s_[:, :, c])], 1)
                     for j in (0, 2)
@@ -178,9 +183,10 @@ def _save(net: torch.nn.Module, z: torch.Tensor, it: int, path: str) -> None:
     """G's weights (G^A, G^L, G^H, as a HAGAN state dict names them) and the codes [m, latent], atomically."""
     from safetensors.torch import save_file
 
-    state = {k: v.detach().contiguous() for k, v in net.state_dict().items() if k.split(".")[0] in ("ga", "gl", "gh")}
+    g_parts = ("ga", "gl", "gh")
+    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items() if k.split(".")[0] in g_parts}
     tmp = Path(path).with_suffix(".tmp")
-    save_file(state | {"codes": z.detach().contiguous()}, str(tmp), metadata={"iteration": str(it)})
+    save_file(state | {"codes": z.detach().cpu().contiguous()}, str(tmp), metadata={"iteration": str(it)})
     tmp.replace(path)
 
 
