@@ -172,6 +172,19 @@ def register(sub: argparse._SubParsersAction, commands: dict[str, Callable]) -> 
         help="on: only the encoders train, through the frozen G of --init-from (its samples unchanged; D and the "
         "quality monitor idle): fitting a model's encoder to new scans",
     )
+    g.add_argument(
+        "--objective",
+        choices=["gan", "glo"],
+        help="gan (default): the authors' game; glo: G alone, fitted with a latent code per training volume "
+        "(generative latent optimisation; D and the encoders idle, their training afterwards with --init-from "
+        "RUN/model --freeze-g on); the served G samples the Gaussian fitted to the codes",
+    )
+    g.add_argument("--code-noise", type=float, help="glo: sd of Gaussian noise on the codes on their way into G")
+    g.add_argument("--lr-codes", type=float, help="glo: learning rate of the codes (default 1e-2)")
+    g.add_argument("--code-prior", type=float, help="glo: weight of the pull of the codes' mean square to 1")
+    g.add_argument(
+        "--code-floor", type=float, help="glo: the served Gaussian's eigenvalue floor, a fraction of their mean"
+    )
     g = s.add_argument_group("small-data recipe (every family)")
     g.add_argument(
         "--recipe",

@@ -30,6 +30,17 @@ reconstruction signal gives it the anatomy of every training volume from the fir
 ``rec_region: whole`` makes that reconstruction compare G^H's whole volume (not only the iteration's
 sub-volume), and ``rec_warmup`` N trains G and the encoders by reconstruction alone for the first N
 iterations (D idle) before the GAN starts.
+``objective: glo`` trains G alone by generative latent optimisation (Bojanowski et al. 2018) instead of
+the game: every training volume has a latent code of its own, learnt with G by the L1 of G's whole
+volume and low-resolution volume against it (Adam, ``lr_codes``; the codes' mean square pulled to 1 by
+``code_prior``), with Gaussian noise of sd ``code_noise`` added to the codes on their way into G so that
+G learns each code's neighbourhood and a code between them still draws a brain; D and the encoders are
+idle.  The served G takes z ~ N(0, I) where it took a code: the Gaussian fitted to the codes (mean and
+covariance, eigenvalues floored at ``code_floor`` times their mean) is folded into G^A's first layer in
+every model directory the run writes (the checkpoint keeps G unfolded and the codes).  Its encoders are
+trained afterwards through the frozen G (``init_from`` RUN/model, ``freeze_g: on``).  On the demo data
+this drew ventricles, the corpus callosum and the cerebellum where the game drew blobs
+(benchmarks/RESULTS.md, "G fitted to every training volume by generative latent optimisation").
 ``monitor_every`` runs the evaluation's texture distance on a few EMA samples (``monitor``) and keeps
 the best model in RUN/best.
 
@@ -49,6 +60,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -146,6 +158,12 @@ DEFAULTS: dict[str, Any] = LOOP_DEFAULTS | {
     # keep their weights (the served G is unchanged), D and the quality monitor (which scores G) are idle.
     # Fitting a model's encoder to new scans, or to a wider range of them, without touching its samples
     "freeze_g": "off",
+    # gan (the authors' game) | glo: G alone, fitted with a latent code per training volume (module docstring)
+    "objective": "gan",
+    "code_noise": 0.0,  # glo: sd of the Gaussian noise added to the codes on their way into G
+    "lr_codes": 1e-2,  # glo: Adam's learning rate of the codes
+    "code_prior": 1e-3,  # glo: weight of the pull of the codes' mean square to 1
+    "code_floor": 0.01,  # glo: the served Gaussian's eigenvalues floored at this fraction of their mean
 }
 _ARCH = ("width", "latent_dim", "norm_min_group")  # what init_from takes from its model directory
 
@@ -176,6 +194,11 @@ _RECORDED = (
     "latent_dim",
     "batch",
     "freeze_g",
+    "objective",
+    "code_noise",
+    "lr_codes",
+    "code_prior",
+    "code_floor",
 )
 _SWITCHES = ("whole_stats", "any_start", "freeze_g")  # (augment and diffaug: recipe_options checks them)
 LATENT_FLOOR = 0.1  # refit_latent: the covariance's eigenvalues floored at this fraction of their mean
@@ -250,6 +273,8 @@ OPTIMIZERS = {"g": ("ga", "gl", "gh"), "d": ("dh", "dl"), "eh": ("eh",), "eg": (
 
 def _lr(options: dict[str, Any], group: str) -> float:
     """The learning rate of an optimizer group (g, d, eh, eg) from the options."""
+    if group == "codes":
+        return float(options["lr_codes"])
     return float(options["lr_d" if group == "d" else ("lr_g" if group == "g" else "lr_e")])
 
 
@@ -286,6 +311,7 @@ class Trainer:
             raise ValueError(f"lowres must be nearest or average, got {self.o['lowres']!r}")
         if not 0.0 <= float(self.o["ema"]) < 1.0:
             raise ValueError(f"ema must be a decay in [0, 1), got {self.o['ema']!r}")
+        self.glo = self._check_glo({k: v for k, v in options.items() if v is not None})
         if self.o["freeze_g"] == "on":
             if not self.o["init_from"]:
                 raise ValueError("freeze_g trains the encoders of a trained G: it needs init_from (a model directory)")
@@ -318,6 +344,8 @@ class Trainer:
             preprocess=dict(mf.get("preprocess") or {}),
             training={k: self.o[k] for k in ("recipe", *RECIPES["small-data"], *_RECORDED)},
         )
+        if self.glo:
+            self.cfg.description += " (G by generative latent optimisation: its encoders are not trained)"
         if self.cfg.preprocess.get("mode") == "physical":
             self.cfg.spacing = tuple(float(v) for v in self.cfg.preprocess["spacing"])  # type: ignore[assignment]
         torch.manual_seed(int(self.o["seed"]))
@@ -351,6 +379,14 @@ class Trainer:
             )
             for k, v in OPTIMIZERS.items()
         }
+        self.codes: torch.Tensor | None = None  # glo: a latent per training volume, learnt with G
+        if self.glo:
+            g0 = torch.Generator().manual_seed(int(self.o["seed"]) + 5)
+            self.codes = torch.randn(len(self.data), self.cfg.latent_dim, generator=g0).to(self.device)
+            self.codes.requires_grad_(True)
+            self.opts["codes"] = torch.optim.Adam(
+                [self.codes], lr=_lr(self.o, "codes"), betas=(0.0, 0.999), eps=1e-8, fused=fused or None
+            )
         self.gen = torch.Generator().manual_seed(int(self.o["seed"]) + 1)  # latents (CPU: same on any device)
         self.rng = np.random.default_rng(int(self.o["seed"]) + 2)  # batches and r
         self.iteration = 0
@@ -366,6 +402,35 @@ class Trainer:
         distributed.broadcast_module(self.net)
         if self.ema is not None:
             distributed.broadcast_module(self.ema)
+
+    def _check_glo(self, given: dict[str, Any]) -> bool:
+        """Check the options of ``objective`` (glo: G alone, fitted with a code per volume); the
+        recipe's on-the-fly augmentation is turned off for glo (a volume's code stands for the volume as
+        prepared; augmenting it afresh each iteration would teach G the blurred mean), and asking for it
+        is refused."""
+        o = self.o
+        if o["objective"] not in ("gan", "glo"):
+            raise ValueError(f"objective must be gan or glo, got {o['objective']!r}")
+        for k in ("code_noise", "lr_codes", "code_prior", "code_floor"):
+            v = o[k]
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"{k} must be a number >= 0, got {v!r}")
+        if o["objective"] != "glo":
+            return False
+        clash = [
+            f"{k} {o[k]}"
+            for k, ok in (("freeze_g", "off"), ("latent_refit", 0), ("init_from", None), ("augment", "off"))
+            if k in given and given[k] != ok
+        ]
+        if clash:
+            raise ValueError(
+                "objective glo fits G from scratch, a code per training volume as prepared (D and the encoders "
+                f"idle): it cannot take {', '.join(clash)}; train the encoders afterwards with --init-from "
+                "RUN/model --freeze-g on"
+            )
+        o["augment"] = "off"
+        o["lambda_rec"] = 0.0
+        return True
 
     # ------------------------------------------------------------------ init_from
     def _init_source(self, given: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
@@ -466,6 +531,8 @@ class Trainer:
         self.opts[group].zero_grad(set_to_none=True)
 
     def step(self) -> dict[str, float]:
+        if self.glo:
+            return self._glo_step()
         net, ac = self.net, self._ac
 
         def bce(logit: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -636,6 +703,53 @@ class Trainer:
             losses |= self.refit_latent()
         return distributed.average_scalars(losses)
 
+    def _glo_step(self) -> dict[str, float]:
+        """One GLO iteration: ``batch`` volumes drawn without replacement, their codes (plus
+        ``code_noise``) through G, the L1 of G^H's whole volume and G^L's low-resolution volume against
+        them, and one Adam step of G and of the codes."""
+        net, codes = self.net, self.codes
+        assert codes is not None
+        n, b = len(self.data), int(self.o["batch"])
+        idx = self.rng.choice(n, b, replace=False) if b <= n else self.rng.integers(0, n, size=b)
+        lo, hi = self.rows
+        noise = torch.randn(b, self.cfg.latent_dim, generator=self.gen)[lo:hi].to(self.device)
+        idx = idx[lo:hi]
+        x = torch.from_numpy(np.stack([np.asarray(self.data.volume(int(i)), np.float32) for i in idx]))[:, None]
+        x = x.to(self.device)
+        labels = None
+        if self.cfg.num_classes:
+            labels = torch.tensor([self.data.label(int(i)) or 0 for i in idx], device=self.device)
+        s = net.feat_scale
+        x_low = F.avg_pool3d(x, s) if self.o["lowres"] == "average" else F.interpolate(x, scale_factor=1 / s)
+        zb = codes[torch.as_tensor(idx, device=self.device)]
+        with self._ac():
+            f = net.features(zb + float(self.o["code_noise"]) * noise, labels)
+            rec = (F.l1_loss(net.gh(f).float(), x) + F.l1_loss(net.gl(f).float(), x_low)) / 2
+        prior = (zb.square().mean(1) - 1).square().mean()
+        (rec + float(self.o["code_prior"]) * prior).backward()
+        self._update("g")
+        distributed.average_gradients([codes])
+        self.opts["codes"].step()
+        self.opts["codes"].zero_grad(set_to_none=True)
+        self._ema_update()
+        self.iteration += 1
+        return distributed.average_scalars({"rec": float(rec.detach()), "code_prior": float(prior.detach())})
+
+    def _glo_folded(self, g: HAGAN) -> HAGAN:
+        """A copy of ``g`` whose G^A takes z ~ N(0, I) where it took a code: the Gaussian fitted to the
+        codes (``code_gaussian``, eigenvalues floored at ``code_floor`` of their mean) folded into its
+        first layer, what a glo run serves."""
+        assert self.codes is not None
+        mean, root, _, _ = code_gaussian(self.codes.detach().double().cpu(), float(self.o["code_floor"]))
+        out = copy.deepcopy(g)
+        fold_code_gaussian(out.ga.fc, mean.to(self.device), root.to(self.device))
+        return out
+
+    def _served_g(self) -> HAGAN:
+        """The G a model directory of this run serves (the EMA where there is one; glo: folded)."""
+        g = self.ema if self.ema is not None else self.net
+        return self._glo_folded(g) if self.glo else g
+
     @torch.no_grad()
     def refit_latent(self) -> dict[str, float]:
         """Re-standardise the code space: E^G's codes c of every training volume (as prepared, not
@@ -686,8 +800,8 @@ class Trainer:
     def served_state(self) -> dict[str, torch.Tensor]:
         """The weights a model directory holds: G from the EMA when there is one, the rest live."""
         sd = self.net.state_dict()
-        if self.ema is not None:
-            esd = self.ema.state_dict()
+        if self.ema is not None or self.glo:
+            esd = self._served_g().state_dict()
             sd = {k: (esd[k] if k.split(".")[0] in OPTIMIZERS["g"] else v) for k, v in sd.items()}
         return sd
 
@@ -695,7 +809,7 @@ class Trainer:
     def monitor(self) -> dict[str, float]:
         """The shared quality monitor (model/training.py ``QualityMonitor``) on ``monitor_n`` volumes
         of the served G (the EMA where there is one), on the model's native grid; keeps RUN/best."""
-        g = self.ema if self.ema is not None else self.net
+        g = self._served_g()
 
         def generate(z: torch.Tensor) -> torch.Tensor:
             z = z.to(self.device)
@@ -716,14 +830,28 @@ class Trainer:
         return {"latents": self.gen, "augment": self.aug_gen}
 
     def save_checkpoint(self) -> Path:
-        live = {}  # the served G is the EMA; the live G goes with the training state
-        if self.ema is not None:
+        live = {}  # the served G is the EMA (glo: folded); the live G goes with the training state
+        if self.ema is not None or self.glo:
             live = {f"live.{k}": v for k, v in self.net.state_dict().items() if k.split(".")[0] in OPTIMIZERS["g"]}
+        if self.glo:
+            assert self.codes is not None
+            live["glo.codes"] = self.codes.detach()
+            if self.ema is not None:
+                esd = self.ema.state_dict()
+                live |= {f"glo.ema.{k}": esd[k] for k in esd if k.split(".")[0] in OPTIMIZERS["g"]}
         return write_checkpoint(self, self.served_state(), extra=live, state={"best": self.quality.best})
 
     def _load_latest(self) -> None:
         ck = read_training_checkpoint(latest_checkpoint(self.run))
         served, live = ck.weights(), ck.extra("live.")
+        if self.glo:
+            codes, ema = ck.extra("glo.codes"), ck.extra("glo.ema.")
+            if not codes or not live:
+                raise ValueError(f"{ck.path}: this run trains with objective glo but the checkpoint has no codes")
+            assert self.codes is not None
+            with torch.no_grad():
+                self.codes.copy_(next(iter(codes.values())).to(self.device))
+            served = served | ema  # G unfolded (the EMA's where there is one), D and the encoders as served
         if self.ema is not None:
             self.ema.load_state_dict(served)
             if not live:
@@ -740,7 +868,7 @@ class Trainer:
     def preview(self) -> Path:
         from model.preview import montage_png
 
-        g = self.ema if self.ema is not None else self.net
+        g = self._served_g()
         g.eval()
         z = self.fixed_z.to(self.device)
         labels = torch.zeros(len(z), dtype=torch.long, device=self.device) if self.cfg.num_classes else None
