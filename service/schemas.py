@@ -142,6 +142,20 @@ class TrainRequest(BaseModel):
         description="hagan: a model directory (or run folder), as the worker sees it, whose weights start the run "
         "(fine-tuning; `voxgen train --init-from`); stylegan: a 2D run or model directory to inflate from",
     )
+    freeze_g: Literal["on", "off"] | None = Field(
+        None,
+        description="hagan: on = only the encoders train, through the frozen G of init_from (`voxgen train "
+        "--freeze-g`); its samples stay bit for bit",
+    )
+    objective: Literal["gan", "glo"] | None = Field(
+        None,
+        description="hagan: gan (default, the paper's game) or glo: G alone, fitted with a latent code per training "
+        "volume, serving the codes' Gaussian (`voxgen train --objective glo`); its encoders are trained afterwards "
+        "by a run with init_from and freeze_g on",
+    )
+    code_noise: float | None = Field(
+        None, ge=0, le=100, description="hagan, objective glo: sd of Gaussian noise on the codes on their way into G"
+    )
     inflate: str = Field("inflate-1", max_length=32)
     inflate_parts: Literal["g", "d", "gd"] = "gd"
     recipe: Literal["authors", "small-data"] | None = Field(
@@ -165,6 +179,18 @@ class TrainRequest(BaseModel):
             from model.hagan.config import LR_REFUSAL
 
             raise ValueError(LR_REFUSAL)
+        hagan_only = [k for k in ("freeze_g", "objective", "code_noise") if getattr(self, k) is not None]
+        if self.family != "hagan" and hagan_only:
+            raise ValueError(f"{', '.join(hagan_only)}: hagan options; this run trains {self.family}")
+        if self.freeze_g == "on" and not self.init_from:
+            raise ValueError("freeze_g on trains the encoders of a trained G: it needs init_from (a model directory)")
+        if self.objective == "glo" and (self.init_from or self.freeze_g == "on"):
+            raise ValueError(
+                "objective glo fits G from scratch (no init_from, no freeze_g); train its encoders afterwards with "
+                "init_from and freeze_g on"
+            )
+        if self.code_noise and self.objective != "glo":
+            raise ValueError("code_noise is an option of objective glo")
         return self
 
 

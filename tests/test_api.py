@@ -692,6 +692,26 @@ def test_admin_train_auth_and_a_train_job_registers_the_model(service_models_dir
         assert done["state"] == "succeeded", done
         tuned = json.loads((models / "tuned" / "config.json").read_text())
         assert tuned["training"]["init_from"] == "trained1" and (tuned["width"], tuned["latent_dim"]) == (0.25, 8)
+        # G by GLO, then its encoders through the frozen G: two jobs, each recorded in its config
+        glo = body | {"name": "glo1", "objective": "glo", "code_noise": 0.3}
+        done = wait(c, c.post("/admin/train", json=glo, headers=auth).json()["job_id"])
+        assert done["state"] == "succeeded", done
+        cfg = json.loads((models / "glo1" / "config.json").read_text())["training"]
+        assert (cfg["objective"], cfg["code_noise"], cfg["augment"]) == ("glo", 0.3, "off")
+        enc = tune | {"name": "glo1enc", "init_from": str(models / "glo1"), "freeze_g": "on"}
+        done = wait(c, c.post("/admin/train", json=enc, headers=auth).json()["job_id"])
+        assert done["state"] == "succeeded", done
+        assert json.loads((models / "glo1enc" / "config.json").read_text())["training"]["freeze_g"] == "on"
+        # what cannot run is refused before it is queued
+        for wrong, why in (
+            ({"objective": "glo", "init_from": str(models / "glo1")}, "objective glo fits G from scratch"),
+            ({"freeze_g": "on"}, "needs init_from"),
+            ({"code_noise": 0.5}, "code_noise is an option of objective glo"),
+            ({"family": "alphawgan", "objective": "glo"}, "objective: hagan options"),
+            ({"objective": "vae"}, "objective"),
+        ):
+            r = c.post("/admin/train", json=body | {"name": "t3"} | wrong, headers=auth)
+            assert r.status_code == 422 and why in r.text, (wrong, r.text)
         bad = c.post("/admin/train", json=body | {"name": "t2", "data": str(tmp_path / "none")}, headers=auth)
         failed = wait(c, bad.json()["job_id"])
         assert failed["state"] == "failed" and "manifest" in failed["error"]
