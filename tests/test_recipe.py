@@ -526,7 +526,10 @@ def test_glo_resumes_exactly_and_its_options_are_checked(brain_ds: Path, tmp_pat
     assert [k for k in sa if not torch.equal(sa[k], sb[k])] == []
     ea, eb = a.ema.state_dict(), b.ema.state_dict()
     assert [k for k in ea if k.split(".")[0] in ("ga", "gl", "gh") and not torch.equal(ea[k], eb[k])] == []
-    for key, bad in (("freeze_g", "on"), ("augment", "on"), ("init_from", str(tmp_path / "a")), ("latent_refit", 5)):
+    with pytest.raises(ValueError, match="trained with objective glo; resume it with objective glo"):
+        Trainer(opts | {"output": str(tmp_path / "b"), "iterations": 4, "resume": True, "objective": "gan"})
+    wrong = (("freeze_g", "on"), ("augment", "on"), ("init_from", str(tmp_path / "a")), ("latent_refit", 5))
+    for key, bad in (*wrong, ("lambda_rec", 10.0)):
         with pytest.raises(ValueError, match=f"objective glo .* cannot take {key}.*--freeze-g on"):
             Trainer(opts | {"output": str(tmp_path / "x"), key: bad})
     with pytest.raises(ValueError, match="objective must be gan or glo"):

@@ -419,7 +419,14 @@ class Trainer:
             return False
         clash = [
             f"{k} {o[k]}"
-            for k, ok in (("freeze_g", "off"), ("latent_refit", 0), ("init_from", None), ("augment", "off"))
+            for k, ok in (
+                ("freeze_g", "off"),
+                ("latent_refit", 0),
+                ("init_from", None),
+                ("augment", "off"),
+                ("lambda_rec", 0),
+                ("rec_warmup", 0),
+            )
             if k in given and given[k] != ok
         ]
         if clash:
@@ -852,6 +859,8 @@ class Trainer:
             with torch.no_grad():
                 self.codes.copy_(next(iter(codes.values())).to(self.device))
             served = served | ema  # G unfolded (the EMA's where there is one), D and the encoders as served
+        elif ck.extra("glo.codes"):
+            raise ValueError(f"{ck.path}: this run was trained with objective glo; resume it with objective glo")
         if self.ema is not None:
             self.ema.load_state_dict(served)
             if not live:
